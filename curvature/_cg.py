@@ -1,0 +1,336 @@
+"""Preconditioned conjugate gradient on pytrees, inside ``lax.while_loop``."""
+
+import enum
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from curvature import _validation
+
+Array = jax.Array
+Params = Any
+
+_RUNNING = -1
+
+
+class CGStatus(enum.IntEnum):
+  """Why :func:`conjugate_gradient` stopped (``CGResult.status``)."""
+
+  CONVERGED = 0
+  """The residual met the tolerance: ``‖b − Ax‖ ≤ tol · ‖b‖``."""
+  STALLED = 1
+  """Martens' relative-progress rule on the quadratic model fired."""
+  MAX_ITERATIONS = 2
+  """The iteration cap was reached."""
+  NEGATIVE_CURVATURE = 3
+  """A search direction had ``pᵀAp ≤ 0``; the last iterate is returned."""
+  NON_FINITE = 4
+  """A product or step was NaN/Inf; the last finite iterate is returned."""
+
+
+class CGResult(NamedTuple):
+  """The result of :func:`conjugate_gradient`.
+
+  Attributes:
+    x: the solution (the last finite iterate).
+    iterations: the number of CG steps taken.
+    residual_norm: ``‖b − A x‖``.
+    quadratic_value: ``φ(x) = ½ xᵀAx − bᵀx``.
+    status: a :class:`CGStatus` value (int32).
+    recorded: iterates stored at iterations ``recorded_iterations`` (a pytree
+      whose leaves have a leading axis), or ``None`` if not recording.
+    recorded_values: ``φ`` at each recorded iterate.
+    recorded_iterations: the (static) iteration numbers of the slots.
+    num_recorded: how many slots hold an iterate.
+  """
+
+  x: Params
+  iterations: Array
+  residual_norm: Array
+  quadratic_value: Array
+  status: Array
+  recorded: Optional[Params] = None
+  recorded_values: Optional[Array] = None
+  recorded_iterations: Optional[Array] = None
+  num_recorded: Optional[Array] = None
+
+
+def backtracking_schedule(max_iterations: int, base: float = 1.3) -> np.ndarray:
+  """Iterations ``⌈baseʲ⌉`` (distinct, ``≤ max_iterations``) to store iterates.
+
+  With ``base = 1.3`` this is Martens' (2010) schedule 2, 3, 4, 5, 7, 9, 11,
+  14, 18, 24, 31, 40, 52, 67, 87, 113, 147, 191, 248.
+  """
+  schedule = []
+  j = 1
+  while True:
+    i = math.ceil(base**j - 1e-9)
+    if i > max_iterations:
+      break
+    if not schedule or i != schedule[-1]:
+      schedule.append(i)
+    j += 1
+  return np.asarray(schedule, dtype=np.int32)
+
+
+class _LoopState(NamedTuple):
+  x: Params
+  r: Params
+  z: Params
+  p: Params
+  rz: Array
+  iteration: Array
+  status: Array
+  values: Array  # φ after each iteration, [max_iterations + 1].
+  recorded: Optional[Params]
+  recorded_values: Optional[Array]
+  next_slot: Array
+
+
+def _where(condition, on_true: Params, on_false: Params) -> Params:
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+
+
+def _quadratic_value(x: Params, b: Params, r: Params) -> Array:
+  # φ(x) = ½xᵀAx − bᵀx and Ax = b − r, so φ(x) = −½ xᵀ(b + r).
+  return -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
+
+
+def conjugate_gradient(
+    matvec: Callable[[Params], Params],
+    b: Params,
+    x0: Optional[Params] = None,
+    *,
+    max_iterations: int = 250,
+    tol: float = 1e-5,
+    progress_tol: Optional[float] = 5e-4,
+    min_progress_window: int = 10,
+    preconditioner: Optional[Callable[[Params], Params]] = None,
+    record_iterates: bool = False,
+    record_base: float = 1.3,
+) -> CGResult:
+  r"""Solves ``A x = b`` by preconditioned conjugate gradient.
+
+  Minimizes the quadratic model ``φ(x) = ½ xᵀAx − bᵀx``. Each iteration
+
+  .. math::
+    \alpha_i = \frac{r_i^\top z_i}{p_i^\top A p_i},\;
+    x_{i+1} = x_i + \alpha_i p_i,\;
+    r_{i+1} = r_i - \alpha_i A p_i,\;
+    z_{i+1} = M^{-1} r_{i+1},\;
+    p_{i+1} = z_{i+1} + \frac{r_{i+1}^\top z_{i+1}}{r_i^\top z_i} p_i .
+
+  It stops at the first of:
+
+  * ``‖r‖ ≤ tol · ‖b‖`` (``CONVERGED``);
+  * Martens' relative-progress rule (``STALLED``): at iteration ``i`` with
+    ``k = max(min_progress_window, ⌈0.1 i⌉)``, stop if ``i > k``,
+    ``φ(xᵢ) < 0`` and ``(φ(xᵢ) − φ(x_{i−k})) / φ(xᵢ) < k · progress_tol``;
+  * ``pᵀAp ≤ 0`` (``NEGATIVE_CURVATURE``): the iterate before that step is
+    returned, so an indefinite ``A`` (a Hessian) gives a clean stop;
+  * a non-finite product or step (``NON_FINITE``): the last finite iterate is
+    returned;
+  * ``max_iterations`` (``MAX_ITERATIONS``).
+
+  The loop is a ``lax.while_loop``: it jits, and the iteration count is data
+  dependent without recompiling.
+
+  Args:
+    matvec: ``v ↦ A v`` for a symmetric ``A`` (positive definite for a full
+      solve).
+    b: the right-hand side, a pytree.
+    x0: the starting point (a warm start); zeros if ``None``.
+    max_iterations: the cap on CG steps (a Python int).
+    tol: relative residual tolerance; ``0`` disables it.
+    progress_tol: Martens' ε (5e-4 in Martens 2010); ``None`` disables the
+      rule.
+    min_progress_window: the minimum ``k`` of the rule (10 in Martens 2010).
+    preconditioner: ``r ↦ M⁻¹ r``, or ``None`` for ``M = I``.
+    record_iterates: store ``xᵢ`` at ``i = ⌈record_baseʲ⌉`` for CG
+      backtracking (Martens 2010 §4.6).
+    record_base: the growth factor of the recording schedule.
+
+  Returns:
+    A :class:`CGResult`.
+
+  Example:
+    >>> result = curvature.conjugate_gradient(lambda v: A @ v, b)
+    >>> result.x, result.status
+
+  References:
+    Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
+    systems", 1952. Martens, "Deep learning via Hessian-free optimization",
+    ICML 2010 (stopping rule, warm start and backtracking).
+    ``shared/seeds/001_*`` and ``004_*`` (conjugate gradients).
+  """
+  max_iterations = _validation.check_static_int(
+      "max_iterations", max_iterations, 1
+  )
+  _validation.check_nonnegative("tol", tol)
+  if progress_tol is not None:
+    _validation.check_nonnegative("progress_tol", progress_tol)
+  if jax.tree.structure(b).num_leaves == 0:
+    raise ValueError("`b` is an empty pytree: there is nothing to solve.")
+  precondition = preconditioner or (lambda r: r)
+  x = optax.tree.zeros_like(b) if x0 is None else x0
+  _check_same_structure(x, b)
+
+  dtype = jnp.result_type(*jax.tree.leaves(b))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"CG needs floating-point vectors, got {dtype}.")
+  r = optax.tree.sub(b, matvec(x)) if x0 is not None else b
+  z = precondition(r)
+  rz = optax.tree.vdot(r, z)
+  b_norm = optax.tree.norm(b)
+  values = jnp.zeros(max_iterations + 1, dtype).at[0].set(
+      _quadratic_value(x, b, r)
+  )
+  converged = optax.tree.norm(r) <= tol * b_norm
+  status = jnp.where(converged, CGStatus.CONVERGED, _RUNNING).astype(jnp.int32)
+
+  if record_iterates:
+    schedule = backtracking_schedule(max_iterations, record_base)
+    num_slots = len(schedule)
+    # One extra scratch row takes the writes of unscheduled iterations.
+    recorded = jax.tree.map(
+        lambda leaf: jnp.zeros((num_slots + 1,) + leaf.shape, leaf.dtype), x
+    )
+    recorded_values = jnp.zeros(num_slots + 1, dtype)
+  else:
+    schedule, num_slots, recorded, recorded_values = None, 0, None, None
+
+  def cond(state: _LoopState):
+    return state.status == _RUNNING
+
+  def body(state: _LoopState) -> _LoopState:
+    ap = matvec(state.p)
+    pap = optax.tree.vdot(state.p, ap)
+    alpha = state.rz / pap
+    x = optax.tree.add_scale(state.x, alpha, state.p)
+    r = optax.tree.add_scale(state.r, -alpha, ap)
+    z = precondition(r)
+    rz = optax.tree.vdot(r, z)
+    p = optax.tree.add_scale(z, rz / state.rz, state.p)
+    iteration = state.iteration + 1
+    value = _quadratic_value(x, b, r)
+
+    negative = pap <= 0
+    finite = jnp.isfinite(pap) & jnp.isfinite(rz) & jnp.isfinite(value)
+    accept = finite & ~negative
+    stop_status = jnp.select(
+        [
+            ~jnp.isfinite(pap),
+            negative,
+            ~finite,
+            optax.tree.norm(r) <= tol * b_norm,
+            _stalled(state.values, iteration, value, progress_tol,
+                     min_progress_window),
+            iteration >= max_iterations,
+        ],
+        [
+            CGStatus.NON_FINITE,
+            CGStatus.NEGATIVE_CURVATURE,
+            CGStatus.NON_FINITE,
+            CGStatus.CONVERGED,
+            CGStatus.STALLED,
+            CGStatus.MAX_ITERATIONS,
+        ],
+        _RUNNING,
+    ).astype(jnp.int32)
+    x = _where(accept, x, state.x)
+    r = _where(accept, r, state.r)
+    taken = jnp.where(accept, iteration, state.iteration)
+    value = jnp.where(accept, value, state.values[state.iteration])
+    values = state.values.at[taken].set(value)
+
+    rec, rec_values, next_slot = state.recorded, state.recorded_values, (
+        state.next_slot
+    )
+    if record_iterates:
+      slot_iteration = jnp.asarray(schedule)[
+          jnp.minimum(state.next_slot, num_slots - 1)
+      ]
+      write = accept & (state.next_slot < num_slots) & (
+          iteration == slot_iteration
+      )
+      row = jnp.where(write, state.next_slot, num_slots)
+      rec = jax.tree.map(
+          lambda buf, leaf: jax.lax.dynamic_update_index_in_dim(
+              buf, leaf, row, 0
+          ),
+          rec,
+          x,
+      )
+      rec_values = rec_values.at[row].set(value)
+      next_slot = state.next_slot + write.astype(jnp.int32)
+
+    return _LoopState(
+        x=x,
+        r=r,
+        z=z,
+        p=p,
+        rz=rz,
+        iteration=taken,
+        status=stop_status,
+        values=values,
+        recorded=rec,
+        recorded_values=rec_values,
+        next_slot=next_slot,
+    )
+
+  init = _LoopState(
+      x=x,
+      r=r,
+      z=z,
+      p=z,
+      rz=rz,
+      iteration=jnp.zeros((), jnp.int32),
+      status=status,
+      values=values,
+      recorded=recorded,
+      recorded_values=recorded_values,
+      next_slot=jnp.zeros((), jnp.int32),
+  )
+  final = jax.lax.while_loop(cond, body, init)
+
+  if record_iterates:
+    recorded = jax.tree.map(lambda buf: buf[:num_slots], final.recorded)
+    recorded_values = final.recorded_values[:num_slots]
+    recorded_iterations = jnp.asarray(schedule)
+  else:
+    recorded, recorded_values, recorded_iterations = None, None, None
+  return CGResult(
+      x=final.x,
+      iterations=final.iteration,
+      residual_norm=optax.tree.norm(final.r),
+      quadratic_value=final.values[final.iteration],
+      status=final.status,
+      recorded=recorded,
+      recorded_values=recorded_values,
+      recorded_iterations=recorded_iterations,
+      num_recorded=final.next_slot if record_iterates else None,
+  )
+
+
+def _stalled(values, iteration, value, progress_tol, min_window) -> Array:
+  """Martens' (2010) relative-progress test at ``iteration`` with ``φ = value``."""
+  if progress_tol is None:
+    return jnp.zeros((), bool)
+  window = jnp.maximum(
+      min_window, jnp.ceil(0.1 * iteration).astype(jnp.int32)
+  )
+  previous = values[jnp.maximum(iteration - window, 0)]
+  progress = (value - previous) / value
+  return (iteration > window) & (value < 0) & (progress < window * progress_tol)
+
+
+def _check_same_structure(x: Params, b: Params) -> None:
+  if jax.tree.structure(x) != jax.tree.structure(b):
+    raise ValueError(
+        "`x0` and `b` must be pytrees of the same structure; got"
+        f" {jax.tree.structure(x)} and {jax.tree.structure(b)}."
+    )

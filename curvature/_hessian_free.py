@@ -1,0 +1,767 @@
+"""Hessian-free optimization, damped Newton, Gauss-Newton and Levenberg-Marquardt.
+
+All of them are one transform, :func:`scale_by_hessian_free`: solve the damped
+curvature system ``(C + λI) p = −g`` with conjugate gradient, where ``C`` is a
+curvature matrix from :data:`curvature.CURVATURES`, and adapt ``λ`` from how
+well the quadratic model predicted the actual change of the objective. The
+aliases fix which matrix and which of Martens' devices are used:
+
+=========================  ==============  ================  ==============
+alias                      curvature ``C``  damping ``λ``     CG
+=========================  ==============  ================  ==============
+:func:`hessian_free`       GGN             LM-adapted        Martens: warm
+                                                             start, relative
+                                                             progress stop,
+                                                             backtracking
+:func:`gauss_newton`       GGN             fixed (0)         solved to tol
+:func:`levenberg_marquardt`  GGN           LM-adapted        solved to tol
+:func:`newton`             Hessian         fixed (0)         solved to tol
+:func:`damped_newton`      Hessian         LM-adapted        solved to tol
+=========================  ==============  ================  ==============
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvature import _cg
+from curvature import _losses
+from curvature import _products
+from curvature import _validation
+
+Array = jax.Array
+Params = Any
+
+
+class ScaleByHessianFreeState(NamedTuple):
+  """State of :func:`scale_by_hessian_free`.
+
+  Attributes:
+    count: number of ``update`` calls.
+    damping: the current Tikhonov damping ``λ``.
+    previous_solution: the last step's final, un-backtracked CG iterate,
+      the warm start of the next solve.
+    key: PRNG key for sampled curvature.
+    rejected_steps: how many steps were rejected because the gradient, the
+      loss or a curvature product was not finite.
+    value: the objective ``f(θ)`` at the last step.
+    reduction_ratio: ``ρ`` of the last step.
+    cg_iterations: CG iterations of the last step.
+    cg_status: a :class:`curvature.CGStatus` of the last step.
+    step_size: the line-search step ``α`` of the last step (0: no step).
+    loss_evaluations: objective evaluations of the last step beyond the
+      linearization (backtracking, line search, full-batch value).
+  """
+
+  count: Array
+  damping: Array
+  previous_solution: Params
+  key: Array
+  rejected_steps: Array
+  value: Array
+  reduction_ratio: Array
+  cg_iterations: Array
+  cg_status: Array
+  step_size: Array
+  loss_evaluations: Array
+
+
+def _state_dtype(params: Params):
+  leaves = jax.tree.leaves(params)
+  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
+def _check_update_args(updates, params, batch):
+  if params is None:
+    raise ValueError(
+        "scale_by_hessian_free needs the parameters: call"
+        " `update(grads, state, params, batch=batch)`."
+    )
+  if batch is None:
+    raise ValueError(
+        "scale_by_hessian_free needs the data to build the curvature: call"
+        " `update(grads, state, params, batch=batch)`."
+    )
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+        "The gradients do not match the parameter tree: got"
+        f" {jax.tree.structure(updates)} for parameters"
+        f" {jax.tree.structure(params)}. Pass the gradient of the loss with"
+        " respect to exactly the `params` given to `update`."
+    )
+  for g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    if g.shape != p.shape:
+      raise ValueError(
+          f"A gradient leaf of shape {g.shape} does not match its parameter"
+          f" of shape {p.shape}."
+      )
+
+
+def _all_finite(tree: Params) -> Array:
+  return jnp.all(
+      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )
+
+
+def _levenberg_marquardt(damping, rho, low, high, increase, decrease):
+  """Martens' (2010) rule: ρ < low → λ·increase; ρ > high → λ·decrease."""
+  factor = jnp.where(rho < low, increase, jnp.where(rho > high, decrease, 1.0))
+  return damping * factor
+
+
+class _Candidate(NamedTuple):
+  step: Params
+  value: Array  # f(θ + step)
+  model: Array  # q(step) − q(0), damping included
+  evaluations: Array
+
+
+def _backtrack(cg: _cg.CGResult, evaluate: Callable[[Params], Array]):
+  """Walks back from the last CG iterate while the objective keeps falling.
+
+  Martens (2010) §4.6: the stored iterates ``x_{⌈1.3ʲ⌉}`` are tried from the
+  last one backwards; the walk stops at the first that is no better.
+  """
+  last = cg.num_recorded - 1
+  last = jnp.where(
+      (last >= 0) & (cg.recorded_iterations[jnp.maximum(last, 0)]
+                     == cg.iterations),
+      last - 1,
+      last,
+  )
+  final_value = evaluate(cg.x)
+
+  def stored(index):
+    return jax.tree.map(lambda buf: buf[index], cg.recorded)
+
+  def cond(carry):
+    index, _, done = carry
+    return (index >= 0) & ~done
+
+  def body(carry):
+    index, best, _ = carry
+    candidate = _Candidate(
+        stored(index), evaluate(stored(index)), cg.recorded_values[index],
+        best.evaluations + 1)
+    better = candidate.value < best.value
+    best = jax.tree.map(
+        lambda a, b: jnp.where(better, a, b),
+        candidate,
+        best._replace(evaluations=candidate.evaluations),
+    )
+    return index - 1, best, ~better
+
+  init_best = _Candidate(cg.x, final_value, cg.quadratic_value,
+                         jnp.ones((), jnp.int32))
+  _, best, _ = jax.lax.while_loop(
+      cond, body, (last, init_best, jnp.zeros((), bool))
+  )
+  return best
+
+
+def _armijo(evaluate, step, value_at_step, value, slope, *, decay, c, max_steps):
+  """Backtracking line search: the largest ``α = decayᵏ`` with sufficient decrease.
+
+  Tries ``α = 1`` (already evaluated), then ``α ← decay·α`` while
+  ``f(θ + αp) > f(θ) + c·α·gᵀp``, at most ``max_steps`` times; if none
+  passes (or ``gᵀp ≥ 0``) it returns ``α = 0``: no step (Martens &
+  Sutskever 2012, §8.8).
+  """
+
+  def sufficient(alpha, f_alpha):
+    return f_alpha <= value + c * alpha * slope
+
+  def cond(carry):
+    alpha, f_alpha, tries = carry
+    return ~sufficient(alpha, f_alpha) & (tries < max_steps)
+
+  def body(carry):
+    alpha, _, tries = carry
+    alpha = alpha * decay
+    return alpha, evaluate(optax.tree.scale(alpha, step)), tries + 1
+
+  one = jnp.ones((), value.dtype)
+  alpha, f_alpha, tries = jax.lax.while_loop(
+      cond, body, (one, value_at_step, jnp.zeros((), jnp.int32))
+  )
+  accepted = sufficient(alpha, f_alpha) & (slope < 0)
+  return jnp.where(accepted, alpha, 0.0), tries
+
+
+def _diagonal_preconditioner(
+    predict_fn, loss, params, batch, damping, l2_reg, exponent, targets_fn
+):
+  """Martens' (2010) ``M = [diag(1/N Σ gᵢ²) + (λ + η) I]^ξ``, applied as ``r ↦ M⁻¹r``."""
+  diagonal = _products.empirical_fisher_diagonal(
+      predict_fn, loss, params, batch, targets_fn=targets_fn
+  )
+  scale = jax.tree.map(lambda d: (d + damping + l2_reg) ** exponent, diagonal)
+  return lambda r: jax.tree.map(jnp.divide, r, scale)
+
+
+def scale_by_hessian_free(
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    *,
+    curvature: str = "ggn",
+    initial_damping: float = 1.0,
+    adapt_damping: bool = True,
+    damping_increase: float = 1.5,
+    damping_decrease: float = 2.0 / 3.0,
+    rho_low: float = 0.25,
+    rho_high: float = 0.75,
+    min_damping: float = 1e-8,
+    max_damping: float = 1e8,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 250,
+    cg_tol: float = 1e-10,
+    progress_tol: Optional[float] = 5e-4,
+    warm_start_decay: float = 0.95,
+    backtracking: bool = True,
+    line_search: bool = True,
+    line_search_decay: float = 0.8,
+    line_search_c: float = 1e-2,
+    max_line_search_steps: int = 20,
+    diagonal_preconditioner: bool = False,
+    preconditioner_exponent: float = 0.75,
+    curvature_batch_fraction: float = 1.0,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Hessian-free (truncated-Newton) direction with LM damping (Martens 2010).
+
+  At each step, with gradient ``g`` (the incoming updates plus ``η θ``) and
+  curvature ``C`` (the GGN by default, linearized once):
+
+  .. math::
+    p &\approx \arg\min_p\, q(p) = f(\theta) + g^\top p
+        + \tfrac12 p^\top (C + \lambda I) p
+        \quad\text{(CG from } x_0 = 0.95\, p_{\text{prev}}\text{)} \\
+    \rho &= \frac{f(\theta + p) - f(\theta)}{q(p) - q(0)}, \quad
+    \lambda \leftarrow \begin{cases} \tfrac32 \lambda & \rho < \tfrac14 \\
+        \tfrac23 \lambda & \rho > \tfrac34 \end{cases} \\
+    \text{update} &= -\alpha\, p
+
+  ``p`` is the best of the stored CG iterates (backtracking), and ``α`` comes
+  from an Armijo backtracking line search (``α = 1, 0.8, 0.8², …``). Like every
+  ``scale_by_*`` the output is a descent direction *without* the minus sign:
+  chain it with ``optax.scale_by_learning_rate(1.0)`` (as :func:`hessian_free`
+  does) to step ``θ + αp``.
+
+  **The contract.** The matrix is fixed by ``predict_fn(params, batch)`` and
+  ``loss``; the targets are ``targets_fn(batch)`` (``batch["targets"]`` or
+  ``batch[-1]`` by default). ``update(grads, state, params, batch=batch)``
+  takes the gradient of the *mean* loss over ``batch`` (without the L2 term,
+  which this transform adds) and the batch as an extra argument. Other extra
+  arguments (``value``, ``grad``, ``value_fn`` of optax's line searches) are
+  accepted and ignored, so the transform chains with
+  ``optax.scale_by_zoom_linesearch``.
+
+  **Non-finite input.** If the gradient, the objective or a curvature product
+  is NaN/Inf, the step is rejected: the update is zero, ``λ`` is multiplied by
+  ``damping_increase``, the warm start is reset and ``rejected_steps`` counts
+  it. The parameters never see a NaN.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
+    loss: a loss from :mod:`curvature.losses`.
+    curvature: one of :data:`curvature.CURVATURES`; ``"ggn"`` as in Martens.
+    initial_damping: ``λ₀`` (1.0 in Martens' reference code).
+    adapt_damping: adapt ``λ`` by the Levenberg-Marquardt rule; if ``False``
+      it stays at ``initial_damping``.
+    damping_increase: the factor for ``ρ < rho_low`` (3/2).
+    damping_decrease: the factor for ``ρ > rho_high`` (2/3).
+    rho_low: see above (1/4).
+    rho_high: see above (3/4).
+    min_damping: floor of the adapted ``λ``.
+    max_damping: ceiling of the adapted ``λ``.
+    l2_reg: L2 coefficient ``η``: ``½η‖θ‖²`` is added to the objective,
+      ``ηθ`` to the gradient and ``ηI`` to the curvature (Martens used 1e-5).
+    max_cg_iterations: CG cap (250); a Python int.
+    cg_tol: CG relative-residual tolerance.
+    progress_tol: Martens' relative-progress ``ε`` (5e-4); ``None`` disables
+      that rule, and CG runs to ``cg_tol`` or the cap.
+    warm_start_decay: CG starts from this times the previous solution (0.95);
+      0 starts from zero.
+    backtracking: choose among the CG iterates stored at ``⌈1.3ʲ⌉`` by the
+      objective (Martens 2010 §4.6).
+    line_search: run the Armijo line search; with ``False`` the step ``p`` is
+      returned as is, e.g. for ``optax.scale_by_zoom_linesearch``.
+    line_search_decay: step shrink factor (0.8).
+    line_search_c: sufficient-decrease constant (1e-2).
+    max_line_search_steps: shrinks before giving up and taking no step (20).
+    diagonal_preconditioner: precondition CG with
+      ``[diag(1/N Σᵢ gᵢ²) + λ + η]^ξ`` from per-example gradients.
+    preconditioner_exponent: ``ξ`` (0.75).
+    curvature_batch_fraction: the leading fraction of each batch used for the
+      curvature products (the gradient, ``ρ`` and the line search use all of
+      it). Shuffle the batches so the prefix is a random subset.
+    num_samples: sampled targets per example for ``"sampled_fisher"``.
+    targets_fn: finds the targets in a batch.
+    seed: seeds the PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> opt = optax.chain(
+    ...     curvature.scale_by_hessian_free(predict, curvature.losses.squared_error),
+    ...     optax.scale_by_learning_rate(1.0))
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+
+  References:
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+    Martens & Sutskever, "Training deep and recurrent networks with
+    Hessian-free optimization", 2012.
+    Schraudolph, "Fast curvature matrix-vector products", 2002.
+    ``shared/seeds/000_*`` (damping, trust regions, GGN),
+    ``shared/seeds/001_*`` and ``004_*`` (Newton, Levenberg-Marquardt, CG).
+  """
+  _validation.check_choice("curvature", curvature, _products.CURVATURES)
+  _validation.check_nonnegative(
+      "initial_damping", initial_damping,
+      "Use a damping >= 0 (Martens starts at 1.0)."
+  )
+  _validation.check_nonnegative("l2_reg", l2_reg)
+  _validation.check_nonnegative("min_damping", min_damping)
+  _validation.check_positive("max_damping", max_damping)
+  _validation.check_in_interval(
+      "damping_decrease", damping_decrease, 0.0, 1.0, closed_high=True)
+  _validation.check_positive("damping_increase", damping_increase)
+  _validation.check_in_interval(
+      "warm_start_decay", warm_start_decay, 0.0, 1.0, closed_high=True)
+  _validation.check_in_interval("line_search_decay", line_search_decay, 0, 1)
+  _validation.check_in_interval("line_search_c", line_search_c, 0, 1)
+  _validation.check_in_interval(
+      "curvature_batch_fraction", curvature_batch_fraction, 0.0, 1.0,
+      closed_high=True)
+  _validation.check_positive("curvature_batch_fraction",
+                             curvature_batch_fraction)
+  max_cg_iterations = _validation.check_static_int(
+      "max_cg_iterations", max_cg_iterations, 1
+  )
+  max_line_search_steps = _validation.check_static_int(
+      "max_line_search_steps", max_line_search_steps, 0
+  )
+  if curvature == "sampled_fisher":
+    _validation.check_static_int("num_samples", num_samples, 1)
+  if _validation.concrete_value(curvature_batch_fraction) is None:
+    raise TypeError(
+        "`curvature_batch_fraction` fixes the curvature batch's shape: under"
+        " `optax.inject_hyperparams` pass"
+        " `static_args=('curvature_batch_fraction',)`."
+    )
+  if not callable(predict_fn):
+    raise TypeError("`predict_fn` must be a function (params, batch) -> outputs.")
+  if not isinstance(loss, _losses.Loss):
+    raise TypeError(
+        "`loss` must be a curvature.losses.Loss, e.g."
+        " curvature.losses.softmax_cross_entropy."
+    )
+
+  def init_fn(params):
+    if not jax.tree.leaves(params):
+      raise ValueError("scale_by_hessian_free got an empty parameter tree.")
+    for leaf in jax.tree.leaves(params):
+      if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+        raise TypeError(
+            f"Parameters must be floating point, got a {leaf.dtype} leaf."
+            " Cast integer parameters to a float dtype."
+        )
+    dtype = _state_dtype(params)
+    zero = jnp.zeros((), dtype)
+    return ScaleByHessianFreeState(
+        count=jnp.zeros((), jnp.int32),
+        damping=jnp.asarray(initial_damping, dtype),
+        previous_solution=optax.tree.zeros_like(params),
+        key=jax.random.key(seed),
+        rejected_steps=jnp.zeros((), jnp.int32),
+        value=zero,
+        reduction_ratio=zero,
+        cg_iterations=jnp.zeros((), jnp.int32),
+        cg_status=jnp.zeros((), jnp.int32),
+        step_size=zero,
+        loss_evaluations=jnp.zeros((), jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del extra_args  # value, grad, value_fn: accepted for chaining.
+    _check_update_args(updates, params, batch)
+    key, sample_key = jax.random.split(state.key)
+    num_examples = jax.tree.leaves(batch)[0].shape[0]
+    num_curvature = max(1, int(round(curvature_batch_fraction * num_examples)))
+    curvature_batch = (
+        batch if num_curvature == num_examples
+        else _products.take_examples(batch, num_curvature)
+    )
+
+    def evaluate(step):
+      return _products.objective(
+          predict_fn, loss, optax.tree.add(params, step), batch,
+          l2_reg=l2_reg, targets_fn=targets_fn)
+
+    lin = _products.linearize(
+        predict_fn, loss, params, curvature_batch, curvature=curvature,
+        l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
+        num_samples=num_samples)
+    if num_curvature == num_examples:
+      value, extra_evaluations = lin.value, 0
+    else:
+      value, extra_evaluations = evaluate(optax.tree.zeros_like(params)), 1
+    grad = optax.tree.add_scale(updates, l2_reg, params)
+    damping = state.damping
+
+    def damped_matvec(vector):
+      return optax.tree.add_scale(lin.matvec(vector), damping, vector)
+
+    preconditioner = None
+    if diagonal_preconditioner:
+      preconditioner = _diagonal_preconditioner(
+          predict_fn, loss, params, curvature_batch, damping, l2_reg,
+          preconditioner_exponent, targets_fn)
+
+    x0 = optax.tree.scale(warm_start_decay, state.previous_solution)
+    cg = _cg.conjugate_gradient(
+        damped_matvec,
+        optax.tree.scale(-1.0, grad),
+        x0,
+        max_iterations=max_cg_iterations,
+        tol=cg_tol,
+        progress_tol=progress_tol,
+        preconditioner=preconditioner,
+        record_iterates=backtracking,
+    )
+    if backtracking:
+      chosen = _backtrack(cg, evaluate)
+    else:
+      chosen = _Candidate(cg.x, evaluate(cg.x), cg.quadratic_value,
+                          jnp.ones((), jnp.int32))
+    value_at_step = jnp.where(
+        jnp.isnan(chosen.value), jnp.inf, chosen.value)
+    rho = jnp.where(
+        chosen.model < 0, (value_at_step - value) / chosen.model, -jnp.inf)
+
+    if line_search:
+      alpha, tries = _armijo(
+          evaluate, chosen.step, value_at_step, value,
+          optax.tree.vdot(grad, chosen.step), decay=line_search_decay,
+          c=line_search_c, max_steps=max_line_search_steps)
+    else:
+      alpha, tries = jnp.ones((), value.dtype), 0
+
+    finite = (
+        jnp.isfinite(value) & _all_finite(grad)
+        & (cg.status != _cg.CGStatus.NON_FINITE)
+        & _all_finite(chosen.step)
+    )
+    if adapt_damping:
+      new_damping = jnp.clip(
+          _levenberg_marquardt(damping, rho, rho_low, rho_high,
+                               damping_increase, damping_decrease),
+          min_damping, max_damping)
+    else:
+      new_damping = damping
+    new_damping = jnp.where(
+        finite, new_damping,
+        jnp.clip(damping * damping_increase, min_damping, max_damping)
+        if adapt_damping else damping,
+    ).astype(damping.dtype)
+
+    direction = optax.tree.scale(-alpha, chosen.step)
+    zeros = optax.tree.zeros_like(params)
+    direction = optax.tree.where(finite, direction, zeros)
+    direction = optax.tree.cast_like(direction, params)
+    new_state = ScaleByHessianFreeState(
+        count=optax.safe_increment(state.count),
+        damping=new_damping,
+        previous_solution=optax.tree.where(finite, cg.x, zeros),
+        key=key,
+        rejected_steps=state.rejected_steps + (~finite).astype(jnp.int32),
+        value=value.astype(state.value.dtype),
+        reduction_ratio=jnp.where(finite, rho, -jnp.inf).astype(
+            state.value.dtype),
+        cg_iterations=cg.iterations,
+        cg_status=cg.status,
+        step_size=jnp.where(finite, alpha, 0.0).astype(state.value.dtype),
+        loss_evaluations=(chosen.evaluations + tries
+                          + extra_evaluations).astype(jnp.int32),
+    )
+    return direction, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_learning_rate(transform, learning_rate, linesearch=None):
+  parts = [transform, optax.scale_by_learning_rate(learning_rate)]
+  if linesearch is not None:
+    parts.append(linesearch)
+  return optax.chain(*parts)
+
+
+def hessian_free(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    curvature: str = "ggn",
+    initial_damping: float = 1.0,
+    damping_increase: float = 1.5,
+    damping_decrease: float = 2.0 / 3.0,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 250,
+    progress_tol: Optional[float] = 5e-4,
+    warm_start_decay: float = 0.95,
+    backtracking: bool = True,
+    diagonal_preconditioner: bool = False,
+    curvature_batch_fraction: float = 1.0,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+    linesearch: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Martens' (2010) Hessian-free optimizer: damped Gauss-Newton solved by CG.
+
+  ``θ ← θ − lr · (−α p)`` with ``p ≈ −(G + λI)⁻¹ g`` from warm-started,
+  truncated, backtracked CG, ``λ`` adapted by Levenberg-Marquardt and ``α``
+  from an Armijo line search; see :func:`scale_by_hessian_free` for the rule
+  and every argument. Keep ``learning_rate = 1`` unless you know why: the
+  damping and the line search already choose the step.
+
+  Args:
+    learning_rate: a scalar or schedule scaling the step (1.0).
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    curvature: the curvature matrix, ``"ggn"`` by default.
+    initial_damping: ``λ₀``.
+    damping_increase: LM factor for ``ρ < 1/4``.
+    damping_decrease: LM factor for ``ρ > 3/4``.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    progress_tol: Martens' CG stopping ``ε``.
+    warm_start_decay: CG warm-start factor.
+    backtracking: CG-iterate backtracking.
+    diagonal_preconditioner: Martens' diagonal CG preconditioner.
+    curvature_batch_fraction: fraction of the batch for curvature products.
+    num_samples: samples for ``curvature="sampled_fisher"``.
+    targets_fn: finds the targets in a batch.
+    seed: PRNG seed.
+    linesearch: an optax line search (e.g.
+      ``optax.scale_by_zoom_linesearch(15)``) to use instead of the built-in
+      Armijo search; it is chained after the learning rate, as in
+      ``optax.lbfgs``, and needs ``value``, ``grad`` and ``value_fn`` extra
+      arguments at ``update``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> opt = curvature.hessian_free(
+    ...     predict_fn=predict, loss=curvature.losses.sigmoid_binary_cross_entropy,
+    ...     l2_reg=1e-5)
+    >>> state = opt.init(params)
+    >>> loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+    ``shared/seeds/000_*`` (Hessian-free, damping as a trust region).
+  """
+  transform = scale_by_hessian_free(
+      predict_fn, loss, curvature=curvature, initial_damping=initial_damping,
+      damping_increase=damping_increase, damping_decrease=damping_decrease,
+      l2_reg=l2_reg, max_cg_iterations=max_cg_iterations,
+      progress_tol=progress_tol, warm_start_decay=warm_start_decay,
+      backtracking=backtracking, line_search=linesearch is None,
+      diagonal_preconditioner=diagonal_preconditioner,
+      curvature_batch_fraction=curvature_batch_fraction,
+      num_samples=num_samples, targets_fn=targets_fn, seed=seed)
+  return _with_learning_rate(transform, learning_rate, linesearch)
+
+
+def _full_solve(predict_fn, loss, *, curvature, damping, adapt, l2_reg,
+                max_cg_iterations, cg_tol, line_search, targets_fn,
+                max_line_search_steps=20, line_search_c=1e-2):
+  """A damped Newton-type step with CG solved to a tolerance (no Martens devices)."""
+  return scale_by_hessian_free(
+      predict_fn, loss, curvature=curvature, initial_damping=damping,
+      adapt_damping=adapt, l2_reg=l2_reg,
+      max_cg_iterations=max_cg_iterations, cg_tol=cg_tol, progress_tol=None,
+      warm_start_decay=0.0, backtracking=False, line_search=line_search,
+      max_line_search_steps=max_line_search_steps,
+      line_search_c=line_search_c, targets_fn=targets_fn)
+
+
+def newton(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 100,
+    cg_tol: float = 1e-8,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Newton's method, ``θ ← θ − lr · H⁻¹ g``, with ``H⁻¹g`` solved by CG.
+
+  Undamped, with no line search: the textbook method of
+  ``shared/seeds/001_*`` and ``004_*``. CG stops cleanly at a direction of
+  non-positive curvature (a saddle or a maximum), returning the truncated
+  Newton step built so far; use :func:`damped_newton` where ``H`` may be
+  indefinite.
+
+  Args:
+    learning_rate: step scale (1.0 for the pure Newton step).
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    cg_tol: CG relative-residual tolerance.
+    targets_fn: finds the targets in a batch.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Nocedal & Wright, "Numerical Optimization", 2006, ch. 7 (Newton-CG).
+  """
+  return _with_learning_rate(
+      _full_solve(predict_fn, loss, curvature="hessian", damping=0.0,
+                  adapt=False, l2_reg=l2_reg,
+                  max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
+                  line_search=False, targets_fn=targets_fn),
+      learning_rate)
+
+
+def damped_newton(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    damping: float = 1.0,
+    adapt_damping: bool = True,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 100,
+    cg_tol: float = 1e-8,
+    line_search: bool = True,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Damped (regularized) Newton: ``θ ← θ − lr · α (H + λI)⁻¹ g``.
+
+  ``(H + λI)⁻¹ g`` is solved by CG; ``λ`` follows the Levenberg-Marquardt
+  rule on ``ρ``, so it behaves as a trust region (``shared/seeds/000_*``), and
+  CG stops at non-positive curvature when ``H + λI`` is indefinite.
+
+  Args:
+    learning_rate: step scale.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    damping: the initial ``λ``.
+    adapt_damping: adapt ``λ`` by the LM rule; ``False`` keeps it fixed.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    cg_tol: CG relative-residual tolerance.
+    line_search: Armijo line search on the objective.
+    targets_fn: finds the targets in a batch.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Levenberg 1944; Marquardt 1963; ``shared/seeds/001_*`` (Newton with
+    regularization), ``004_*`` (Newton, Levenberg-Marquardt).
+  """
+  return _with_learning_rate(
+      _full_solve(predict_fn, loss, curvature="hessian", damping=damping,
+                  adapt=adapt_damping, l2_reg=l2_reg,
+                  max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
+                  line_search=line_search, targets_fn=targets_fn),
+      learning_rate)
+
+
+def gauss_newton(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    damping: float = 0.0,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 100,
+    cg_tol: float = 1e-8,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The (generalized) Gauss-Newton method: ``θ ← θ − lr · (G + λI)⁻¹ g``.
+
+  ``G = Jᵀ ∇²_z L J`` is positive semi-definite for convex losses, so the
+  step is a descent direction; ``λ`` is fixed (0 for the classic method). CG
+  solves the system to ``cg_tol``.
+
+  Args:
+    learning_rate: step scale.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    damping: a fixed Tikhonov ``λ``.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    cg_tol: CG relative-residual tolerance.
+    targets_fn: finds the targets in a batch.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Schraudolph 2002 (the GGN); ``shared/seeds/000_*`` (Gauss-Newton).
+  """
+  return _with_learning_rate(
+      _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
+                  adapt=False, l2_reg=l2_reg,
+                  max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
+                  line_search=False, targets_fn=targets_fn),
+      learning_rate)
+
+
+def levenberg_marquardt(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    damping: float = 1.0,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 100,
+    cg_tol: float = 1e-8,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Levenberg-Marquardt: Gauss-Newton with adapted damping and step rejection.
+
+  ``p = −(G + λI)⁻¹ g`` solved by CG; the step is taken only if
+  ``f(θ + p) ≤ f(θ)`` (otherwise no step), and ``λ`` is multiplied by 3/2
+  when ``ρ < 1/4`` and by 2/3 when ``ρ > 3/4``.
+
+  Args:
+    learning_rate: step scale.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    damping: the initial ``λ``.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    cg_tol: CG relative-residual tolerance.
+    targets_fn: finds the targets in a batch.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Levenberg, "A method for the solution of certain non-linear problems in
+    least squares", 1944. Marquardt, 1963. ``shared/seeds/004_*``.
+  """
+  return _with_learning_rate(
+      _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
+                  adapt=True, l2_reg=l2_reg,
+                  max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
+                  line_search=True, max_line_search_steps=0,
+                  line_search_c=0.0, targets_fn=targets_fn),
+      learning_rate)

@@ -1,0 +1,90 @@
+"""Construction-time checks of hyperparameters, shared by every transform.
+
+Hyperparameters may be Python numbers, concrete arrays, or tracers (under
+``optax.inject_hyperparams`` the factory is called again inside ``update``
+with traced values). Concrete values are checked; traced ones cannot be and
+are let through.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_value(value: Any):
+  """``value`` as a NumPy scalar/array, or ``None`` if it is traced."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if callable(value):  # A schedule: checked where it is evaluated.
+    return None
+  return np.asarray(value)
+
+
+def check_nonnegative(name: str, value: Any, fix: str = "") -> None:
+  """Raises ``ValueError`` if a concrete ``value`` is negative or not finite."""
+  concrete = concrete_value(value)
+  if concrete is None:
+    return
+  if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
+    raise ValueError(
+        f"`{name}` must be a finite number >= 0, got {value!r}."
+        + (f" {fix}" if fix else "")
+    )
+
+
+def check_positive(name: str, value: Any, fix: str = "") -> None:
+  """Raises ``ValueError`` if a concrete ``value`` is not finite and > 0."""
+  concrete = concrete_value(value)
+  if concrete is None:
+    return
+  if not np.all(np.isfinite(concrete)) or np.any(concrete <= 0):
+    raise ValueError(
+        f"`{name}` must be a finite number > 0, got {value!r}."
+        + (f" {fix}" if fix else "")
+    )
+
+
+def check_in_interval(
+    name: str, value: Any, low: float, high: float, *, closed_high=False
+) -> None:
+  """Raises ``ValueError`` unless ``low <= value < high`` (or ``<= high``)."""
+  concrete = concrete_value(value)
+  if concrete is None:
+    return
+  above = concrete > high if closed_high else concrete >= high
+  if not np.all(np.isfinite(concrete)) or np.any(concrete < low) or np.any(
+      above
+  ):
+    bracket = "]" if closed_high else ")"
+    raise ValueError(
+        f"`{name}` must lie in [{low}, {high}{bracket}, got {value!r}."
+    )
+
+
+def check_static_int(name: str, value: Any, minimum: int) -> int:
+  """Returns ``value`` as an ``int`` >= ``minimum`` or raises.
+
+  Integer hyperparameters that fix array shapes or loop structure must be
+  Python integers. Under ``optax.inject_hyperparams`` list them in
+  ``static_args``.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+        f"`{name}` must be a Python int, got {type(value).__name__}. It fixes"
+        " the shape of the solver's state; under `optax.inject_hyperparams`"
+        f" pass `static_args=('{name}',)`."
+    )
+  if value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+  """Raises ``ValueError`` if ``value`` is not one of ``choices``."""
+  if value not in choices:
+    raise ValueError(
+        f"Unknown `{name}`={value!r}. Choose one of: "
+        + ", ".join(repr(c) for c in choices)
+        + "."
+    )
