@@ -29,6 +29,12 @@ from curvature._products import Linearization
 from curvature._products import objective
 from curvature._products import sampled_fisher_vector_product
 from curvature._products import take_examples
+from curvature._taylor import first_order_change
+from curvature._taylor import reduction_ratio
+from curvature._taylor import second_order_change
+
+# --- diagnostics (issue 4) begin ---
+# --- diagnostics (issue 4) end ---
 
 # --- first-order primitives and aliases (issue 3) begin ---
 # --- first-order primitives and aliases (issue 3) end ---
@@ -46,6 +52,7 @@ __all__ = (
     "default_targets",
     "empirical_fisher_diagonal",
     "empirical_fisher_vector_product",
+    "first_order_change",
     "fisher_vector_product",
     "gauss_newton",
     "ggn_vector_product",
@@ -56,9 +63,13 @@ __all__ = (
     "losses",
     "newton",
     "objective",
+    "reduction_ratio",
     "sampled_fisher_vector_product",
     "scale_by_hessian_free",
+    "second_order_change",
     "take_examples",
+    # --- diagnostics names (issue 4) begin ---
+    # --- diagnostics names (issue 4) end ---
     # --- first-order names (issue 3) begin ---
     # --- first-order names (issue 3) end ---
 )

@@ -29,6 +29,7 @@ import optax
 from curvature import _cg
 from curvature import _losses
 from curvature import _products
+from curvature import _taylor
 from curvature import _validation
 
 Array = jax.Array
@@ -442,8 +443,7 @@ def scale_by_hessian_free(
                           jnp.ones((), jnp.int32))
     value_at_step = jnp.where(
         jnp.isnan(chosen.value), jnp.inf, chosen.value)
-    rho = jnp.where(
-        chosen.model < 0, (value_at_step - value) / chosen.model, -jnp.inf)
+    rho = _taylor.reduction_ratio(value_at_step, value, chosen.model)
 
     if line_search:
       alpha, tries = _armijo(
