@@ -1,0 +1,467 @@
+"""First-order optimizers of the seeds, as chains of the shared primitives.
+
+Every alias takes ``learning_rate`` first (a float or an ``optax.schedules``
+schedule) and is an ``optax.chain`` of :func:`curvature.scale_by_momentum`,
+:func:`curvature.scale_by_ema`, :func:`curvature.scale_by_running_sum`,
+:func:`curvature.scale_by_diagonal`, :func:`curvature.scale_by_adadelta`,
+:func:`curvature.scale_by_delta_bar_delta` and
+``optax.scale_by_learning_rate``. The defaults reproduce the optax optimizer
+of the same name; the docstrings say which arguments give the seeds' variant.
+
+Non-finite gradients (one policy, the core's step rejection): by default a
+NaN/Inf gradient propagates, as in optax. Pass ``max_consecutive_errors=N``
+to reject such steps instead: the update is zero, the optimizer state is left
+unchanged and the rejection is counted (``optax.apply_if_finite``); after
+``N`` consecutive rejections the step is applied anyway.
+"""
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import optax
+
+from curvature import _adadelta
+from curvature import _diagonal
+from curvature import _moments
+from curvature import _momentum
+from curvature import _validation
+
+
+def _learning_rate(learning_rate: Any) -> optax.GradientTransformation:
+  _validation.check_nonnegative(
+      "learning_rate",
+      learning_rate,
+      "Pass the step size as a positive number; the sign is applied for you.",
+  )
+  return optax.scale_by_learning_rate(learning_rate)
+
+
+def _finish(
+    *transforms: optax.GradientTransformation,
+    max_consecutive_errors: Optional[int],
+) -> optax.GradientTransformationExtraArgs:
+  opt = optax.chain(*transforms)
+  if max_consecutive_errors is None:
+    return opt
+  max_consecutive_errors = _validation.check_static_int(
+      "max_consecutive_errors", max_consecutive_errors, 0
+  )
+  return optax.with_extra_args_support(
+      optax.apply_if_finite(opt, max_consecutive_errors)
+  )
+
+
+def _damping(eps: Any, eps_in_root: bool) -> dict:
+  """``eps`` as damping, inside or outside the square root."""
+  if eps_in_root:
+    return {"damping": 0.0, "damping_in_root": eps}
+  return {"damping": eps, "damping_in_root": 0.0}
+
+
+def sgd(
+    learning_rate: Any,
+    momentum: Optional[Any] = None,
+    nesterov: Any = False,
+    *,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Stochastic gradient descent, optionally with momentum (as ``optax.sgd``).
+
+  .. math::
+    \theta \leftarrow \theta - \epsilon g; \qquad \text{with momentum: }
+    v \leftarrow \alpha v + g,\ \theta \leftarrow \theta - \epsilon v.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    momentum: :math:`\alpha \in [0, 1)` or ``None`` (plain SGD).
+    nesterov: see :func:`curvature.scale_by_momentum` (``True`` is the
+      change-of-variables form, as in ``optax.sgd``).
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. With the same arguments it
+    reproduces ``optax.sgd``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.sgd(0.1, momentum=0.9)
+
+  References:
+    ``seeds/001_*`` (SGD, momentum), ``seeds/004_*``. Robbins & Monro 1951;
+    Polyak 1964; Sutskever et al., ICML 2013.
+  """
+  if momentum is None:
+    first = optax.identity()
+  else:
+    first = _momentum.scale_by_momentum(momentum, nesterov=nesterov)
+  return _finish(
+      first,
+      _learning_rate(learning_rate),
+      max_consecutive_errors=max_consecutive_errors,
+  )
+
+
+def heavy_ball(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    *,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with Polyak's heavy-ball momentum (``seeds/001_*``, "Momentum").
+
+  .. math::
+    v \leftarrow \alpha v - \epsilon g, \qquad \theta \leftarrow \theta + v.
+
+  Implemented with the velocity in gradient units (:math:`v \leftarrow
+  \alpha v + g`, step :math:`-\epsilon v`), identical for a constant
+  :math:`\epsilon` and equal to ``optax.sgd(lr, momentum)``.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    momentum: :math:`\alpha \in [0, 1)`, typically 0.9 or 0.99.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.heavy_ball(0.01, momentum=0.9)
+
+  References:
+    ``seeds/001_*``. Polyak, Some methods of speeding up the convergence of
+    iteration methods, USSR Comput. Math. Math. Phys., 1964.
+  """
+  return sgd(
+      learning_rate, momentum, max_consecutive_errors=max_consecutive_errors
+  )
+
+
+def nesterov(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    *,
+    form: str = "change_of_variables",
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with Nesterov momentum, in either of the two seed forms.
+
+  ``form="lookahead"`` (``seeds/001_*``, first slide): the caller evaluates
+  the gradient at :func:`curvature.lookahead_params` (:math:`\theta +
+  \alpha v`), and
+
+  .. math::
+    v \leftarrow \alpha v - \epsilon \nabla J(\theta + \alpha v), \qquad
+    \theta \leftarrow \theta + v.
+
+  ``form="change_of_variables"`` (second slide; the gradient is taken at the
+  iterate :math:`\tilde\theta = \theta + \alpha v` itself):
+
+  .. math::
+    v_{\text{new}} = \alpha v_{\text{old}} - \epsilon \nabla J(\tilde\theta),
+    \qquad \tilde\theta \leftarrow \tilde\theta + v_{\text{new}} +
+    \alpha (v_{\text{new}} - v_{\text{old}}).
+
+  The change-of-variables form equals ``optax.sgd(lr, momentum,
+  nesterov=True)``. In the look-ahead form the learning rate comes before the
+  momentum, so ``v`` is the parameter step, as in the seed.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    momentum: :math:`\alpha \in [0, 1)`.
+    form: ``"change_of_variables"`` or ``"lookahead"``.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.nesterov(0.01, 0.9)
+
+  References:
+    ``seeds/001_*`` (Nesterov momentum, both forms). Nesterov, A method for
+    solving the convex programming problem with convergence rate O(1/k^2),
+    1983; Sutskever, Martens, Dahl & Hinton, ICML 2013.
+  """
+  _validation.check_choice("form", form, ("change_of_variables", "lookahead"))
+  if form == "lookahead":
+    return _finish(
+        _learning_rate(learning_rate),
+        _momentum.scale_by_momentum(momentum, nesterov="lookahead"),
+        max_consecutive_errors=max_consecutive_errors,
+    )
+  return sgd(
+      learning_rate,
+      momentum,
+      nesterov=True,
+      max_consecutive_errors=max_consecutive_errors,
+  )
+
+
+def adagrad(
+    learning_rate: Any,
+    initial_accumulator_value: Any = 0.1,
+    eps: Any = 1e-7,
+    *,
+    eps_in_root: bool = True,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGrad: precondition by the root of the summed squared gradients.
+
+  .. math::
+    a \leftarrow a + g \odot g, \qquad
+    \theta \leftarrow \theta - \frac{\epsilon}{\sqrt{a + \nu}} \odot g
+    \quad \left(\text{or } \frac{\epsilon}{\sqrt{a} + \nu}\right).
+
+  ``scale_by_diagonal(scale_by_running_sum(), power=1/2)``: the running sum
+  of the empirical-Fisher diagonal, square-rooted, with damping :math:`\nu`.
+  Defaults reproduce ``optax.adagrad`` (:math:`a_0 = 0.1`, :math:`\nu` in the
+  root). The seed's code (``seeds/001_*``) is ``initial_accumulator_value=0,
+  eps_in_root=False``.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    initial_accumulator_value: :math:`a_0 \geq 0`.
+    eps: damping :math:`\nu \geq 0`.
+    eps_in_root: add :math:`\nu` inside (optax) or outside (seed) the root.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.adagrad(0.1)
+
+  References:
+    ``seeds/001_*`` (Adagrad). Duchi, Hazan & Singer, Adaptive Subgradient
+    Methods for Online Learning and Stochastic Optimization, JMLR 2011.
+  """
+  return _finish(
+      _diagonal.scale_by_diagonal(
+          _moments.scale_by_running_sum(
+              initial_value=initial_accumulator_value
+          ),
+          power=0.5,
+          **_damping(eps, eps_in_root),
+      ),
+      _learning_rate(learning_rate),
+      max_consecutive_errors=max_consecutive_errors,
+  )
+
+
+def rmsprop(
+    learning_rate: Any,
+    decay: Any = 0.9,
+    eps: Any = 1e-8,
+    initial_scale: Any = 0.0,
+    eps_in_root: bool = True,
+    momentum: Optional[Any] = None,
+    nesterov: Any = False,
+    *,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSProp, optionally with (Nesterov) momentum on the preconditioned step.
+
+  .. math::
+    a \leftarrow \beta a + (1 - \beta) g \odot g, \qquad
+    v \leftarrow \alpha v - \frac{\epsilon}{\sqrt{a + \nu}} \odot g, \qquad
+    \theta \leftarrow \theta + v
+
+  (without momentum :math:`\alpha = 0`). A diagonal, square-rooted EMA of the
+  empirical Fisher, with damping :math:`\nu`; as in the seed the momentum acts
+  on the step after the learning rate. Defaults reproduce ``optax.rmsprop``
+  (:math:`\beta = 0.9`, :math:`\nu = 10^{-8}` in the root, :math:`a_0 = 0`);
+  the seed uses :math:`\beta = 0.99`, :math:`\nu = 10^{-7}`. Some
+  implementations start at :math:`a_0 = 1` (``initial_scale=1``).
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    decay: :math:`\beta \in [0, 1)`.
+    eps: damping :math:`\nu \geq 0`.
+    initial_scale: :math:`a_0`.
+    eps_in_root: :math:`\nu` inside (optax, seed slides) or outside (seed
+      code, PyTorch) the root.
+    momentum: :math:`\alpha \in [0, 1)` or ``None``.
+    nesterov: momentum form, see :func:`curvature.scale_by_momentum`.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.rmsprop(1e-3, decay=0.99, momentum=0.9)
+
+  References:
+    ``seeds/001_*`` (RMSProp, with momentum, with Nesterov), ``seeds/004_*``.
+    Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA: Neural Networks for
+    Machine Learning, 2012.
+  """
+  second_moment = _moments.scale_by_ema(
+      decay,
+      statistic=jnp.square,
+      bias_correction=False,
+      initial_value=initial_scale,
+  )
+  transforms = [
+      _diagonal.scale_by_diagonal(
+          second_moment, power=0.5, **_damping(eps, eps_in_root)
+      ),
+      _learning_rate(learning_rate),
+  ]
+  if momentum is not None:
+    transforms.append(_momentum.scale_by_momentum(momentum, nesterov=nesterov))
+  return _finish(*transforms, max_consecutive_errors=max_consecutive_errors)
+
+
+def adam(
+    learning_rate: Any,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    bias_correction: bool = True,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam: a diagonal, square-rooted empirical-Fisher preconditioner with momentum.
+
+  .. math::
+    v \leftarrow \beta_1 v + (1-\beta_1) g, \quad
+    a \leftarrow \beta_2 a + (1-\beta_2) g \odot g, \quad
+    \tilde v = \frac{v}{1-\beta_1^t}, \quad \tilde a = \frac{a}{1-\beta_2^t},
+    \quad
+    \theta \leftarrow \theta - \epsilon\,
+    \frac{\tilde v}{\sqrt{\tilde a + \nu_{\text{root}}} + \nu}.
+
+  Built as ``scale_by_diagonal(curvature=scale_by_ema(b2, statistic=square),
+  direction=scale_by_ema(b1), power=1/2, damping=eps,
+  damping_in_root=eps_root)``: ``eps`` is damping of the curvature estimate.
+  With ``bias_correction=False`` this is the seed's "Adam with no bias
+  correction" (``seeds/001_*``, which puts :math:`\nu` inside the root: use
+  ``eps=0, eps_root=nu``). Defaults reproduce ``optax.adam``.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    b1: :math:`\beta_1 \in [0, 1)`, first-moment decay.
+    b2: :math:`\beta_2 \in [0, 1)`, second-moment decay.
+    eps: damping :math:`\nu \geq 0` outside the root.
+    eps_root: damping :math:`\nu_{\text{root}} \geq 0` inside the root.
+    bias_correction: divide both moments by :math:`1 - \beta^t`.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.adam(1e-3)
+
+  References:
+    ``seeds/001_*`` (Adam with and without bias correction), ``seeds/003_*``,
+    ``seeds/004_*``. Kingma & Ba, Adam: A Method for Stochastic Optimization,
+    ICLR 2015.
+  """
+  return _finish(
+      _diagonal.scale_by_diagonal(
+          _moments.scale_by_ema(
+              b2, statistic=jnp.square, bias_correction=bias_correction
+          ),
+          direction=_moments.scale_by_ema(b1, bias_correction=bias_correction),
+          power=0.5,
+          damping=eps,
+          damping_in_root=eps_root,
+      ),
+      _learning_rate(learning_rate),
+      max_consecutive_errors=max_consecutive_errors,
+  )
+
+
+def adadelta(
+    learning_rate: Any = 1.0,
+    rho: Any = 0.9,
+    eps: Any = 1e-6,
+    *,
+    form: str = "updates",
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaDelta, in Zeiler's form (default) or the squared-weights form.
+
+  .. math::
+    \Delta\theta = -\epsilon\,
+    \frac{\sqrt{E[\Delta\theta^2] + \nu}}{\sqrt{E[g^2] + \nu}}\, g
+    \quad \text{or} \quad
+    -\epsilon \sqrt{\frac{E[w^2] + \nu}{E[g^2] + \nu}}\, g,
+
+  see :func:`curvature.scale_by_adadelta`. Zeiler's form with the same
+  arguments reproduces ``optax.adadelta`` (which tracks :math:`E[\Delta
+  \theta^2]` of the step before the learning rate, as here); Zeiler used
+  :math:`\epsilon = 1`.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule (default 1).
+    rho: decay :math:`\rho \in [0, 1)` (the seed's :math:`1 - \gamma`).
+    eps: damping :math:`\nu \geq 0`.
+    form: ``"updates"`` (Zeiler, ``seeds/004_*``) or ``"weights"``
+      (``seeds/003_*``).
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.adadelta(1.0, rho=0.95)
+
+  References:
+    ``seeds/004_*``, ``seeds/003_*``. Zeiler, ADADELTA: An Adaptive Learning
+    Rate Method, arXiv:1212.5701, 2012.
+  """
+  return _finish(
+      _adadelta.scale_by_adadelta(rho, eps, form=form),
+      _learning_rate(learning_rate),
+      max_consecutive_errors=max_consecutive_errors,
+  )
+
+
+def delta_bar_delta(
+    learning_rate: Any,
+    kappa: Any = 0.01,
+    phi: Any = 0.1,
+    theta: Any = 0.7,
+    *,
+    max_consecutive_errors: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Jacobs' delta-bar-delta: per-parameter learning rates (full batch).
+
+  :math:`\theta \leftarrow \theta - \epsilon\, r \odot g`, with gains
+  :math:`r` (starting at 1) raised by :math:`\kappa` while the gradient
+  agrees in sign with its running average, and multiplied by
+  :math:`1 - \phi` when it flips; see
+  :func:`curvature.scale_by_delta_bar_delta`.
+
+  Args:
+    learning_rate: :math:`\epsilon \geq 0` or a schedule.
+    kappa: additive gain increase.
+    phi: multiplicative gain decrease, in ``[0, 1)``.
+    theta: decay of the gradient average, in ``[0, 1)``.
+    max_consecutive_errors: non-finite policy (module docstring).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import curvature
+    >>> opt = curvature.delta_bar_delta(0.01)
+
+  References:
+    ``seeds/004_*`` (delta-bar-delta). Jacobs, Increased rates of
+    convergence through learning rate adaptation, Neural Networks, 1988.
+  """
+  return _finish(
+      _adadelta.scale_by_delta_bar_delta(kappa, phi, theta),
+      _learning_rate(learning_rate),
+      max_consecutive_errors=max_consecutive_errors,
+  )

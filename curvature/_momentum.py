@@ -1,0 +1,145 @@
+"""Heavy-ball and Nesterov momentum, on top of any (preconditioned) direction.
+
+The transform only accumulates whatever direction reaches it, so it composes
+after a diagonal preconditioner (RMSProp with momentum), after
+``scale_by_hessian_free`` (Hessian-free with momentum), or directly on the
+gradient (SGD with momentum).
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import optax
+
+from curvature import _moments
+from curvature import _validation
+
+NESTEROV_FORMS = (False, True, "change_of_variables", "lookahead")
+
+
+class ScaleByMomentumState(NamedTuple):
+  """State of :func:`scale_by_momentum`.
+
+  Attributes:
+    velocity: the accumulated direction :math:`v_t`.
+  """
+
+  velocity: Any
+
+
+def scale_by_momentum(
+    decay: Any = 0.9,
+    *,
+    nesterov: Any = False,
+    accumulator_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  r"""Heavy-ball or Nesterov momentum on the incoming direction :math:`g_t`.
+
+  Heavy ball (Polyak 1964), and Nesterov's look-ahead form (the gradient fed
+  in must have been evaluated at :func:`lookahead_params`):
+
+  .. math::
+    v_t = \alpha v_{t-1} + g_t, \qquad \text{output } v_t.
+
+  Nesterov in the change-of-variables form (``seeds/001_*``: no gradient at
+  :math:`\theta + \alpha v` is needed; the iterate is
+  :math:`\tilde\theta = \theta + \alpha v`):
+
+  .. math::
+    v_t = \alpha v_{t-1} + g_t, \qquad
+    \text{output } v_t + \alpha (v_t - v_{t-1}) = g_t + \alpha v_t.
+
+  Placed before ``scale_by_learning_rate(eps)`` (as in ``optax.sgd``) the
+  velocity is in gradient units, :math:`v^{\text{seed}} = -\epsilon v`.
+  Placed after it (as in RMSProp with momentum, ``seeds/001_*``: ``v <- a v -
+  eps g / sqrt(a + nu)``) the velocity is the parameter step itself, which is
+  what :func:`lookahead_params` needs.
+
+  Args:
+    decay: :math:`\alpha \in [0, 1)`.
+    nesterov: ``False`` (heavy ball), ``True`` or ``"change_of_variables"``
+      (Nesterov without a look-ahead gradient; this is ``optax.trace``'s
+      ``nesterov=True``), or ``"lookahead"`` (Nesterov with the gradient
+      taken at :math:`\theta + \alpha v`; the update is heavy ball, the
+      difference is where the caller evaluates the gradient).
+    accumulator_dtype: dtype of the stored velocity (default: the updates').
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    :class:`ScaleByMomentumState`.
+
+  Example:
+    >>> import optax, curvature
+    >>> sgd_nesterov = optax.chain(
+    ...     curvature.scale_by_momentum(0.9, nesterov=True),
+    ...     optax.scale_by_learning_rate(0.1))
+
+  References:
+    ``seeds/001_*`` (momentum; Nesterov momentum in both forms),
+    ``seeds/004_*``. Polyak, Some methods of speeding up the convergence of
+    iteration methods, 1964; Nesterov, A method for solving the convex
+    programming problem with convergence rate O(1/k^2), 1983; Sutskever,
+    Martens, Dahl & Hinton, On the importance of initialization and momentum
+    in deep learning, ICML 2013.
+  """
+  _moments.check_decay("decay", decay)
+  _validation.check_choice("nesterov", nesterov, NESTEROV_FORMS)
+  change_of_variables = nesterov is True or nesterov == "change_of_variables"
+
+  def init_fn(params):
+    return ScaleByMomentumState(
+        velocity=optax.tree.zeros_like(params, dtype=accumulator_dtype)
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    step = lambda g, v: g + decay * v
+    velocity = jax.tree.map(step, updates, state.velocity)
+    if change_of_variables:
+      updates = jax.tree.map(step, updates, velocity)
+    else:
+      updates = velocity
+    if accumulator_dtype is not None:
+      velocity = optax.tree.cast(velocity, accumulator_dtype)
+    return updates, ScaleByMomentumState(velocity=velocity)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lookahead_params(params: Any, opt_state: Any, decay: Any) -> Any:
+  r"""The look-ahead point :math:`\theta + \alpha v` of Nesterov momentum.
+
+  Finds the single :class:`ScaleByMomentumState` inside ``opt_state`` (which
+  may be a chain's nested state) and returns ``params + decay * velocity``.
+  Meaningful when the momentum sits after the learning rate, so that the
+  velocity is the parameter step (as in :func:`curvature.nesterov` with
+  ``form="lookahead"``).
+
+  Args:
+    params: current parameters :math:`\theta`.
+    opt_state: the optimizer state (any nesting).
+    decay: the momentum :math:`\alpha`.
+
+  Returns:
+    The pytree :math:`\theta + \alpha v`, where the gradient is evaluated.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no momentum state.
+    KeyError: if it holds several (pass the momentum's own state instead).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, curvature
+    >>> opt = curvature.nesterov(0.1, 0.9, form="lookahead")
+    >>> params = jnp.ones(2); state = opt.init(params)
+    >>> g = jax.grad(lambda p: (p ** 2).sum())(
+    ...     curvature.lookahead_params(params, state, 0.9))
+
+  References:
+    ``seeds/001_*`` (Nesterov momentum). Sutskever et al., ICML 2013.
+  """
+  state = optax.tree.get(opt_state, "ScaleByMomentumState")
+  if state is None:
+    raise ValueError("No ScaleByMomentumState found in opt_state.")
+  return jax.tree.map(
+      lambda p, v: p + (decay * v).astype(p.dtype), params, state.velocity
+  )
