@@ -17,6 +17,8 @@ from curvature._hessian_free import levenberg_marquardt
 from curvature._hessian_free import newton
 from curvature._hessian_free import scale_by_hessian_free
 from curvature._hessian_free import ScaleByHessianFreeState
+from curvature._inject import inject_hyperparams
+from curvature._inject import structural_args
 from curvature._products import CURVATURES
 from curvature._products import default_targets
 from curvature._products import empirical_fisher_diagonal
@@ -37,6 +39,33 @@ from curvature._taylor import second_order_change
 # --- diagnostics (issue 4) end ---
 
 # --- first-order primitives and aliases (issue 3) begin ---
+from curvature._adadelta import scale_by_adadelta
+from curvature._adadelta import scale_by_delta_bar_delta
+from curvature._adadelta import ScaleByAdaDeltaState
+from curvature._adadelta import ScaleByDeltaBarDeltaState
+from curvature._averaging import averaged_params
+from curvature._averaging import polyak_averaging
+from curvature._averaging import PolyakAveragingState
+from curvature._diagonal import precondition
+from curvature._diagonal import scale_by_diagonal
+from curvature._diagonal import ScaleByDiagonalState
+from curvature._first_order import adadelta
+from curvature._first_order import adagrad
+from curvature._first_order import adam
+from curvature._first_order import delta_bar_delta
+from curvature._first_order import heavy_ball
+from curvature._first_order import nesterov
+from curvature._first_order import rmsprop
+from curvature._first_order import sgd
+from curvature._moments import debias
+from curvature._moments import ema_update
+from curvature._moments import scale_by_ema
+from curvature._moments import scale_by_running_sum
+from curvature._moments import ScaleByEmaState
+from curvature._moments import ScaleByRunningSumState
+from curvature._momentum import lookahead_params
+from curvature._momentum import scale_by_momentum
+from curvature._momentum import ScaleByMomentumState
 # --- first-order primitives and aliases (issue 3) end ---
 
 __version__ = "0.1.0"
@@ -58,6 +87,7 @@ __all__ = (
     "ggn_vector_product",
     "hessian_free",
     "hessian_vector_product",
+    "inject_hyperparams",
     "levenberg_marquardt",
     "linearize",
     "losses",
@@ -67,9 +97,37 @@ __all__ = (
     "sampled_fisher_vector_product",
     "scale_by_hessian_free",
     "second_order_change",
+    "structural_args",
     "take_examples",
     # --- diagnostics names (issue 4) begin ---
     # --- diagnostics names (issue 4) end ---
     # --- first-order names (issue 3) begin ---
+    "PolyakAveragingState",
+    "ScaleByAdaDeltaState",
+    "ScaleByDeltaBarDeltaState",
+    "ScaleByDiagonalState",
+    "ScaleByEmaState",
+    "ScaleByMomentumState",
+    "ScaleByRunningSumState",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "averaged_params",
+    "debias",
+    "delta_bar_delta",
+    "ema_update",
+    "heavy_ball",
+    "lookahead_params",
+    "nesterov",
+    "polyak_averaging",
+    "precondition",
+    "rmsprop",
+    "scale_by_adadelta",
+    "scale_by_delta_bar_delta",
+    "scale_by_diagonal",
+    "scale_by_ema",
+    "scale_by_momentum",
+    "scale_by_running_sum",
+    "sgd",
     # --- first-order names (issue 3) end ---
 )

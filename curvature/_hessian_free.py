@@ -227,7 +227,7 @@ def scale_by_hessian_free(
     max_line_search_steps: int = 20,
     diagonal_preconditioner: bool = False,
     preconditioner_exponent: float = 0.75,
-    curvature_batch_fraction: float = 1.0,
+    curvature_batch_size: Optional[int] = None,
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
@@ -297,9 +297,10 @@ def scale_by_hessian_free(
     diagonal_preconditioner: precondition CG with
       ``[diag(1/N Σᵢ gᵢ²) + λ + η]^ξ`` from per-example gradients.
     preconditioner_exponent: ``ξ`` (0.75).
-    curvature_batch_fraction: the leading fraction of each batch used for the
-      curvature products (the gradient, ``ρ`` and the line search use all of
-      it). Shuffle the batches so the prefix is a random subset.
+    curvature_batch_size: the number of leading examples of each batch used
+      for the curvature products, ``None`` for all (the gradient, ``ρ`` and
+      the line search use the whole batch). Martens (2010) used a fraction of
+      the gradient batch; shuffle the data so the prefix is a random subset.
     num_samples: sampled targets per example for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: seeds the PRNG key kept in the state.
@@ -337,11 +338,9 @@ def scale_by_hessian_free(
       "warm_start_decay", warm_start_decay, 0.0, 1.0, closed_high=True)
   _validation.check_in_interval("line_search_decay", line_search_decay, 0, 1)
   _validation.check_in_interval("line_search_c", line_search_c, 0, 1)
-  _validation.check_in_interval(
-      "curvature_batch_fraction", curvature_batch_fraction, 0.0, 1.0,
-      closed_high=True)
-  _validation.check_positive("curvature_batch_fraction",
-                             curvature_batch_fraction)
+  if curvature_batch_size is not None:
+    curvature_batch_size = _validation.check_static_int(
+        "curvature_batch_size", curvature_batch_size, 1)
   max_cg_iterations = _validation.check_static_int(
       "max_cg_iterations", max_cg_iterations, 1
   )
@@ -350,12 +349,6 @@ def scale_by_hessian_free(
   )
   if curvature == "sampled_fisher":
     _validation.check_static_int("num_samples", num_samples, 1)
-  if _validation.concrete_value(curvature_batch_fraction) is None:
-    raise TypeError(
-        "`curvature_batch_fraction` fixes the curvature batch's shape: under"
-        " `optax.inject_hyperparams` pass"
-        " `static_args=('curvature_batch_fraction',)`."
-    )
   if not callable(predict_fn):
     raise TypeError("`predict_fn` must be a function (params, batch) -> outputs.")
   if not isinstance(loss, _losses.Loss):
@@ -394,7 +387,7 @@ def scale_by_hessian_free(
     _check_update_args(updates, params, batch)
     key, sample_key = jax.random.split(state.key)
     num_examples = jax.tree.leaves(batch)[0].shape[0]
-    num_curvature = max(1, int(round(curvature_batch_fraction * num_examples)))
+    num_curvature = min(curvature_batch_size or num_examples, num_examples)
     curvature_batch = (
         batch if num_curvature == num_examples
         else _products.take_examples(batch, num_curvature)
@@ -517,7 +510,7 @@ def hessian_free(
     warm_start_decay: float = 0.95,
     backtracking: bool = True,
     diagonal_preconditioner: bool = False,
-    curvature_batch_fraction: float = 1.0,
+    curvature_batch_size: Optional[int] = None,
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
@@ -545,7 +538,8 @@ def hessian_free(
     warm_start_decay: CG warm-start factor.
     backtracking: CG-iterate backtracking.
     diagonal_preconditioner: Martens' diagonal CG preconditioner.
-    curvature_batch_fraction: fraction of the batch for curvature products.
+    curvature_batch_size: leading examples of the batch for curvature
+      products (``None``: all).
     num_samples: samples for ``curvature="sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
@@ -578,7 +572,7 @@ def hessian_free(
       progress_tol=progress_tol, warm_start_decay=warm_start_decay,
       backtracking=backtracking, line_search=linesearch is None,
       diagonal_preconditioner=diagonal_preconditioner,
-      curvature_batch_fraction=curvature_batch_fraction,
+      curvature_batch_size=curvature_batch_size,
       num_samples=num_samples, targets_fn=targets_fn, seed=seed)
   return _with_learning_rate(transform, learning_rate, linesearch)
 

@@ -1,0 +1,218 @@
+"""Curvature-vector products against dense matrices from jax.hessian / jacfwd."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvature
+from helpers import PROBLEMS
+from helpers import dense_empirical_fisher
+from helpers import dense_ggn
+from helpers import dense_hessian
+from helpers import dense_softmax_fisher
+from helpers import flat
+from helpers import mlp_predict
+from helpers import random_like
+
+L2 = 0.03
+
+
+def _matvec(curvature_name, loss, params, batch, vector, **kwargs):
+  lin = curvature.linearize(mlp_predict, loss, params, batch,
+                            curvature=curvature_name, l2_reg=L2, **kwargs)
+  return flat(lin.matvec(vector))
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_ggn_product_matches_dense(name):
+  loss, make = PROBLEMS[name]
+  params, batch = make()
+  v = random_like(params, 1)
+  expected = dense_ggn(mlp_predict, loss, params, batch, L2) @ flat(v)
+  np.testing.assert_allclose(
+      _matvec("ggn", loss, params, batch, v), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_hessian_product_matches_dense(name):
+  loss, make = PROBLEMS[name]
+  params, batch = make()
+  v = random_like(params, 1)
+  expected = dense_hessian(mlp_predict, loss, params, batch, L2) @ flat(v)
+  np.testing.assert_allclose(
+      _matvec("hessian", loss, params, batch, v), expected, rtol=1e-10,
+      atol=1e-12)
+  lin = curvature.linearize(mlp_predict, loss, params, batch,
+                            curvature="hessian", l2_reg=L2)
+  fn = lambda p: curvature.objective(mlp_predict, loss, p, batch, l2_reg=L2)
+  np.testing.assert_allclose(
+      flat(curvature.hessian_vector_product(fn, params, v)), expected,
+      rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(lin.value, fn(params), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_empirical_fisher_product_matches_dense(name):
+  loss, make = PROBLEMS[name]
+  params, batch = make()
+  v = random_like(params, 2)
+  dense = dense_empirical_fisher(mlp_predict, loss, params, batch)
+  expected = (dense + L2 * np.eye(len(dense))) @ flat(v)
+  np.testing.assert_allclose(
+      _matvec("empirical_fisher", loss, params, batch, v), expected,
+      rtol=1e-10, atol=1e-12)
+
+
+def test_exact_fisher_matches_enumerated_softmax_fisher():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  v = random_like(params, 3)
+  dense = dense_softmax_fisher(mlp_predict, params, batch)
+  expected = (dense + L2 * np.eye(len(dense))) @ flat(v)
+  np.testing.assert_allclose(
+      _matvec("fisher", loss, params, batch, v), expected, rtol=1e-10,
+      atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_exact_fisher_equals_ggn_for_canonical_losses(name):
+  loss, make = PROBLEMS[name]
+  params, batch = make()
+  v = random_like(params, 4)
+  np.testing.assert_allclose(
+      _matvec("fisher", loss, params, batch, v),
+      _matvec("ggn", loss, params, batch, v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_sampled_fisher_is_unbiased(name):
+  """E[F̂ v] = F v: 4000 samples; the tolerance is 5 standard errors."""
+  loss, make = PROBLEMS[name]
+  params, batch = make()
+  v = random_like(params, 5)
+  exact = _matvec("fisher", loss, params, batch, v) - L2 * flat(v)
+
+  @jax.jit
+  def one_sample_product(key):
+    lin = curvature.linearize(mlp_predict, loss, params, batch,
+                              curvature="sampled_fisher", key=key)
+    return jax.flatten_util.ravel_pytree(lin.matvec(v))[0]
+
+  keys = jax.random.split(jax.random.key(0), 4000)
+  samples = np.asarray(jax.lax.map(one_sample_product, keys, batch_size=500))
+  mean = samples.mean(0)
+  stderr = samples.std(0) / np.sqrt(len(keys))
+  assert np.all(np.abs(mean - exact) <= 5 * stderr + 1e-10), (
+      np.max(np.abs(mean - exact) / (stderr + 1e-12)))
+  # num_samples averages inside one product: same expectation, less spread.
+  many = curvature.sampled_fisher_vector_product(
+      mlp_predict, loss, params, batch, v, key=jax.random.key(9),
+      num_samples=4000)
+  spread = 5 * samples.std(0) / np.sqrt(4000) + 1e-10
+  assert np.all(np.abs(flat(many) - exact) <= spread)
+
+
+def test_linearization_value_and_gradient_match_autodiff():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  fn = lambda p: curvature.objective(mlp_predict, loss, p, batch, l2_reg=L2)
+  value, grad = jax.value_and_grad(fn)(params)
+  for name in curvature.CURVATURES:
+    lin = curvature.linearize(mlp_predict, loss, params, batch,
+                              curvature=name, l2_reg=L2,
+                              key=jax.random.key(0))
+    np.testing.assert_allclose(lin.value, value, rtol=1e-12)
+    np.testing.assert_allclose(flat(lin.grad), flat(grad), rtol=1e-10,
+                               atol=1e-14)
+
+
+def test_one_shot_products_equal_the_shared_linearization():
+  loss, make = PROBLEMS["sigmoid_binary_cross_entropy"]
+  params, batch = make()
+  v = random_like(params, 6)
+  for fn, name in [
+      (curvature.ggn_vector_product, "ggn"),
+      (curvature.fisher_vector_product, "fisher"),
+      (curvature.empirical_fisher_vector_product, "empirical_fisher"),
+  ]:
+    np.testing.assert_allclose(
+        flat(fn(mlp_predict, loss, params, batch, v, l2_reg=L2)),
+        _matvec(name, loss, params, batch, v), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ggn", "fisher", "empirical_fisher"])
+def test_gauss_newton_family_is_symmetric_psd(name):
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=5)
+  lin = curvature.linearize(mlp_predict, loss, params, batch, curvature=name)
+  u, v = random_like(params, 7), random_like(params, 8)
+  np.testing.assert_allclose(
+      flat(u) @ flat(lin.matvec(v)), flat(v) @ flat(lin.matvec(u)), rtol=1e-10)
+  assert flat(v) @ flat(lin.matvec(v)) >= 0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 32])
+def test_empirical_fisher_diagonal_matches_dense(chunk_size):
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make(n=7)
+  expected = np.diag(dense_empirical_fisher(mlp_predict, loss, params, batch))
+  got = curvature.empirical_fisher_diagonal(
+      mlp_predict, loss, params, batch, chunk_size=chunk_size)
+  np.testing.assert_allclose(flat(got), expected, rtol=1e-10, atol=1e-14)
+
+
+def test_products_jit_and_reuse_one_linearization():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  traces = []
+
+  @jax.jit
+  def products(params, batch, vectors):
+    traces.append(1)
+    lin = curvature.linearize(mlp_predict, loss, params, batch)
+    return jax.lax.map(lin.matvec, vectors)
+
+  vectors = jax.tree.map(lambda *x: jnp.stack(x),
+                         *[random_like(params, k) for k in range(3)])
+  out = products(params, batch, vectors)
+  products(params, batch, jax.tree.map(lambda x: 2 * x, vectors))
+  assert len(traces) == 1
+  first = jax.tree.map(lambda x: x[1], out)
+  np.testing.assert_allclose(
+      flat(first),
+      flat(curvature.ggn_vector_product(mlp_predict, loss, params, batch,
+                                        random_like(params, 1))),
+      rtol=1e-10)
+
+
+def test_default_targets_and_errors():
+  assert curvature.default_targets({"targets": 1, "x": 2}) == 1
+  assert curvature.default_targets((0, 5)) == 5
+  with pytest.raises(ValueError, match="targets_fn"):
+    curvature.default_targets({"labels": 1})
+  with pytest.raises(ValueError, match="targets_fn"):
+    curvature.default_targets(jnp.zeros(3))
+
+
+def test_bad_curvature_arguments_raise():
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  with pytest.raises(ValueError, match="Unknown `curvature`"):
+    curvature.linearize(mlp_predict, loss, params, batch, curvature="gnn")
+  with pytest.raises(ValueError, match="key"):
+    curvature.linearize(mlp_predict, loss, params, batch,
+                        curvature="sampled_fisher")
+  with pytest.raises(ValueError, match="num_samples"):
+    curvature.linearize(mlp_predict, loss, params, batch,
+                        curvature="sampled_fisher", key=jax.random.key(0),
+                        num_samples=0)
+
+
+def test_take_examples():
+  batch = {"inputs": jnp.arange(10).reshape(5, 2), "targets": jnp.arange(5)}
+  head = curvature.take_examples(batch, 2)
+  np.testing.assert_array_equal(head["targets"], [0, 1])
+  assert head["inputs"].shape == (2, 2)
