@@ -4,7 +4,7 @@ Shared by the damping adaptation of the second-order transforms and by the
 diagnostics.
 """
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +46,7 @@ def second_order_change(
   References:
     ``shared/seeds/000_*`` and ``002_*`` (second-order Taylor models).
   """
-  return first_order_change(grad, step) + 0.5 * optax.tree.vdot(
-      step, matvec(step)
-  )
+  return taylor_models(grad, matvec, step).second_order
 
 
 def reduction_ratio(
@@ -78,3 +76,52 @@ def reduction_ratio(
       (value_after - value_before) / predicted_change,
       -jnp.inf,
   )
+
+
+class TaylorModels(NamedTuple):
+  """First- and second-order predictions of ``f(θ + d) − f(θ)``.
+
+  Attributes:
+    first_order: ``gᵀd``.
+    second_order: ``gᵀd + ½ dᵀCd``.
+    curvature: ``dᵀCd``, the curvature along ``d``.
+  """
+
+  first_order: Array
+  second_order: Array
+  curvature: Array
+
+
+def taylor_models(
+    grad: Params, matvec: Callable[[Params], Params], step: Params
+) -> TaylorModels:
+  r"""Both Taylor predictions of the change along ``d``, for one product ``C d``.
+
+  .. math::
+    f(\theta + d) - f(\theta) \approx g^\top d
+    \quad\text{and}\quad
+    \approx g^\top d + \tfrac12 d^\top C d .
+
+  Compare them with the actual change to see how far each model can be
+  trusted; :func:`reduction_ratio` turns the second into ``ρ``.
+
+  Args:
+    grad: ``∇f(θ)``.
+    matvec: ``v ↦ C v`` (Hessian, GGN or Fisher, with any damping).
+    step: the direction ``d``.
+
+  Returns:
+    :class:`TaylorModels`.
+
+  Example:
+    >>> lin = curvature.linearize(predict, loss, params, batch,
+    ...                           curvature="hessian")
+    >>> models = curvature.taylor_models(lin.grad, lin.matvec, step)
+
+  References:
+    ``shared/seeds/002_*`` (first- and second-order Taylor approximations in
+    JAX); Nocedal & Wright, "Numerical Optimization", 2006, §2.2.
+  """
+  first = first_order_change(grad, step)
+  along = optax.tree.vdot(step, matvec(step))
+  return TaylorModels(first, first + 0.5 * along, along)
