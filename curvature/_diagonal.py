@@ -127,7 +127,7 @@ def scale_by_diagonal(
     >>> import jax.numpy as jnp, optax, curvature
     >>> adam_like = optax.chain(
     ...     curvature.scale_by_diagonal(
-    ...         curvature.scale_by_ema(0.999, statistic=jnp.square),
+    ...         curvature.scale_by_ema(0.999, statistic="square"),
     ...         direction=curvature.scale_by_ema(0.9), damping=1e-8),
     ...     optax.scale_by_learning_rate(1e-3))
 

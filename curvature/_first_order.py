@@ -17,7 +17,6 @@ unchanged and the rejection is counted (``optax.apply_if_finite``); after
 
 from typing import Any, Optional
 
-import jax.numpy as jnp
 import optax
 
 from curvature import _adadelta
@@ -301,7 +300,7 @@ def rmsprop(
   """
   second_moment = _moments.scale_by_ema(
       decay,
-      statistic=jnp.square,
+      statistic="square",
       bias_correction=False,
       initial_value=initial_scale,
   )
@@ -367,7 +366,7 @@ def adam(
   return _finish(
       _diagonal.scale_by_diagonal(
           _moments.scale_by_ema(
-              b2, statistic=jnp.square, bias_correction=bias_correction
+              b2, statistic="square", bias_correction=bias_correction
           ),
           direction=_moments.scale_by_ema(b1, bias_correction=bias_correction),
           power=0.5,

@@ -15,7 +15,7 @@ Two layers are exposed:
   the incoming updates.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,8 @@ import optax
 
 from curvature import _validation
 
-Statistic = Optional[Callable[[jax.Array], jax.Array]]
+Statistic = Optional[Union[str, Callable[[jax.Array], jax.Array]]]
+_NAMED_STATISTICS = {"square": jnp.square}
 
 
 def ema_update(moment: Any, statistic: Any, decay: Any) -> Any:
@@ -93,7 +94,15 @@ def check_decay(name: str, decay: Any) -> None:
   _validation.check_in_interval(name, decay, 0.0, 1.0)
 
 
-def _apply_statistic(statistic: Statistic, updates: Any) -> Any:
+def _statistic_fn(statistic: Statistic):
+  """``None``, a name in ``_NAMED_STATISTICS``, or an elementwise callable."""
+  if statistic is None or callable(statistic):
+    return statistic
+  _validation.check_choice("statistic", statistic, tuple(_NAMED_STATISTICS))
+  return _NAMED_STATISTICS[statistic]
+
+
+def _apply_statistic(statistic, updates: Any) -> Any:
   if statistic is None:
     return updates
   return jax.tree.map(statistic, updates)
@@ -127,7 +136,7 @@ def scale_by_ema(
     \ \text{otherwise.}
 
   With ``statistic=None`` this is Adam's first moment (momentum in EMA form);
-  with ``statistic=jnp.square`` it is the second moment of RMSProp and Adam,
+  with ``statistic="square"`` it is the second moment of RMSProp and Adam,
   i.e. a running estimate of the diagonal of the empirical Fisher, ready to be
   used as the ``curvature`` of :func:`curvature.scale_by_diagonal`.
 
@@ -136,7 +145,10 @@ def scale_by_ema(
     bias_correction: divide by :math:`1 - \beta^t` (Adam's bias correction). Only
       meaningful with ``initial_value=0``.
     statistic: elementwise function applied to each update leaf before
-      averaging (``None``: identity).
+      averaging: ``None`` (identity), ``"square"``, or a callable. A callable
+      must be listed in ``static_args`` under ``optax.inject_hyperparams``
+      (which would take it for a schedule); ``curvature.inject_hyperparams``
+      does that for you.
     initial_value: value of :math:`m_0` (RMSProp's ``initial_scale``).
     accumulator_dtype: dtype of the stored average (default: the updates').
 
@@ -145,7 +157,7 @@ def scale_by_ema(
 
   Example:
     >>> import jax.numpy as jnp, optax, curvature
-    >>> second_moment = curvature.scale_by_ema(0.999, statistic=jnp.square)
+    >>> second_moment = curvature.scale_by_ema(0.999, statistic="square")
     >>> state = second_moment.init({"w": jnp.zeros(3)})
 
   References:
@@ -153,6 +165,7 @@ def scale_by_ema(
     Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
   """
   check_decay("decay", decay)
+  statistic = _statistic_fn(statistic)
 
   def init_fn(params):
     return ScaleByEmaState(
@@ -186,7 +199,7 @@ class ScaleByRunningSumState(NamedTuple):
 
 def scale_by_running_sum(
     *,
-    statistic: Statistic = jnp.square,
+    statistic: Statistic = "square",
     initial_value: Any = 0.0,
 ) -> optax.GradientTransformation:
   r"""Replaces the updates by a running sum of a statistic of them.
@@ -194,11 +207,12 @@ def scale_by_running_sum(
   .. math::
     a_t = a_{t-1} + s(g_t), \qquad a_0 = \text{initial\_value}.
 
-  With the default ``statistic=jnp.square`` this is AdaGrad's accumulator, the
+  With the default ``statistic="square"`` this is AdaGrad's accumulator, the
   (unnormalised) empirical-Fisher diagonal summed over all steps.
 
   Args:
-    statistic: elementwise function of each update leaf (``None``: identity).
+    statistic: ``"square"``, ``None`` (identity) or an elementwise callable
+      (see :func:`scale_by_ema`).
     initial_value: :math:`a_0 \geq 0` (optax's ``initial_accumulator_value``).
 
   Returns:
@@ -217,6 +231,7 @@ def scale_by_running_sum(
   _validation.check_nonnegative(
       "initial_value", initial_value, "Use 0 (the seed) or 0.1 (optax)."
   )
+  statistic = _statistic_fn(statistic)
 
   def init_fn(params):
     return ScaleByRunningSumState(

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -226,7 +227,7 @@ def test_adam_is_diagonal_empirical_fisher_preconditioner_with_momentum():
   grads = _gradient_sequence(params, steps=20)
   explicit = optax.chain(
       curvature.scale_by_diagonal(
-          curvature.scale_by_ema(0.999, statistic=jnp.square),
+          curvature.scale_by_ema(0.999, statistic="square"),
           direction=curvature.scale_by_ema(0.9),
           power=0.5,
           damping=1e-8,
@@ -322,3 +323,129 @@ def test_schedule_and_clipping_recipe():
   grads = jax.tree.map(lambda g: 100.0 * g, _gradient_sequence(params, 100))
   assert_trees_close(_trajectory(opt, params, grads),
                      _trajectory(ref, params, grads))
+
+
+# Every transform and alias: (factory, fixed kwargs, injected numeric kwargs).
+CONTRACT = {
+    "scale_by_ema": (curvature.scale_by_ema, {}, {"decay": 0.8}),
+    "scale_by_ema_of_squares": (
+        curvature.scale_by_ema, {"statistic": "square"},
+        {"decay": 0.8, "initial_value": 0.5}),
+    "scale_by_running_sum": (
+        curvature.scale_by_running_sum, {}, {"initial_value": 0.2}),
+    "scale_by_momentum": (curvature.scale_by_momentum, {}, {"decay": 0.8}),
+    "scale_by_momentum_nesterov": (
+        curvature.scale_by_momentum, {"nesterov": True}, {"decay": 0.8}),
+    "scale_by_diagonal": (
+        curvature.scale_by_diagonal,
+        {"curvature": curvature.scale_by_running_sum(),
+         "direction": curvature.scale_by_ema(0.5)},
+        {"power": 0.75, "damping": 1e-3, "damping_in_root": 1e-2}),
+    "scale_by_adadelta": (
+        curvature.scale_by_adadelta, {}, {"rho": 0.8, "eps": 1e-4}),
+    "scale_by_adadelta_weights": (
+        curvature.scale_by_adadelta, {"form": "weights"},
+        {"rho": 0.8, "eps": 1e-4}),
+    "scale_by_delta_bar_delta": (
+        curvature.scale_by_delta_bar_delta, {},
+        {"kappa": 0.1, "phi": 0.2, "theta": 0.5, "initial_rate": 0.5}),
+    "polyak_averaging": (curvature.polyak_averaging, {}, {"decay": 0.8}),
+    "sgd": (curvature.sgd, {"nesterov": True},
+            {"learning_rate": 0.1, "momentum": 0.8}),
+    "heavy_ball": (curvature.heavy_ball, {},
+                   {"learning_rate": 0.1, "momentum": 0.8}),
+    "nesterov_lookahead": (curvature.nesterov, {"form": "lookahead"},
+                           {"learning_rate": 0.1, "momentum": 0.8}),
+    "adagrad": (curvature.adagrad, {"eps_in_root": False},
+                {"learning_rate": 0.1, "initial_accumulator_value": 0.2,
+                 "eps": 1e-3}),
+    "rmsprop": (curvature.rmsprop, {"nesterov": True},
+                {"learning_rate": 0.1, "decay": 0.8, "eps": 1e-3,
+                 "initial_scale": 0.1, "momentum": 0.5}),
+    "adam": (curvature.adam, {"bias_correction": True},
+             {"learning_rate": 0.1, "b1": 0.8, "b2": 0.9, "eps": 1e-3,
+              "eps_root": 1e-4}),
+    "adadelta": (curvature.adadelta, {"form": "updates"},
+                 {"learning_rate": 0.5, "rho": 0.8, "eps": 1e-4}),
+    "delta_bar_delta": (curvature.delta_bar_delta, {},
+                        {"learning_rate": 0.1, "kappa": 0.1, "phi": 0.2,
+                         "theta": 0.5}),
+}
+
+
+def _contract_problem():
+  params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float64).reshape(2, 3),
+            "b": jnp.array([0.5, -0.25, 2.0], jnp.float64)}
+  grads = [jax.tree.map(lambda p, k=k: jnp.cos(3.0 * p + k), params)
+           for k in range(3)]
+  return params, grads
+
+
+def _run_jitted(opt, params, grads):
+  """Jitted steps; returns final params and the number of traces."""
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(None)  # Python side effect: runs once per trace.
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = opt.init(params)
+  for g in grads:
+    params, state = step(params, state, g)
+  assert step._cache_size() == 1
+  return params, state, len(traces)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_transform_contract_jit_chain_no_retrace_inject(name):
+  factory, fixed, numeric = CONTRACT[name]
+  params, grads = _contract_problem()
+  plain = factory(**fixed, **numeric)
+
+  # Under jit, inside a chain, three update calls trace exactly once.
+  chained = optax.chain(optax.clip_by_global_norm(10.0), plain)
+  got, _, traces = _run_jitted(chained, params, grads)
+  assert traces == 1
+
+  # Eager, unchained, gives the same result (clipping is inactive here).
+  eager, state = params, plain.init(params)
+  for g in grads:
+    u, state = plain.update(g, state, eager)
+    eager = optax.apply_updates(eager, u)
+  assert_trees_close(got, eager)
+
+  # Injected hyperparameters: same result, no retrace, and changing one in the
+  # state behaves as constructing with the new value.
+  injected = optax.inject_hyperparams(factory)(**fixed, **numeric)
+  got_inj, state_inj, traces = _run_jitted(injected, params, grads)
+  assert traces == 1
+  assert set(numeric) <= set(state_inj.hyperparams)
+  np.testing.assert_allclose(
+      jax.flatten_util.ravel_pytree(got_inj)[0],
+      jax.flatten_util.ravel_pytree(eager)[0], rtol=1e-12)
+  # Initial values only matter in ``init``: change a per-step hyperparameter.
+  per_step = sorted(k for k in numeric if not k.startswith("initial"))
+  if per_step:
+    _check_changed_hyperparameter(factory, fixed, numeric, per_step[0])
+
+
+def _check_changed_hyperparameter(factory, fixed, numeric, key):
+  """Editing ``state.hyperparams[key]`` acts as constructing with that value."""
+  params, grads = _contract_problem()
+  injected = optax.inject_hyperparams(factory)(**fixed, **numeric)
+  changed = dict(numeric, **{key: numeric[key] * 0.5})
+  state = injected.init(params)
+  state.hyperparams[key] = jnp.asarray(changed[key], jnp.float64)
+  p_inj, p_ref = params, params
+  ref = factory(**fixed, **changed)
+  s_ref = ref.init(params)
+  for g in grads:
+    u, state = injected.update(g, state, p_inj)
+    p_inj = optax.apply_updates(p_inj, u)
+    u, s_ref = ref.update(g, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+  np.testing.assert_allclose(
+      jax.flatten_util.ravel_pytree(p_inj)[0],
+      jax.flatten_util.ravel_pytree(p_ref)[0], rtol=1e-12)
