@@ -1,0 +1,346 @@
+"""Hessian-free, damped Newton, Gauss-Newton and Levenberg-Marquardt."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import curvature
+from curvature import losses
+from helpers import PROBLEMS
+from helpers import dense_ggn
+from helpers import dense_hessian
+from helpers import flat
+from helpers import mlp_predict
+
+L2 = 0.01
+
+
+def _grad(loss, params, batch):
+  return jax.grad(lambda p: loss.value(mlp_predict(p, batch),
+                                       batch["targets"]))(params)
+
+
+def _objective(loss, params, batch, l2=L2):
+  return curvature.objective(mlp_predict, loss, params, batch, l2_reg=l2)
+
+
+def _one_step(transform, params, batch, loss):
+  state = transform.init(params)
+  updates, state = jax.jit(transform.update)(
+      _grad(loss, params, batch), state, params, batch=batch)
+  return updates, state
+
+
+def _hf_state(state):
+  for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+      x, curvature.ScaleByHessianFreeState)):
+    if isinstance(s, curvature.ScaleByHessianFreeState):
+      return s
+  raise AssertionError("no HF state")
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_gauss_newton_step_is_the_dense_damped_solve(damping):
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  opt = curvature.gauss_newton(predict_fn=mlp_predict, loss=loss,
+                               damping=damping, l2_reg=L2, cg_tol=1e-13,
+                               max_cg_iterations=200)
+  updates, _ = _one_step(opt, params, batch, loss)
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  g_matrix = dense_ggn(mlp_predict, loss, params, batch, L2)
+  expected = -np.linalg.solve(g_matrix + damping * np.eye(len(g)), g)
+  np.testing.assert_allclose(flat(updates), expected, rtol=1e-7, atol=1e-10)
+
+
+def test_damped_newton_step_is_the_dense_damped_solve():
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  damping = 5.0  # Makes H + λI positive definite here.
+  h = dense_hessian(mlp_predict, loss, params, batch, L2)
+  assert np.linalg.eigvalsh(h + damping * np.eye(len(h))).min() > 0
+  opt = curvature.damped_newton(predict_fn=mlp_predict, loss=loss,
+                                damping=damping, l2_reg=L2, cg_tol=1e-13,
+                                line_search=False, max_cg_iterations=200)
+  updates, state = _one_step(opt, params, batch, loss)
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  expected = -np.linalg.solve(h + damping * np.eye(len(g)), g)
+  np.testing.assert_allclose(flat(updates), expected, rtol=1e-7, atol=1e-10)
+  assert _hf_state(state).cg_status == curvature.CGStatus.CONVERGED
+
+
+def test_newton_stops_at_negative_curvature_without_nan():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=3)
+  h = dense_hessian(mlp_predict, loss, params, batch, 0.0)
+  assert np.linalg.eigvalsh(h).min() < 0  # An indefinite Hessian.
+  opt = curvature.newton(predict_fn=mlp_predict, loss=loss)
+  updates, state = _one_step(opt, params, batch, loss)
+  assert np.all(np.isfinite(flat(updates)))
+  assert _hf_state(state).cg_status == curvature.CGStatus.NEGATIVE_CURVATURE
+
+
+def test_reduction_ratio_and_levenberg_marquardt_rule():
+  loss, make = PROBLEMS["sigmoid_binary_cross_entropy"]
+  params, batch = make()
+  lam = 0.3
+  opt = curvature.scale_by_hessian_free(
+      mlp_predict, loss, initial_damping=lam, l2_reg=L2, line_search=False,
+      backtracking=False, progress_tol=None, cg_tol=1e-12)
+  updates, state = _one_step(opt, params, batch, loss)
+  p = -flat(updates)  # scale_by_* returns the direction without the minus.
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  model = g @ p + 0.5 * p @ (dense_ggn(mlp_predict, loss, params, batch, L2)
+                             + lam * np.eye(len(p))) @ p
+  new_params = jax.tree.map(lambda a, u: a - u, params, updates)
+  actual = _objective(loss, new_params, batch) - _objective(loss, params, batch)
+  rho = actual / model
+  np.testing.assert_allclose(state.reduction_ratio, rho, rtol=1e-6)
+  factor = 1.5 if rho < 0.25 else (2 / 3 if rho > 0.75 else 1.0)
+  np.testing.assert_allclose(state.damping, lam * factor, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rho, factor", [(0.1, 1.5), (0.5, 1.0), (0.9, 2 / 3)])
+def test_levenberg_marquardt_factors(rho, factor):
+  from curvature._hessian_free import _levenberg_marquardt
+  got = _levenberg_marquardt(jnp.asarray(2.0), jnp.asarray(rho), 0.25, 0.75,
+                             1.5, 2 / 3)
+  np.testing.assert_allclose(got, 2.0 * factor)
+
+
+def test_warm_start_uses_the_previous_unbacktracked_solution():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  opt = curvature.scale_by_hessian_free(mlp_predict, loss, l2_reg=L2,
+                                        max_cg_iterations=3,
+                                        progress_tol=None, line_search=False)
+  grads = _grad(loss, params, batch)
+  state = opt.init(params)
+  _, state1 = opt.update(grads, state, params, batch=batch)
+  # The stored warm start is CG's final iterate from x0 = 0.
+  direct = curvature.conjugate_gradient(
+      lambda v: optax.tree.add_scale(
+          curvature.linearize(mlp_predict, loss, params, batch,
+                              l2_reg=L2).matvec(v), 1.0, v),
+      optax.tree.scale(-1.0, optax.tree.add_scale(grads, L2, params)),
+      max_iterations=3, tol=1e-10, progress_tol=None)
+  np.testing.assert_allclose(flat(state1.previous_solution), flat(direct.x),
+                             rtol=1e-9)
+  # The next solve starts from 0.95 times it: with 0 iterations allowed it
+  # would return exactly that, and with 1 it is one CG step from there.
+  lin = curvature.linearize(mlp_predict, loss, params, batch, l2_reg=L2)
+  damped = lambda v: optax.tree.add_scale(lin.matvec(v), state1.damping, v)
+  warm = curvature.conjugate_gradient(
+      damped, optax.tree.scale(-1.0, optax.tree.add_scale(grads, L2, params)),
+      optax.tree.scale(0.95, direct.x), max_iterations=3, tol=1e-10,
+      progress_tol=None)
+  _, state2 = opt.update(grads, state1, params, batch=batch)
+  np.testing.assert_allclose(flat(state2.previous_solution), flat(warm.x),
+                             rtol=1e-8)
+
+
+def test_backtracking_picks_an_iterate_no_worse_than_the_last():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=12, sizes=(4, 16, 3))
+  params = jax.tree.map(lambda x: 3 * x, params)  # Far from quadratic.
+  opt = curvature.scale_by_hessian_free(mlp_predict, loss, initial_damping=1e-4,
+                                        adapt_damping=False, l2_reg=L2,
+                                        line_search=False)
+  updates, state = _one_step(opt, params, batch, loss)
+  chosen = jax.tree.map(lambda a, u: a - u, params, updates)
+  last = optax.tree.add(params, state.previous_solution)
+  assert _objective(loss, chosen, batch) <= _objective(loss, last, batch)
+
+
+def test_line_search_step_satisfies_armijo():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=12, sizes=(4, 16, 3))
+  params = jax.tree.map(lambda x: 3 * x, params)
+  opt = curvature.scale_by_hessian_free(mlp_predict, loss, initial_damping=1e-4,
+                                        adapt_damping=False, l2_reg=L2)
+  updates, state = _one_step(opt, params, batch, loss)
+  g = optax.tree.add_scale(_grad(loss, params, batch), L2, params)
+  step = optax.tree.scale(-1.0, updates)
+  after = _objective(loss, optax.tree.add(params, step), batch)
+  before = _objective(loss, params, batch)
+  assert 0 < state.step_size <= 1
+  assert after <= before + 1e-2 * optax.tree.vdot(g, step)
+
+
+def test_preconditioner_does_not_change_the_full_solve():
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  kwargs = dict(l2_reg=L2, progress_tol=None, cg_tol=1e-13, line_search=False,
+                backtracking=False, adapt_damping=False, initial_damping=0.1)
+  plain, _ = _one_step(
+      curvature.scale_by_hessian_free(mlp_predict, loss, **kwargs), params,
+      batch, loss)
+  precond, _ = _one_step(
+      curvature.scale_by_hessian_free(mlp_predict, loss,
+                                      diagonal_preconditioner=True, **kwargs),
+      params, batch, loss)
+  np.testing.assert_allclose(flat(precond), flat(plain), rtol=1e-7,
+                             atol=1e-10)
+
+
+def test_curvature_batch_uses_the_leading_examples():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=10)
+  opt = curvature.scale_by_hessian_free(
+      mlp_predict, loss, curvature_batch_size=4, l2_reg=L2, progress_tol=None,
+      cg_tol=1e-13, line_search=False, backtracking=False,
+      adapt_damping=False, initial_damping=0.1)
+  updates, state = _one_step(opt, params, batch, loss)
+  head = curvature.take_examples(batch, 4)
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  matrix = dense_ggn(mlp_predict, loss, params, head, L2) + 0.1 * np.eye(len(g))
+  np.testing.assert_allclose(flat(updates), np.linalg.solve(matrix, g),
+                             rtol=1e-7)
+  np.testing.assert_allclose(state.value, _objective(loss, params, batch),
+                             rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fisher", "sampled_fisher", "empirical_fisher",
+                                  "hessian"])
+def test_every_curvature_makes_progress(name):
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=20, sizes=(4, 8, 3))
+  opt = curvature.hessian_free(predict_fn=mlp_predict, loss=loss,
+                               curvature=name, l2_reg=L2, num_samples=4)
+  state = opt.init(params)
+  step = jax.jit(lambda p, s: opt.update(_grad(loss, p, batch), s, p,
+                                         batch=batch))
+  start = _objective(loss, params, batch)
+  for _ in range(5):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert _objective(loss, params, batch) < 0.9 * start
+
+
+def _least_squares(condition, n=20, seed=0):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  a = (q * np.sqrt(np.geomspace(1, condition, n))) @ q.T  # AᵀA has κ.
+  target = rng.normal(size=(n, 1))
+  batch = {"inputs": jnp.asarray(a), "targets": jnp.asarray(target)}
+  predict = lambda params, batch: batch["inputs"] @ params["x"]
+  return predict, batch, {"x": jnp.zeros((n, 1))}
+
+
+def _steps_to_tolerance(opt, predict, batch, params, tol, max_steps):
+  loss = losses.squared_error
+  f = lambda p: loss.value(predict(p, batch), batch["targets"])
+  x_star = np.linalg.lstsq(np.asarray(batch["inputs"]),
+                           np.asarray(batch["targets"]), rcond=None)[0]
+  f_star = float(f({"x": jnp.asarray(x_star)}))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = opt.update(jax.grad(f)(params), state, params,
+                                batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  for k in range(max_steps):
+    if f(params) - f_star <= tol * max(1.0, abs(f_star)):
+      return k
+    params, state = step(params, state)
+  return max_steps
+
+
+def test_gauss_newton_beats_sgd_on_ill_conditioned_least_squares():
+  predict, batch, params = _least_squares(1e4)
+  loss = losses.squared_error
+  hf_steps = _steps_to_tolerance(
+      curvature.hessian_free(predict_fn=predict, loss=loss), predict, batch,
+      params, 1e-8, 50)
+  gn_steps = _steps_to_tolerance(
+      curvature.gauss_newton(predict_fn=predict, loss=loss), predict, batch,
+      params, 1e-8, 50)
+  # The best fixed step for GD on a quadratic is 2/(L + μ).
+  eigs = np.linalg.eigvalsh(np.asarray(batch["inputs"].T @ batch["inputs"])
+                            / 20)
+  sgd_steps = _steps_to_tolerance(
+      optax.sgd(2 / (eigs.max() + eigs.min())), predict, batch, params, 1e-8,
+      3000)
+  assert gn_steps <= 2
+  assert hf_steps <= 20  # λ₀ = 1 is large here; LM shrinks it by 2/3 a step.
+  assert sgd_steps >= 100 * max(hf_steps, 1)
+
+
+# Bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(initial_damping=-1.0), "initial_damping"),
+    (dict(max_cg_iterations=0), "max_cg_iterations"),
+    (dict(curvature="newton"), "Unknown `curvature`"),
+    (dict(l2_reg=-1e-5), "l2_reg"),
+    (dict(damping_decrease=1.5), "damping_decrease"),
+    (dict(warm_start_decay=2.0), "warm_start_decay"),
+    (dict(curvature_batch_size=0), "curvature_batch_size"),
+])
+def test_invalid_hyperparameters_raise_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    curvature.scale_by_hessian_free(mlp_predict, losses.squared_error, **kwargs)
+
+
+def test_invalid_types_raise():
+  with pytest.raises(TypeError, match="curvature.losses"):
+    curvature.scale_by_hessian_free(mlp_predict, optax.losses.l2_loss)
+  with pytest.raises(TypeError, match="static_args"):
+    curvature.scale_by_hessian_free(mlp_predict, losses.squared_error,
+                                    max_cg_iterations=10.0)
+
+
+def test_mismatched_gradients_and_missing_batch_raise():
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  opt = curvature.hessian_free(predict_fn=mlp_predict, loss=loss)
+  state = opt.init(params)
+  grads = _grad(loss, params, batch)
+  with pytest.raises(ValueError, match="do not match the parameter tree"):
+    opt.update(grads[:1], state, params, batch=batch)
+  bad = jax.tree.map(lambda g: g, grads)
+  bad[0]["w"] = bad[0]["w"][:, :2]
+  with pytest.raises(ValueError, match="shape"):
+    opt.update(bad, state, params, batch=batch)
+  with pytest.raises(ValueError, match="batch=batch"):
+    opt.update(grads, state, params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(grads, state, None, batch=batch)
+  with pytest.raises(TypeError, match="floating"):
+    opt.init({"w": jnp.ones(3, int)})
+  with pytest.raises(ValueError, match="empty"):
+    opt.init({})
+
+
+def _rejected(updates, state, params):
+  hf = _hf_state(state)
+  assert np.all(flat(updates) == 0)
+  assert hf.rejected_steps == 1
+  new_params = optax.apply_updates(params, updates)
+  assert np.all(np.isfinite(flat(new_params)))
+  return hf
+
+
+@pytest.mark.parametrize("where", ["gradient", "batch", "curvature"])
+def test_non_finite_input_rejects_the_step(where):
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  grads = _grad(loss, params, batch)
+  if where == "gradient":
+    grads[0]["w"] = grads[0]["w"].at[0, 0].set(jnp.nan)
+  elif where == "batch":
+    batch = dict(batch, inputs=batch["inputs"].at[0, 0].set(jnp.inf))
+  else:
+    loss = loss._replace(hvp=lambda z, y, t: t * jnp.nan)
+  opt = curvature.hessian_free(predict_fn=mlp_predict, loss=loss,
+                               initial_damping=2.0)
+  state = opt.init(params)
+  updates, state = jax.jit(opt.update)(grads, state, params, batch=batch)
+  hf = _rejected(updates, state, params)
+  assert hf.damping > 2.0
+  np.testing.assert_array_equal(flat(hf.previous_solution), 0.0)
