@@ -92,6 +92,7 @@ def sgd(
   if momentum is None:
     first = optax.identity()
   else:
+    _moments.check_decay("momentum", momentum)
     first = _momentum.scale_by_momentum(momentum, nesterov=nesterov)
   return _finish(
       first,
@@ -184,6 +185,7 @@ def nesterov(
     1983; Sutskever, Martens, Dahl & Hinton, ICML 2013.
   """
   _validation.check_choice("form", form, ("change_of_variables", "lookahead"))
+  _moments.check_decay("momentum", momentum)
   if form == "lookahead":
     return _finish(
         _learning_rate(learning_rate),
@@ -311,6 +313,7 @@ def rmsprop(
       _learning_rate(learning_rate),
   ]
   if momentum is not None:
+    _moments.check_decay("momentum", momentum)
     transforms.append(_momentum.scale_by_momentum(momentum, nesterov=nesterov))
   return _finish(*transforms, max_consecutive_errors=max_consecutive_errors)
 
@@ -363,6 +366,8 @@ def adam(
     ``seeds/004_*``. Kingma & Ba, Adam: A Method for Stochastic Optimization,
     ICLR 2015.
   """
+  _moments.check_decay("b1", b1)
+  _moments.check_decay("b2", b2)
   return _finish(
       _diagonal.scale_by_diagonal(
           _moments.scale_by_ema(
