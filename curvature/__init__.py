@@ -36,6 +36,31 @@ from curvature._taylor import reduction_ratio
 from curvature._taylor import second_order_change
 
 # --- diagnostics (issue 4) begin ---
+from curvature._diagnostics import condition_number
+from curvature._diagnostics import ConditionNumber
+from curvature._diagnostics import density_on_grid
+from curvature._diagnostics import DensityOnGrid
+from curvature._diagnostics import hutchinson_trace
+from curvature._diagnostics import monitor
+from curvature._diagnostics import MonitorMetrics
+from curvature._diagnostics import MonitorState
+from curvature._diagnostics import negative_curvature
+from curvature._diagnostics import NegativeCurvature
+from curvature._diagnostics import plot_spectral_density
+from curvature._diagnostics import spectral_density
+from curvature._diagnostics import SpectralDensity
+from curvature._diagnostics import TraceEstimate
+from curvature._lanczos import bottom_eigenpairs
+from curvature._lanczos import Eigenpairs
+from curvature._lanczos import lanczos
+from curvature._lanczos import LanczosResult
+from curvature._lanczos import power_iteration
+from curvature._lanczos import PowerIterationResult
+from curvature._lanczos import ritz_values
+from curvature._lanczos import top_eigenpairs
+from curvature._lanczos import tridiagonal
+from curvature._taylor import taylor_models
+from curvature._taylor import TaylorModels
 # --- diagnostics (issue 4) end ---
 
 # --- first-order primitives and aliases (issue 3) begin ---
@@ -100,6 +125,31 @@ __all__ = (
     "structural_args",
     "take_examples",
     # --- diagnostics names (issue 4) begin ---
+    "ConditionNumber",
+    "DensityOnGrid",
+    "Eigenpairs",
+    "LanczosResult",
+    "MonitorMetrics",
+    "MonitorState",
+    "NegativeCurvature",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TaylorModels",
+    "TraceEstimate",
+    "bottom_eigenpairs",
+    "condition_number",
+    "density_on_grid",
+    "hutchinson_trace",
+    "lanczos",
+    "monitor",
+    "negative_curvature",
+    "plot_spectral_density",
+    "power_iteration",
+    "ritz_values",
+    "spectral_density",
+    "taylor_models",
+    "top_eigenpairs",
+    "tridiagonal",
     # --- diagnostics names (issue 4) end ---
     # --- first-order names (issue 3) begin ---
     "PolyakAveragingState",

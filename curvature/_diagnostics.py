@@ -1,0 +1,683 @@
+"""Curvature diagnostics: trace, spectral density, conditioning, saddles, monitoring.
+
+Each estimator takes a symmetric ``matvec`` on parameter pytrees, typically
+``curvature.linearize(predict_fn, loss, params, batch, curvature=...).matvec``
+for the Hessian, the GGN or a Fisher, so one linearization serves every
+product. Loops are ``lax.scan`` / ``lax.while_loop`` / ``lax.map`` and jit.
+Results carry a ``finite`` flag: an operator that produces NaN or Inf gives a
+flagged result, never a silent NaN. The Lanczos and power-iteration
+primitives live in :mod:`curvature._lanczos`.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+import optax
+
+from curvature import _lanczos
+from curvature import _losses
+from curvature import _products
+from curvature import _validation
+
+Array = jax.Array
+Params = Any
+Matvec = Callable[[Params], Params]
+
+
+def _key(key: Optional[Array]) -> Array:
+  return jax.random.key(0) if key is None else key
+
+
+# Hutchinson trace ----------------------------------------------------------
+
+
+class TraceEstimate(NamedTuple):
+  """A Hutchinson trace estimate.
+
+  Attributes:
+    trace: the sample mean of ``zᵀAz``.
+    standard_error: the sample standard deviation over ``√num_samples``.
+    num_samples: the number of probes.
+    finite: ``False`` if the operator produced a NaN or an Inf.
+  """
+
+  trace: Array
+  standard_error: Array
+  num_samples: int
+  finite: Array
+
+
+def _rademacher_like(flat: Array, key: Array) -> Array:
+  return jax.random.rademacher(key, flat.shape, flat.dtype)
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    params: Params,
+    *,
+    num_samples: int = 100,
+    key: Optional[Array] = None,
+) -> TraceEstimate:
+  r"""Hutchinson's unbiased trace estimate with Rademacher probes.
+
+  .. math::
+    \operatorname{tr} A \approx \frac1S \sum_{s=1}^S z_s^\top A z_s, \qquad
+    z_s \in \{-1, +1\}^n \text{ uniform},
+    \qquad \mathrm{SE} = \frac{\operatorname{std}(z_s^\top A z_s)}{\sqrt S}.
+
+  Rademacher probes have the least variance among i.i.d. probes,
+  ``Var = 2 Σ_{i≠j} A_ij²``: the diagonal contributes nothing, so a diagonal
+  ``A`` is recovered exactly. One operator product per probe, in
+  ``lax.scan``.
+
+  Args:
+    matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
+    params: a pytree with the shapes and dtypes ``A`` acts on.
+    num_samples: probes ``S ≥ 2`` (PyHessian uses up to 100).
+    key: PRNG key; ``jax.random.key(0)`` if ``None``.
+
+  Returns:
+    A :class:`TraceEstimate`; the exact trace lies within a few standard
+    errors.
+
+  Example:
+    >>> lin = curvature.linearize(predict, loss, params, batch)
+    >>> est = curvature.hutchinson_trace(lin.matvec, params, num_samples=50)
+    >>> est.trace, est.standard_error
+
+  References:
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines", 1989. Yao et al., "PyHessian", 2020.
+  """
+  if isinstance(num_samples, int) and not isinstance(num_samples, bool) and (
+      num_samples < 2):
+    raise ValueError(
+        f"`num_samples` must be >= 2 to estimate a standard error, got"
+        f" {num_samples}. Pass num_samples=100 (PyHessian's cap) or more."
+    )
+  num_samples = _validation.check_static_int("num_samples", num_samples, 2)
+  if _lanczos.dimension(params) == 0:
+    raise ValueError("The parameter pytree is empty: there is no operator.")
+  flat, unravel = ravel_pytree(params)
+
+  def quadratic_form(carry, probe_key):
+    probe = unravel(_rademacher_like(flat, probe_key))
+    return carry, optax.tree.vdot(probe, matvec(probe))
+
+  _, samples = jax.lax.scan(
+      quadratic_form, None, jax.random.split(_key(key), num_samples))
+  return TraceEstimate(
+      trace=jnp.mean(samples),
+      standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(num_samples),
+      num_samples=num_samples,
+      finite=jnp.all(jnp.isfinite(samples)),
+  )
+
+
+# Stochastic Lanczos quadrature --------------------------------------------
+
+
+class SpectralDensity(NamedTuple):
+  """The spectral density as Gauss quadrature nodes and weights.
+
+  ``φ(t) ≈ (1/P) Σ_p Σ_k weights[p, k] · δ(t − nodes[p, k])``; each probe's
+  weights sum to one.
+
+  Attributes:
+    nodes: Ritz values ``[num_probes, m]``.
+    weights: squared first components of the Ritz vectors of ``T``,
+      ``[num_probes, m]``.
+    finite: ``False`` if the operator produced a NaN or an Inf.
+  """
+
+  nodes: Array
+  weights: Array
+  finite: Array
+
+
+def spectral_density(
+    matvec: Matvec,
+    params: Params,
+    *,
+    num_iterations: Optional[int] = None,
+    num_probes: int = 1,
+    reorthogonalize: bool = True,
+    key: Optional[Array] = None,
+) -> SpectralDensity:
+  r"""Stochastic Lanczos quadrature (SLQ) estimate of the eigenvalue density.
+
+  The density ``φ(t) = (1/n) Σᵢ δ(t − λᵢ)`` is approximated by averaging,
+  over Rademacher probes ``v`` with ``‖v‖ = 1``, the Gauss quadrature rule of
+  the spectral measure of ``v``: ``m`` Lanczos steps give ``T = S Θ Sᵀ`` and
+
+  .. math::
+    v^\top \delta(t - A)\, v \approx \sum_{k=1}^m (e_1^\top s_k)^2\,
+    \delta(t - \theta_k).
+
+  The rule integrates polynomials of degree ``2m − 1`` exactly, so the
+  outliers are resolved as single nodes and the bulk as a smeared cloud
+  (Ghorbani et al. 2019; PyHessian). :func:`density_on_grid` broadens the
+  nodes with Gaussians; :func:`plot_spectral_density` draws it.
+
+  Args:
+    matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
+    params: a pytree with the shapes and dtypes ``A`` acts on.
+    num_iterations: Lanczos steps per probe; ``min(100, n)`` if ``None``
+      (PyHessian's 100).
+    num_probes: independent probes ``P``, run one after another with
+      ``lax.map`` (memory of one Lanczos basis).
+    reorthogonalize: full reorthogonalization (PyHessian's default); without
+      it memory is ``O(n)`` but ghost copies of outliers appear.
+    key: PRNG key; ``jax.random.key(0)`` if ``None``.
+
+  Returns:
+    A :class:`SpectralDensity`.
+
+  Example:
+    >>> lin = curvature.linearize(predict, loss, params, batch,
+    ...                           curvature="hessian")
+    >>> density = curvature.spectral_density(lin.matvec, params)
+    >>> curvature.plot_spectral_density(density)
+
+  References:
+    Lanczos 1950; Golub & Meurant, "Matrices, Moments and Quadrature", 2010.
+    Ghorbani, Krishnan & Xiao, "An investigation into neural net
+    optimization via Hessian eigenvalue density", ICML 2019. Yao et al.,
+    "PyHessian", 2020. Sagun et al., "Empirical analysis of the Hessian of
+    over-parametrized neural networks", 2017. ``shared/seeds/002_*``.
+  """
+  if num_iterations is None:
+    num_iterations = min(100, _lanczos.dimension(params))
+  num_iterations = _lanczos.check_num_iterations(num_iterations, params)
+  if isinstance(num_probes, int) and not isinstance(num_probes, bool) and (
+      num_probes < 1):
+    raise ValueError(
+        f"`num_probes` must be >= 1, got {num_probes}. Pass num_probes=1"
+        " (PyHessian's default) or more."
+    )
+  num_probes = _validation.check_static_int("num_probes", num_probes, 1)
+  flat, unravel = ravel_pytree(params)
+
+  def one_probe(probe_key):
+    start_key, restart_key = jax.random.split(probe_key)
+    result = _lanczos.lanczos(
+        matvec, unravel(_rademacher_like(flat, start_key)), num_iterations,
+        reorthogonalize=reorthogonalize, key=restart_key)
+    nodes, vectors = jnp.linalg.eigh(_lanczos.tridiagonal(result))
+    return nodes, vectors[0] ** 2, result.finite
+
+  nodes, weights, finite = jax.lax.map(
+      one_probe, jax.random.split(_key(key), num_probes))
+  return SpectralDensity(nodes, weights, jnp.all(finite))
+
+
+class DensityOnGrid(NamedTuple):
+  """A broadened spectral density: ``density[i]`` at ``grid[i]``; integrates to 1."""
+
+  grid: Array
+  density: Array
+
+
+def density_on_grid(
+    density: SpectralDensity,
+    *,
+    num_points: int = 10_000,
+    variance: float = 1e-5,
+) -> DensityOnGrid:
+  r"""The SLQ density broadened by Gaussians, on a uniform grid.
+
+  .. math::
+    \hat\varphi(t) = \frac1P \sum_{p,k} w_{pk}\,
+      \mathcal N(t;\, \theta_{pk},\, \sigma^2), \qquad
+    \sigma^2 = \text{variance} \cdot \max(1, \lambda_{\max} - \lambda_{\min}),
+
+  on ``num_points`` points over ``[λmin − 3σ − 0.01, λmax + 3σ + 0.01]``,
+  renormalized to integrate to one on the grid (PyHessian's convention).
+
+  Args:
+    density: a :class:`SpectralDensity`.
+    num_points: grid size (10 000 as in PyHessian).
+    variance: the broadening variance before scaling by the spectral width
+      (1e-5 as in PyHessian).
+
+  Returns:
+    A :class:`DensityOnGrid`.
+
+  Example:
+    >>> grid, values = curvature.density_on_grid(density)
+
+  References:
+    Ghorbani, Krishnan & Xiao 2019; Yao et al., "PyHessian", 2020.
+  """
+  num_points = _validation.check_static_int("num_points", num_points, 2)
+  _validation.check_positive("variance", variance)
+  lowest, highest = jnp.min(density.nodes), jnp.max(density.nodes)
+  sigma2 = variance * jnp.maximum(1.0, highest - lowest)
+  pad = 3.0 * jnp.sqrt(sigma2) + 0.01
+  grid = jnp.linspace(lowest - pad, highest + pad, num_points)
+
+  def probe_density(nodes_and_weights):
+    nodes, weights = nodes_and_weights
+    gaussians = jnp.exp(-((grid[:, None] - nodes) ** 2) / (2.0 * sigma2))
+    return gaussians @ weights / jnp.sqrt(2.0 * jnp.pi * sigma2)
+
+  values = jnp.mean(
+      jax.lax.map(probe_density, (density.nodes, density.weights)), axis=0)
+  values = values / (jnp.sum(values) * (grid[1] - grid[0]))
+  return DensityOnGrid(grid, values)
+
+
+def plot_spectral_density(
+    density: SpectralDensity,
+    ax=None,
+    *,
+    num_points: int = 10_000,
+    variance: float = 1e-5,
+    floor: float = 1e-7,
+    **plot_kwargs,
+):
+  """Draws the broadened spectral density on a log scale (needs matplotlib).
+
+  Plots ``density + floor`` against the eigenvalue with ``semilogy``, as
+  PyHessian does; matplotlib is imported only here, so it stays an optional
+  dependency.
+
+  Args:
+    density: a :class:`SpectralDensity`.
+    ax: a matplotlib ``Axes``; a new figure's if ``None``.
+    num_points: grid size for :func:`density_on_grid`.
+    variance: broadening for :func:`density_on_grid`.
+    floor: added before the log so that empty regions stay drawable.
+    **plot_kwargs: passed to ``ax.semilogy``.
+
+  Returns:
+    The ``Axes``.
+
+  Example:
+    >>> ax = curvature.plot_spectral_density(density)
+    >>> ax.figure.savefig("hessian_density.png")
+
+  References:
+    Ghorbani, Krishnan & Xiao 2019; Yao et al., "PyHessian", 2020.
+  """
+  try:
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ImportError(
+        "plot_spectral_density needs matplotlib: `pip install matplotlib`."
+    ) from error
+  on_grid = density_on_grid(density, num_points=num_points, variance=variance)
+  if ax is None:
+    _, ax = plt.subplots()
+  ax.semilogy(on_grid.grid, on_grid.density + floor, **plot_kwargs)
+  ax.set_xlabel("Eigenvalue")
+  ax.set_ylabel("Density (log scale)")
+  return ax
+
+
+# Conditioning and negative curvature ---------------------------------------
+
+
+class ConditionNumber(NamedTuple):
+  """A condition-number estimate from extreme Ritz values.
+
+  Attributes:
+    condition_number: ``λmax / λmin``; ``+∞`` unless ``λmin > 0``.
+    largest: the largest Ritz value (a lower bound on ``λmax``).
+    smallest: the smallest Ritz value (an upper bound on ``λmin``).
+    finite: ``False`` if the operator produced a NaN or an Inf.
+  """
+
+  condition_number: Array
+  largest: Array
+  smallest: Array
+  finite: Array
+
+
+def _extreme_ritz(matvec, params, num_iterations, key):
+  if num_iterations is None:
+    num_iterations = _lanczos.default_num_iterations(params)
+  return _lanczos.ritz_decomposition(matvec, params, num_iterations, key)
+
+
+def condition_number(
+    matvec: Matvec,
+    params: Params,
+    *,
+    num_iterations: Optional[int] = None,
+    key: Optional[Array] = None,
+) -> ConditionNumber:
+  r"""Estimates ``κ = λmax / λmin`` from one Lanczos run.
+
+  Both ends of the spectrum come from the same Ritz values ``θ₁ ≤ … ≤ θ_m``
+  (interlacing gives ``λmin ≤ θ₁`` and ``θ_m ≤ λmax``). ``κ`` governs the
+  rate of gradient descent, ``(κ − 1)/(κ + 1)`` per step on a quadratic. For
+  an indefinite or singular matrix (``θ₁ ≤ 0``) ``κ = +∞``; see
+  :func:`negative_curvature`. The smallest eigenvalue of a network's
+  curvature lies in a dense bulk near zero and converges slowly: raise
+  ``num_iterations`` until ``smallest`` settles.
+
+  Args:
+    matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
+    params: a pytree with the shapes and dtypes ``A`` acts on.
+    num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
+    key: PRNG key of the start vector.
+
+  Returns:
+    A :class:`ConditionNumber`.
+
+  Example:
+    >>> lin = curvature.linearize(predict, loss, params, batch, l2_reg=1e-3)
+    >>> curvature.condition_number(lin.matvec, params).condition_number
+
+  References:
+    ``shared/seeds/000_*`` and ``002_*`` (the condition number and
+    convergence). Lanczos 1950; Golub & Meurant 2010.
+  """
+  ritz = _extreme_ritz(matvec, params, num_iterations, key)
+  smallest, largest = ritz.values[0], ritz.values[-1]
+  kappa = jnp.where(smallest > 0, largest / smallest, jnp.inf)
+  return ConditionNumber(kappa, largest, smallest, ritz.lanczos.finite)
+
+
+class NegativeCurvature(NamedTuple):
+  """The negative-curvature / saddle indicator of :func:`negative_curvature`.
+
+  Attributes:
+    has_negative_curvature: ``θ₁ < −rtol · |θ_m|``: a direction with
+      ``dᵀAd < 0`` exists (a Ritz value is a Rayleigh quotient).
+    is_saddle: eigenvalues of both signs: negative curvature and
+      ``θ_m > 0``.
+    smallest: ``θ₁``, an upper bound on ``λmin``.
+    largest: ``θ_m``, a lower bound on ``λmax``.
+    negative_ratio: ``max(0, −θ₁) / |θ_m|``, the size of the most negative
+      curvature relative to the largest (PyHessian's saddle statistic).
+    direction: the unit Ritz vector of ``θ₁``, a descent direction of the
+      quadratic model in either sign (escape from a saddle along it).
+    finite: ``False`` if the operator produced a NaN or an Inf.
+  """
+
+  has_negative_curvature: Array
+  is_saddle: Array
+  smallest: Array
+  largest: Array
+  negative_ratio: Array
+  direction: Params
+  finite: Array
+
+
+def negative_curvature(
+    matvec: Matvec,
+    params: Params,
+    *,
+    num_iterations: Optional[int] = None,
+    rtol: float = 1e-5,
+    key: Optional[Array] = None,
+) -> NegativeCurvature:
+  r"""Detects negative curvature and saddle points from one Lanczos run.
+
+  At a critical point, ``H`` with eigenvalues of both signs is a saddle:
+  Newton's method is attracted to it, and a step along the eigenvector of
+  ``λmin < 0`` decreases the loss to second order,
+  ``f(θ + εd) − f(θ) ≈ ½ ε² λmin``. Lanczos finds ``θ₁`` and its vector;
+  ``θ₁ < 0`` certifies negative curvature because ``θ₁ = yᵀHy`` for the
+  unit Ritz vector ``y``.
+
+  Args:
+    matvec: ``v ↦ A v`` on pytrees, usually the Hessian (a GGN or Fisher
+      is positive semi-definite and never has negative curvature).
+    params: a pytree with the shapes and dtypes ``A`` acts on.
+    num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
+    rtol: ``θ₁`` counts as negative below ``−rtol · |θ_m|`` (rounding).
+    key: PRNG key of the start vector.
+
+  Returns:
+    A :class:`NegativeCurvature`.
+
+  Example:
+    >>> lin = curvature.linearize(predict, loss, params, batch,
+    ...                           curvature="hessian")
+    >>> saddle = curvature.negative_curvature(lin.matvec, params)
+    >>> saddle.is_saddle, saddle.smallest
+
+  References:
+    ``shared/seeds/004_*`` (saddle points and Newton's method). Dauphin et
+    al., "Identifying and attacking the saddle point problem", 2014. Sagun
+    et al. 2017; Yao et al., "PyHessian", 2020.
+  """
+  _validation.check_nonnegative("rtol", rtol)
+  ritz = _extreme_ritz(matvec, params, num_iterations, key)
+  lowest = _lanczos.select_pairs(ritz, params, jnp.arange(1))
+  smallest, largest = ritz.values[0], ritz.values[-1]
+  negative = smallest < -rtol * jnp.abs(largest)
+  return NegativeCurvature(
+      has_negative_curvature=negative,
+      is_saddle=negative & (largest > 0),
+      smallest=smallest,
+      largest=largest,
+      negative_ratio=jnp.maximum(0.0, -smallest) / jnp.abs(largest),
+      direction=jax.tree.map(lambda x: x[0], lowest.eigenvectors),
+      finite=ritz.lanczos.finite,
+  )
+
+
+# Monitoring ------------------------------------------------------------------
+
+_INNER_FIELDS = ("reduction_ratio", "damping", "cg_iterations")
+
+
+class MonitorMetrics(NamedTuple):
+  """What :func:`monitor` recorded at its last logged step.
+
+  Attributes:
+    step: the ``update`` count (from 0) at which these were recorded; −1
+      before the first.
+    value: the objective ``f(θ)`` on the batch.
+    gradient_norm_squared: ``gᵀg`` for the incoming gradient ``g``.
+    gradient_curvature: ``gᵀCg / gᵀg``, the curvature along the gradient
+      (0 if ``g = 0``).
+    update_norm: ``‖u‖`` of the inner transform's output.
+    reduction_ratio: the inner state's ``ρ`` after the step, or ``None`` if
+      it has none.
+    damping: the inner state's damping after the step, or ``None``.
+    cg_iterations: the inner state's CG iterations, or ``None``.
+    finite: ``False`` if the value, ``gᵀg`` or ``gᵀCg`` was NaN or Inf.
+  """
+
+  step: Array
+  value: Array
+  gradient_norm_squared: Array
+  gradient_curvature: Array
+  update_norm: Array
+  reduction_ratio: Optional[Array]
+  damping: Optional[Array]
+  cg_iterations: Optional[Array]
+  finite: Array
+
+
+class MonitorState(NamedTuple):
+  """State of :func:`monitor`.
+
+  Attributes:
+    count: the number of ``update`` calls.
+    key: PRNG key for ``curvature="sampled_fisher"``.
+    metrics: the :class:`MonitorMetrics` of the last logged step.
+    inner_state: the wrapped transform's state.
+  """
+
+  count: Array
+  key: Array
+  metrics: MonitorMetrics
+  inner_state: Any
+
+
+def find_inner_field(state: Any, name: str) -> Optional[Array]:
+  """The first NamedTuple field ``name`` anywhere in ``state``, or ``None``."""
+  for path, value in optax.tree.get_all_with_path(state, name):
+    if hasattr(path[-1], "tuple_name"):  # A NamedTuple field, not a dict key.
+      return value
+  return None
+
+
+def _inner_metrics(inner_state: Any, dtype) -> dict[str, Optional[Array]]:
+  found = {name: find_inner_field(inner_state, name) for name in _INNER_FIELDS}
+  casts = {"cg_iterations": jnp.int32}
+  return {
+      name: None if value is None
+      else jnp.asarray(value).astype(casts.get(name, dtype))
+      for name, value in found.items()
+  }
+
+
+def _state_dtype(params: Params):
+  leaves = jax.tree.leaves(params)
+  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
+def _check_monitor_args(params, batch):
+  if params is None:
+    raise ValueError(
+        "monitor needs the parameters to build the curvature: call"
+        " `update(grads, state, params, batch=batch)`."
+    )
+  if batch is None:
+    raise ValueError(
+        "monitor needs the data to build the curvature: call"
+        " `update(grads, state, params, batch=batch)`."
+    )
+
+
+def monitor(
+    inner: optax.GradientTransformation,
+    predict_fn: _products.PredictFn,
+    loss: _losses.Loss,
+    *,
+    curvature: str = "ggn",
+    every: int = 1,
+    l2_reg: float = 0.0,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps a transform and records curvature metrics in the optax state.
+
+  Every ``every`` updates (the first included), for the incoming gradient
+  ``g`` and the curvature ``C`` of :func:`curvature.linearize` on the batch:
+
+  .. math::
+    g^\top g, \qquad \frac{g^\top C g}{g^\top g}, \qquad \|u\|,
+
+  with ``u`` the inner transform's update, plus ``ρ``, the damping and the CG
+  iterations wherever the inner state (searched through chains and
+  wrappers) has NamedTuple fields ``reduction_ratio``, ``damping`` and
+  ``cg_iterations``, as :func:`curvature.scale_by_hessian_free` does. A
+  gradient step ``−εg`` changes the loss by ``−ε gᵀg + ½ ε² gᵀCg``: when
+  ``gᵀCg/gᵀg`` grows while ``gᵀg`` stays flat, the second-order term is
+  eating the first and the learning rate is too large for the curvature
+  (ill-conditioning; ``shared/seeds/004_*``).
+
+  The cost is one linearization and one curvature product per logged step,
+  inside ``lax.cond``; other steps cost nothing. The updates pass through
+  unchanged. Read the metrics from ``state.metrics`` (or with
+  ``optax.tree.get(state, "metrics")`` inside a chain).
+
+  Args:
+    inner: the transform to wrap; its ``update`` receives ``batch`` and any
+      other extra arguments.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    curvature: one of :data:`curvature.CURVATURES`.
+    every: log every this many updates, a Python int ``≥ 1``.
+    l2_reg: the L2 coefficient included in the objective and in ``C``.
+    num_samples: sampled targets for ``"sampled_fisher"``.
+    targets_fn: finds the targets in a batch.
+    seed: seeds the PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
+    params, batch=batch)``.
+
+  Example:
+    >>> opt = curvature.monitor(optax.sgd(0.1), predict,
+    ...                         curvature.losses.squared_error, every=10)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> state.metrics.gradient_curvature
+
+  References:
+    ``shared/seeds/004_*`` (monitor gᵀg and gᵀHg). Goodfellow, Bengio &
+    Courville, "Deep Learning", 2016, §8.2.1. Martens 2010 (ρ, damping).
+  """
+  _validation.check_choice("curvature", curvature, _products.CURVATURES)
+  if isinstance(every, int) and not isinstance(every, bool) and every < 1:
+    raise ValueError(
+        f"`every` must be >= 1, got {every}: pass every=1 to log each step or"
+        " every=N to log every N steps."
+    )
+  every = _validation.check_static_int("every", every, 1)
+  _validation.check_nonnegative("l2_reg", l2_reg)
+  if curvature == "sampled_fisher":
+    _validation.check_static_int("num_samples", num_samples, 1)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    inner_state = inner.init(params)
+    dtype = _state_dtype(params)
+    zero = jnp.zeros((), dtype)
+    metrics = MonitorMetrics(
+        step=jnp.full((), -1, jnp.int32),
+        value=zero,
+        gradient_norm_squared=zero,
+        gradient_curvature=zero,
+        update_norm=zero,
+        finite=jnp.ones((), bool),
+        **_inner_metrics(inner_state, dtype),
+    )
+    return MonitorState(
+        count=jnp.zeros((), jnp.int32),
+        key=jax.random.key(seed),
+        metrics=metrics,
+        inner_state=inner_state,
+    )
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    _check_monitor_args(params, batch)
+    new_updates, inner_state = inner.update(
+        updates, state.inner_state, params, batch=batch, **extra_args)
+    key, sample_key = jax.random.split(state.key)
+    dtype = state.metrics.value.dtype
+
+    def record():
+      lin = _products.linearize(
+          predict_fn, loss, params, batch, curvature=curvature,
+          l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
+          num_samples=num_samples)
+      squared = optax.tree.vdot(updates, updates)
+      along = optax.tree.vdot(updates, lin.matvec(updates))
+      ratio = jnp.where(squared > 0, along / jnp.where(squared > 0, squared, 1),
+                        0.0)
+      finite = jnp.isfinite(lin.value) & jnp.isfinite(squared) & (
+          jnp.isfinite(along))
+      return MonitorMetrics(
+          step=state.count,
+          value=lin.value.astype(dtype),
+          gradient_norm_squared=squared.astype(dtype),
+          gradient_curvature=ratio.astype(dtype),
+          update_norm=optax.tree.norm(new_updates).astype(dtype),
+          finite=finite,
+          **_inner_metrics(inner_state, dtype),
+      )
+
+    logged = state.count % every == 0
+    metrics = jax.lax.cond(logged, record, lambda: state.metrics)
+    new_state = MonitorState(
+        count=optax.safe_increment(state.count),
+        key=key,
+        metrics=metrics,
+        inner_state=inner_state,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
