@@ -74,6 +74,11 @@ def _state_dtype(params: Params):
   return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
 
 
+def _last_examples(batch, num_examples: int):
+  """The last ``num_examples`` examples of every leaf of ``batch``."""
+  return jax.tree.map(lambda x: x[x.shape[0] - num_examples:], batch)
+
+
 def _check_update_args(updates, params, batch):
   if params is None:
     raise ValueError(
@@ -228,6 +233,7 @@ def scale_by_hessian_free(
     diagonal_preconditioner: bool = False,
     preconditioner_exponent: float = 0.75,
     curvature_batch_size: Optional[int] = None,
+    evaluation_batch_size: Optional[int] = None,
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
@@ -301,6 +307,11 @@ def scale_by_hessian_free(
       for the curvature products, ``None`` for all (the gradient, ``ρ`` and
       the line search use the whole batch). Martens (2010) used a fraction of
       the gradient batch; shuffle the data so the prefix is a random subset.
+    evaluation_batch_size: the number of *trailing* examples of each batch on
+      which the objective is evaluated for ``ρ``, CG backtracking and the line
+      search, ``None`` for all. With ``curvature_batch_size +
+      evaluation_batch_size ≤`` the batch size, the two are disjoint, as
+      Martens (2010) recommends.
     num_samples: sampled targets per example for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: seeds the PRNG key kept in the state.
@@ -341,6 +352,9 @@ def scale_by_hessian_free(
   if curvature_batch_size is not None:
     curvature_batch_size = _validation.check_static_int(
         "curvature_batch_size", curvature_batch_size, 1)
+  if evaluation_batch_size is not None:
+    evaluation_batch_size = _validation.check_static_int(
+        "evaluation_batch_size", evaluation_batch_size, 1)
   max_cg_iterations = _validation.check_static_int(
       "max_cg_iterations", max_cg_iterations, 1
   )
@@ -388,21 +402,20 @@ def scale_by_hessian_free(
     key, sample_key = jax.random.split(state.key)
     num_examples = jax.tree.leaves(batch)[0].shape[0]
     num_curvature = min(curvature_batch_size or num_examples, num_examples)
-    curvature_batch = (
-        batch if num_curvature == num_examples
-        else _products.take_examples(batch, num_curvature)
-    )
+    num_evaluation = min(evaluation_batch_size or num_examples, num_examples)
+    curvature_batch = _products.take_examples(batch, num_curvature)
+    evaluation_batch = _last_examples(batch, num_evaluation)
 
     def evaluate(step):
       return _products.objective(
-          predict_fn, loss, optax.tree.add(params, step), batch,
+          predict_fn, loss, optax.tree.add(params, step), evaluation_batch,
           l2_reg=l2_reg, targets_fn=targets_fn)
 
     lin = _products.linearize(
         predict_fn, loss, params, curvature_batch, curvature=curvature,
         l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
         num_samples=num_samples)
-    if num_curvature == num_examples:
+    if num_curvature == num_evaluation == num_examples:
       value, extra_evaluations = lin.value, 0
     else:
       value, extra_evaluations = evaluate(optax.tree.zeros_like(params)), 1
@@ -511,6 +524,7 @@ def hessian_free(
     backtracking: bool = True,
     diagonal_preconditioner: bool = False,
     curvature_batch_size: Optional[int] = None,
+    evaluation_batch_size: Optional[int] = None,
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
@@ -540,6 +554,9 @@ def hessian_free(
     diagonal_preconditioner: Martens' diagonal CG preconditioner.
     curvature_batch_size: leading examples of the batch for curvature
       products (``None``: all).
+    evaluation_batch_size: trailing examples of the batch on which ``ρ``,
+      backtracking and the line search evaluate the objective (``None``:
+      all).
     num_samples: samples for ``curvature="sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
@@ -573,6 +590,7 @@ def hessian_free(
       backtracking=backtracking, line_search=linesearch is None,
       diagonal_preconditioner=diagonal_preconditioner,
       curvature_batch_size=curvature_batch_size,
+      evaluation_batch_size=evaluation_batch_size,
       num_samples=num_samples, targets_fn=targets_fn, seed=seed)
   return _with_learning_rate(transform, learning_rate, linesearch)
 
