@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from curvature import _cg
+from curvature import _diagonal
 from curvature import _losses
 from curvature import _products
 from curvature import _taylor
@@ -203,8 +204,8 @@ def _diagonal_preconditioner(
   diagonal = _products.empirical_fisher_diagonal(
       predict_fn, loss, params, batch, targets_fn=targets_fn
   )
-  scale = jax.tree.map(lambda d: (d + damping + l2_reg) ** exponent, diagonal)
-  return lambda r: jax.tree.map(jnp.divide, r, scale)
+  return lambda r: _diagonal.precondition(
+      r, diagonal, power=exponent, damping_in_root=damping + l2_reg)
 
 
 def scale_by_hessian_free(
