@@ -39,6 +39,9 @@ TRANSFORMS = {
     "scale_by_hessian_free": (
         curvature.scale_by_hessian_free,
         dict(predict_fn=mlp_predict, loss=LOSS, max_cg_iterations=20)),
+    "monitor": (curvature.monitor,
+                dict(inner=optax.sgd(0.1), predict_fn=mlp_predict, loss=LOSS,
+                     every=2)),
     "sgd": (curvature.sgd, dict(learning_rate=0.1)),
     "sgd_momentum": (curvature.sgd, dict(learning_rate=0.1, momentum=0.9)),
     "heavy_ball": (curvature.heavy_ball, dict(learning_rate=0.1)),
