@@ -93,6 +93,24 @@ from curvature._momentum import scale_by_momentum
 from curvature._momentum import ScaleByMomentumState
 # --- first-order primitives and aliases (issue 3) end ---
 
+# --- natural gradient and K-FAC (issue 5) begin ---
+from curvature._curvature_diagonals import CurvatureDiagonalState
+from curvature._curvature_diagonals import ema_curvature_diagonal
+from curvature._curvature_diagonals import ggn_diagonal
+from curvature._curvature_diagonals import hutchinson_hessian_diagonal
+from curvature._curvature_diagonals import sampled_fisher_diagonal
+from curvature._curvature_diagonals import scale_by_curvature_diagonal
+from curvature._kfac import kfac
+from curvature._kfac import kfac_blocks
+from curvature._kfac import kfac_summary
+from curvature._kfac import KfacBlock
+from curvature._kfac import scale_by_kfac
+from curvature._kfac import ScaleByKfacState
+from curvature._layers import discover_layers
+from curvature._natural_gradient import natural_gradient
+from curvature._natural_gradient import scale_by_natural_gradient
+# --- natural gradient and K-FAC (issue 5) end ---
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -180,4 +198,21 @@ __all__ = (
     "scale_by_running_sum",
     "sgd",
     # --- first-order names (issue 3) end ---
+    # --- issue 5 names begin ---
+    "CurvatureDiagonalState",
+    "KfacBlock",
+    "ScaleByKfacState",
+    "discover_layers",
+    "ema_curvature_diagonal",
+    "ggn_diagonal",
+    "hutchinson_hessian_diagonal",
+    "kfac",
+    "kfac_blocks",
+    "kfac_summary",
+    "natural_gradient",
+    "sampled_fisher_diagonal",
+    "scale_by_curvature_diagonal",
+    "scale_by_kfac",
+    "scale_by_natural_gradient",
+    # --- issue 5 names end ---
 )

@@ -62,6 +62,32 @@ TRANSFORMS = {
     "scale_by_adadelta": (curvature.scale_by_adadelta, dict(rho=0.9)),
     "scale_by_delta_bar_delta": (curvature.scale_by_delta_bar_delta, dict()),
     "polyak_averaging": (curvature.polyak_averaging, dict(decay=0.9)),
+    "natural_gradient": (curvature.natural_gradient,
+                         dict(learning_rate=0.5, max_cg_iterations=10,
+                              **MODEL)),
+    "natural_gradient_sampled": (
+        curvature.natural_gradient,
+        dict(learning_rate=0.5, fisher="sampled_fisher", num_samples=2,
+             max_cg_iterations=10, **MODEL)),
+    "scale_by_natural_gradient": (
+        curvature.scale_by_natural_gradient,
+        dict(predict_fn=mlp_predict, loss=LOSS, fisher="empirical_fisher")),
+    "scale_by_curvature_diagonal": (
+        curvature.scale_by_curvature_diagonal,
+        dict(predict_fn=mlp_predict, loss=LOSS, damping=0.1)),
+    "scale_by_curvature_diagonal_hutchinson": (
+        curvature.scale_by_curvature_diagonal,
+        dict(predict_fn=mlp_predict, loss=LOSS, estimator="hutchinson",
+             num_samples=3, damping=1.0)),
+    "kfac": (curvature.kfac,
+             dict(learning_rate=0.01, inverse_every=2, **MODEL)),
+    "kfac_adaptive": (curvature.kfac,
+                      dict(learning_rate=1.0, adaptive=True, damping_every=2,
+                           statistics_batch_size=8, **MODEL)),
+    "scale_by_kfac": (curvature.scale_by_kfac,
+                      dict(predict_fn=mlp_predict, loss=LOSS,
+                           statistics="empirical_fisher",
+                           initial_damping=0.1)),
 }
 
 

@@ -1,0 +1,423 @@
+r"""Diagonal curvature estimators: empirical Fisher, Monte-Carlo Fisher, GGN, Hutchinson.
+
+Each estimator is a function returning a pytree like ``params`` and is also
+available as a transform (:func:`ema_curvature_diagonal`) that keeps a
+bias-corrected EMA of it, ready for the ``curvature`` slot of
+:func:`curvature.scale_by_diagonal`; :func:`scale_by_curvature_diagonal`
+plugs it in with a power ``p`` and damping:
+
+.. math::
+  u = \frac{g}{(\hat d_t)^{p} + \lambda}, \qquad
+  \hat d_t = \frac{\text{EMA}_\beta(d)}{1 - \beta^t}
+
+The per-example squared gradients behind the Fisher-type estimators are
+``(J_iᵀ c_i)²`` for an output-space cotangent ``c_i``: the data's output
+gradient (empirical Fisher), a sampled one (Monte-Carlo Fisher), or the
+columns of a square root of the output Hessian (exact GGN). They are computed
+chunk by chunk by :func:`curvature.empirical_fisher_diagonal` applied to a
+*linear* loss whose output gradient is ``c_i``.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvature import _diagonal
+from curvature import _losses
+from curvature import _moments
+from curvature import _products
+from curvature import _validation
+
+Array = jax.Array
+Params = Any
+
+ESTIMATORS = ("empirical_fisher", "sampled_fisher", "ggn", "hutchinson")
+"""Names of the diagonal estimators of :func:`ema_curvature_diagonal`."""
+
+
+def _linear_per_example(outputs, cotangents):
+  return jnp.sum(outputs * cotangents, axis=tuple(range(1, outputs.ndim)))
+
+
+_LINEAR = _losses.Loss(
+    name="linear", per_example=_linear_per_example, hvp=None,
+    fisher_vp=None, sample=None)
+
+
+def squared_vjp_mean(
+    predict_fn: Callable[[Params, Any], Array],
+    params: Params,
+    batch: Any,
+    cotangents: Array,
+    *,
+    chunk_size: int = 32,
+) -> Params:
+  r"""``(1/N) Σᵢ (Jᵢᵀ cᵢ)²``: mean of squared per-example vector-Jacobian products.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    params: the point.
+    batch: the data, leading example axis on every leaf.
+    cotangents: ``cᵢ``, shaped like the outputs.
+    chunk_size: examples per vectorized chunk.
+
+  Returns:
+    A pytree like ``params``.
+  """
+  return _products.empirical_fisher_diagonal(
+      lambda p, b: predict_fn(p, b[0]), _LINEAR, params, (batch, cotangents),
+      targets_fn=lambda b: b[1], chunk_size=chunk_size)
+
+
+def sampled_fisher_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    params: Params,
+    batch: Any,
+    *,
+    key: Array,
+    num_samples: int = 1,
+    chunk_size: int = 32,
+) -> Params:
+  r"""Monte-Carlo diagonal of the true Fisher (= GGN for canonical losses).
+
+  .. math::
+    \hat d = \frac{1}{NS}\sum_{i,s} (\nabla_\theta \ell_i(\tilde y_{is}))^2,
+    \quad \tilde y_{is} \sim p(y \mid x_i, \theta),
+    \qquad \mathbb{E}[\hat d] = \mathrm{diag}(F)
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    params: the point.
+    batch: the data (its targets are not used).
+    key: PRNG key for the sampled targets.
+    num_samples: ``S``, targets per example.
+    chunk_size: examples per vectorized chunk.
+
+  Returns:
+    A pytree like ``params``.
+
+  Example:
+    >>> d = sampled_fisher_diagonal(predict, losses.softmax_cross_entropy,
+    ...                             params, batch, key=jax.random.key(0))
+
+  References:
+    Martens, "New insights and perspectives on the natural gradient method",
+    2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+  """
+  num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  outputs = jax.lax.stop_gradient(predict_fn(params, batch))
+
+  def one(sample_key):
+    targets = loss.sample(sample_key, outputs)
+    cot = _losses.output_gradients(loss, outputs, targets)
+    return squared_vjp_mean(predict_fn, params, batch, cot,
+                            chunk_size=chunk_size)
+
+  total = jax.lax.map(one, jax.random.split(key, num_samples))
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), total)
+
+
+def ggn_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    params: Params,
+    batch: Any,
+    *,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    max_output_dim: int = 64,
+    chunk_size: int = 32,
+) -> Params:
+  r"""The exact GGN diagonal ``diag(Σᵢ Jᵢᵀ Hᵢ Jᵢ)`` for a small output dimension.
+
+  Each example's output Hessian ``Hᵢ`` (``K × K``, ``K`` the number of
+  outputs per example) is factored as ``Lᵢ Lᵢᵀ`` by an eigendecomposition,
+  so ``diag(G) = Σ_c Σᵢ (Jᵢᵀ Lᵢ[:, c])²``: ``K`` passes of per-example
+  vector-Jacobian products.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    params: the point.
+    batch: the data.
+    targets_fn: finds the targets in ``batch``.
+    max_output_dim: refuse ``K`` above this (a Python int).
+    chunk_size: examples per vectorized chunk.
+
+  Returns:
+    A pytree like ``params``.
+
+  References:
+    Schraudolph 2002; Martens 2014 §9; ``shared/seeds/002_*``.
+  """
+  max_output_dim = _validation.check_static_int(
+      "max_output_dim", max_output_dim, 1)
+  outputs = jax.lax.stop_gradient(predict_fn(params, batch))
+  targets = targets_fn(batch)
+  n = outputs.shape[0]
+  k = outputs.size // n
+  if k > max_output_dim:
+    raise ValueError(
+        f"ggn_diagonal needs {k} passes (outputs per example) but"
+        f" max_output_dim={max_output_dim}. Use sampled_fisher_diagonal (an"
+        " unbiased estimate) or raise max_output_dim.")
+  basis = jnp.eye(k, dtype=outputs.dtype)
+
+  def hessian_column(e):
+    tangent = jnp.broadcast_to(e.reshape(outputs.shape[1:]), outputs.shape)
+    return loss.hvp(outputs, targets, tangent).reshape(n, k)
+
+  hessians = jnp.moveaxis(jax.vmap(hessian_column)(basis), 0, -1)  # [n,k,k]
+  hessians = 0.5 * (hessians + jnp.swapaxes(hessians, 1, 2))
+  w, v = jnp.linalg.eigh(hessians)
+  roots = v * jnp.sqrt(jnp.maximum(w, 0.0))[:, None, :]  # L_i, [n, k, k]
+
+  def column(c):
+    cot = roots[:, :, c].reshape(outputs.shape)
+    return squared_vjp_mean(predict_fn, params, batch, cot,
+                            chunk_size=chunk_size)
+
+  total = jax.lax.map(column, jnp.arange(k))
+  return jax.tree.map(lambda x: n * jnp.sum(x, axis=0), total)
+
+
+def hutchinson_hessian_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    params: Params,
+    batch: Any,
+    *,
+    key: Array,
+    num_samples: int = 100,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+) -> Params:
+  r"""Hutchinson's estimate of the Hessian diagonal with Rademacher probes.
+
+  .. math::
+    \hat d = \frac1S \sum_s v_s \odot H v_s, \quad
+    v_s \in \{-1, +1\}^P, \qquad \mathbb{E}[\hat d] = \mathrm{diag}(H)
+
+  One linearization of the gradient is shared by all probes.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    params: the point.
+    batch: the data.
+    key: PRNG key for the probes.
+    num_samples: ``S`` (100, as PyHessian).
+    targets_fn: finds the targets in ``batch``.
+
+  Returns:
+    A pytree like ``params`` (it can be negative: the Hessian is indefinite).
+
+  References:
+    Hutchinson 1990; Bekas, Kokiopoulou & Saad 2007; Yao et al. (PyHessian)
+    2020.
+  """
+  num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  lin = _products.linearize(predict_fn, loss, params, batch,
+                            curvature="hessian", targets_fn=targets_fn)
+  leaves, treedef = jax.tree.flatten(params)
+
+  def one(probe_key):
+    keys = jax.random.split(probe_key, len(leaves))
+    probe = treedef.unflatten([
+        jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys,
+                                                                   leaves)])
+    return jax.tree.map(jnp.multiply, probe, lin.matvec(probe))
+
+  total = jax.lax.map(one, jax.random.split(key, num_samples))
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), total)
+
+
+class CurvatureDiagonalState(NamedTuple):
+  """State of :func:`ema_curvature_diagonal`.
+
+  Attributes:
+    count: accepted (finite) estimates so far, for the bias correction.
+    ema: the raw EMA of the diagonal estimates.
+    key: PRNG key for the stochastic estimators.
+    rejected_statistics: estimates discarded because they were not finite.
+  """
+
+  count: Array
+  ema: Params
+  key: Array
+  rejected_statistics: Array
+
+
+def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
+              targets_fn):
+  if estimator == "empirical_fisher":
+    return _products.empirical_fisher_diagonal(
+        predict_fn, loss, params, batch, targets_fn=targets_fn)
+  if estimator == "sampled_fisher":
+    return sampled_fisher_diagonal(predict_fn, loss, params, batch, key=key,
+                                   num_samples=num_samples)
+  if estimator == "ggn":
+    return ggn_diagonal(predict_fn, loss, params, batch,
+                        targets_fn=targets_fn)
+  return hutchinson_hessian_diagonal(predict_fn, loss, params, batch,
+                                     key=key, num_samples=num_samples,
+                                     targets_fn=targets_fn)
+
+
+def all_finite(tree: Any) -> Array:
+  """``True`` when every leaf of ``tree`` is finite (a traced bool)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_model(predict_fn, loss):
+  """Raises ``TypeError`` unless ``predict_fn`` is callable and ``loss`` a Loss."""
+  if not callable(predict_fn):
+    raise TypeError(
+        "`predict_fn` must be a function (params, batch) -> outputs.")
+  if not isinstance(loss, _losses.Loss):
+    raise TypeError(
+        "`loss` must be a curvature.losses.Loss, e.g."
+        " curvature.losses.softmax_cross_entropy.")
+
+
+def check_update_args(name, params, batch):
+  """Raises ``ValueError`` when ``update`` was called without params or batch."""
+  if params is None or batch is None:
+    raise ValueError(
+        f"{name} builds the curvature from the model: call"
+        " `update(grads, state, params, batch=batch)`.")
+
+
+def ema_curvature_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    *,
+    estimator: str = "sampled_fisher",
+    decay: float = 0.95,
+    num_samples: int = 1,
+    statistics_batch_size: Optional[int] = None,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Replaces the updates by a bias-corrected EMA of a curvature diagonal.
+
+  .. math::
+    m_t = \beta m_{t-1} + (1-\beta)\, d(\theta_t), \qquad
+    \text{output } m_t / (1 - \beta^t)
+
+  with ``d`` one of :data:`ESTIMATORS`: ``"empirical_fisher"`` (exact,
+  per-example squared gradients with the data's labels),
+  ``"sampled_fisher"`` (Monte-Carlo true Fisher / GGN diagonal with
+  ``num_samples`` sampled targets), ``"ggn"`` (exact GGN diagonal, small
+  output dimension) or ``"hutchinson"`` (Hessian diagonal from
+  ``num_samples`` Rademacher probes). A non-finite estimate is discarded (the
+  EMA is not poisoned) and counted. Use it as the ``curvature`` of
+  :func:`curvature.scale_by_diagonal`.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    estimator: one of :data:`ESTIMATORS`.
+    decay: EMA decay ``β`` (0.95, as K-FAC).
+    num_samples: samples (targets or probes) per estimate.
+    statistics_batch_size: leading examples of the batch used (``None``:
+      all).
+    targets_fn: finds the targets in a batch.
+    seed: PRNG seed (kept in the state).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`CurvatureDiagonalState`.
+
+  References:
+    Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+  """
+  _validation.check_choice("estimator", estimator, ESTIMATORS)
+  _moments.check_decay("decay", decay)
+  num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  if statistics_batch_size is not None:
+    statistics_batch_size = _validation.check_static_int(
+        "statistics_batch_size", statistics_batch_size, 1)
+  check_model(predict_fn, loss)
+
+  def init_fn(params):
+    return CurvatureDiagonalState(
+        count=jnp.zeros([], jnp.int32), ema=optax.tree.zeros_like(params),
+        key=jax.random.key(seed),
+        rejected_statistics=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args
+    check_update_args("ema_curvature_diagonal", params, batch)
+    if statistics_batch_size is not None:
+      batch = _products.take_examples(batch, statistics_batch_size)
+    key, sample_key = jax.random.split(state.key)
+    estimate = _estimate(estimator, predict_fn, loss, params, batch,
+                         sample_key, num_samples, targets_fn)
+    finite = all_finite(estimate)
+    ema = optax.tree.where(
+        finite, _moments.ema_update(state.ema, estimate, decay), state.ema)
+    count = state.count + finite.astype(jnp.int32)
+    out = _moments.debias(ema, decay, jnp.maximum(count, 1))
+    return out, CurvatureDiagonalState(
+        count=count, ema=ema, key=key,
+        rejected_statistics=state.rejected_statistics
+        + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_curvature_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    *,
+    estimator: str = "sampled_fisher",
+    decay: float = 0.95,
+    power: float = 1.0,
+    damping: float = 1e-3,
+    num_samples: int = 1,
+    statistics_batch_size: Optional[int] = None,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Diagonal natural-gradient / Newton direction ``g / (d̂ᵖ + λ)``.
+
+  :func:`curvature.scale_by_diagonal` with :func:`ema_curvature_diagonal` in
+  its curvature slot. ``p = 1`` is the diagonal natural gradient (Fisher) or
+  diagonal Gauss-Newton; with ``estimator="hutchinson"`` the diagonal may be
+  negative, so use ``p = 1`` with care (or AdaHessian-style ``|d|``).
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    estimator: one of :data:`ESTIMATORS`.
+    decay: EMA decay of the diagonal.
+    power: ``p``.
+    damping: ``λ``, added after the power.
+    num_samples: samples per estimate.
+    statistics_batch_size: leading examples used for the estimate.
+    targets_fn: finds the targets in a batch.
+    seed: PRNG seed.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state
+    :class:`curvature.ScaleByDiagonalState`).
+
+  Example:
+    >>> opt = optax.chain(
+    ...     curvature.scale_by_curvature_diagonal(predict, losses.squared_error),
+    ...     optax.scale_by_learning_rate(0.1))
+
+  References:
+    Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+  """
+  return _diagonal.scale_by_diagonal(
+      ema_curvature_diagonal(
+          predict_fn, loss, estimator=estimator, decay=decay,
+          num_samples=num_samples,
+          statistics_batch_size=statistics_batch_size,
+          targets_fn=targets_fn, seed=seed),
+      power=power, damping=damping)

@@ -1,0 +1,165 @@
+"""Natural gradient descent, ``(F + λI) d = g`` solved by conjugate gradient.
+
+A thin, documented configuration of the Hessian-free engine
+(:func:`curvature.scale_by_hessian_free`): the curvature is a Fisher matrix
+instead of the Gauss-Newton matrix, everything else (one linearization per
+step, warm-started CG, Levenberg-Marquardt damping, non-finite step
+rejection, all state in the optax state) is shared.
+"""
+
+from typing import Any, Callable, Optional
+
+import optax
+
+from curvature import _hessian_free
+from curvature import _losses
+from curvature import _products
+from curvature import _validation
+
+FISHERS = ("fisher", "sampled_fisher", "empirical_fisher")
+"""The Fisher matrices the natural gradient can use (see :data:`curvature.CURVATURES`)."""
+
+
+def scale_by_natural_gradient(
+    predict_fn: Callable[[Any, Any], Any],
+    loss: _losses.Loss,
+    *,
+    fisher: str = "fisher",
+    initial_damping: float = 1e-3,
+    adapt_damping: bool = True,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 50,
+    cg_tol: float = 1e-6,
+    warm_start_decay: float = 0.95,
+    line_search: bool = False,
+    curvature_batch_size: Optional[int] = None,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Natural-gradient direction ``(F + λI)⁻¹ g`` by CG (Amari 1998).
+
+  .. math::
+    d = (F + (\lambda + \eta) I)^{-1} (g + \eta\theta), \qquad
+    F = \frac1N \sum_i \mathbb{E}_{\tilde y \sim p(y|x_i, \theta)}
+        [\nabla_\theta \ell_i(\tilde y) \nabla_\theta \ell_i(\tilde y)^\top]
+
+  with ``F`` one of
+
+  * ``"fisher"``: the exact true Fisher ``Jᵀ F_z J`` (closed-form output
+    Fisher; equal to the GGN for the canonical-link losses of
+    :mod:`curvature.losses`, Martens 2014 §9.2);
+  * ``"sampled_fisher"``: the Monte-Carlo true Fisher with ``num_samples``
+    targets per example drawn from the model (unbiased);
+  * ``"empirical_fisher"``: ``1/N Σ gᵢ gᵢᵀ`` with the data's labels. It is
+    *not* the Fisher away from the optimum and can give poor directions
+    (Kunstner et al. 2019); offered for comparison.
+
+  ``λ`` is adapted by the Levenberg-Marquardt rule on the reduction ratio of
+  the quadratic model ``q(d) = gᵀd + ½ dᵀ(F + λI)d``; with a fixed learning
+  rate, set ``adapt_damping=False`` to keep ``λ`` fixed. Like every
+  ``scale_by_*`` the output has no minus sign. This is
+  :func:`curvature.scale_by_hessian_free` with a Fisher curvature, no CG
+  backtracking and, by default, no line search (the learning rate sets the
+  step); see it for the contract (``update(grads, state, params,
+  batch=batch)``) and the handling of non-finite values (step rejected, zero
+  update, ``λ`` raised, ``rejected_steps`` counted).
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
+    loss: a loss from :mod:`curvature.losses`.
+    fisher: one of :data:`FISHERS`.
+    initial_damping: ``λ₀``.
+    adapt_damping: adapt ``λ`` by Levenberg-Marquardt.
+    l2_reg: L2 coefficient ``η``.
+    max_cg_iterations: CG cap.
+    cg_tol: CG relative-residual tolerance.
+    warm_start_decay: CG starts from this times the previous solution.
+    line_search: run the engine's Armijo line search.
+    curvature_batch_size: leading examples used for Fisher products.
+    num_samples: sampled targets per example for ``"sampled_fisher"``.
+    targets_fn: finds the targets in a batch.
+    seed: PRNG seed (kept in the state).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`curvature.ScaleByHessianFreeState`.
+
+  Example:
+    >>> opt = optax.chain(
+    ...     curvature.scale_by_natural_gradient(predict, losses.softmax_cross_entropy),
+    ...     optax.scale_by_learning_rate(0.5))
+
+  References:
+    Amari, "Natural gradient works efficiently in learning", Neural
+    Computation 1998. Martens, "New insights and perspectives on the natural
+    gradient method", JMLR 2020 (arXiv 2014). Kunstner, Balles & Hennig,
+    "Limitations of the empirical Fisher approximation for natural gradient
+    descent", NeurIPS 2019. ``shared/seeds/002_*`` (Fisher, natural
+    gradient, empirical Fisher).
+  """
+  _validation.check_choice("fisher", fisher, FISHERS)
+  return _hessian_free.scale_by_hessian_free(
+      predict_fn, loss, curvature=fisher, initial_damping=initial_damping,
+      adapt_damping=adapt_damping, l2_reg=l2_reg,
+      max_cg_iterations=max_cg_iterations, cg_tol=cg_tol, progress_tol=None,
+      warm_start_decay=warm_start_decay, backtracking=False,
+      line_search=line_search, curvature_batch_size=curvature_batch_size,
+      num_samples=num_samples, targets_fn=targets_fn, seed=seed)
+
+
+def natural_gradient(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    predict_fn: Callable[[Any, Any], Any],
+    loss: _losses.Loss,
+    fisher: str = "fisher",
+    initial_damping: float = 1e-3,
+    adapt_damping: bool = True,
+    l2_reg: float = 0.0,
+    max_cg_iterations: int = 50,
+    cg_tol: float = 1e-6,
+    curvature_batch_size: Optional[int] = None,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` (Amari 1998).
+
+  ``optax.chain(scale_by_natural_gradient(...), scale_by_learning_rate(lr))``;
+  see :func:`scale_by_natural_gradient` for the rule and the arguments.
+
+  Args:
+    learning_rate: a scalar or schedule.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    fisher: ``"fisher"``, ``"sampled_fisher"`` or ``"empirical_fisher"``.
+    initial_damping: ``λ₀``.
+    adapt_damping: adapt ``λ`` by Levenberg-Marquardt.
+    l2_reg: L2 coefficient.
+    max_cg_iterations: CG cap.
+    cg_tol: CG tolerance.
+    curvature_batch_size: leading examples used for Fisher products.
+    num_samples: samples for ``"sampled_fisher"``.
+    targets_fn: finds the targets in a batch.
+    seed: PRNG seed.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> opt = curvature.natural_gradient(
+    ...     0.5, predict_fn=predict, loss=curvature.losses.softmax_cross_entropy)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+
+  References:
+    Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+  """
+  return optax.chain(
+      scale_by_natural_gradient(
+          predict_fn, loss, fisher=fisher, initial_damping=initial_damping,
+          adapt_damping=adapt_damping, l2_reg=l2_reg,
+          max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
+          curvature_batch_size=curvature_batch_size,
+          num_samples=num_samples, targets_fn=targets_fn, seed=seed),
+      optax.scale_by_learning_rate(learning_rate))
