@@ -474,7 +474,8 @@ class MonitorMetrics(NamedTuple):
   Attributes:
     step: the ``update`` count (from 0) at which these were recorded; −1
       before the first.
-    value: the objective ``f(θ)`` on the batch.
+    objective_value: the objective ``f(θ)`` on the batch (not named
+      ``value``, which optax's line searches look up in the state).
     gradient_norm_squared: ``gᵀg`` for the incoming gradient ``g``.
     gradient_curvature: ``gᵀCg / gᵀg``, the curvature along the gradient
       (0 if ``g = 0``).
@@ -487,7 +488,7 @@ class MonitorMetrics(NamedTuple):
   """
 
   step: Array
-  value: Array
+  objective_value: Array
   gradient_norm_squared: Array
   gradient_curvature: Array
   update_norm: Array
@@ -628,7 +629,7 @@ def monitor(
     zero = jnp.zeros((), dtype)
     metrics = MonitorMetrics(
         step=jnp.full((), -1, jnp.int32),
-        value=zero,
+        objective_value=zero,
         gradient_norm_squared=zero,
         gradient_curvature=zero,
         update_norm=zero,
@@ -647,7 +648,7 @@ def monitor(
     new_updates, inner_state = inner.update(
         updates, state.inner_state, params, batch=batch, **extra_args)
     key, sample_key = jax.random.split(state.key)
-    dtype = state.metrics.value.dtype
+    dtype = state.metrics.objective_value.dtype
 
     def record():
       lin = _products.linearize(
@@ -662,7 +663,7 @@ def monitor(
           jnp.isfinite(along))
       return MonitorMetrics(
           step=state.count,
-          value=lin.value.astype(dtype),
+          objective_value=lin.value.astype(dtype),
           gradient_norm_squared=squared.astype(dtype),
           gradient_curvature=ratio.astype(dtype),
           update_norm=optax.tree.norm(new_updates).astype(dtype),

@@ -48,7 +48,8 @@ class ScaleByHessianFreeState(NamedTuple):
     key: PRNG key for sampled curvature.
     rejected_steps: how many steps were rejected because the gradient, the
       loss or a curvature product was not finite.
-    value: the objective ``f(θ)`` at the last step.
+    objective_value: the objective ``f(θ)`` at the last step (not named
+      ``value``, which optax's line searches look up in the state).
     reduction_ratio: ``ρ`` of the last step.
     cg_iterations: CG iterations of the last step.
     cg_status: a :class:`curvature.CGStatus` of the last step.
@@ -62,7 +63,7 @@ class ScaleByHessianFreeState(NamedTuple):
   previous_solution: Params
   key: Array
   rejected_steps: Array
-  value: Array
+  objective_value: Array
   reduction_ratio: Array
   cg_iterations: Array
   cg_status: Array
@@ -389,7 +390,7 @@ def scale_by_hessian_free(
         previous_solution=optax.tree.zeros_like(params),
         key=jax.random.key(seed),
         rejected_steps=jnp.zeros((), jnp.int32),
-        value=zero,
+        objective_value=zero,
         reduction_ratio=zero,
         cg_iterations=jnp.zeros((), jnp.int32),
         cg_status=jnp.zeros((), jnp.int32),
@@ -488,12 +489,12 @@ def scale_by_hessian_free(
         previous_solution=optax.tree.where(finite, cg.x, zeros),
         key=key,
         rejected_steps=state.rejected_steps + (~finite).astype(jnp.int32),
-        value=value.astype(state.value.dtype),
+        objective_value=value.astype(state.objective_value.dtype),
         reduction_ratio=jnp.where(finite, rho, -jnp.inf).astype(
-            state.value.dtype),
+            state.objective_value.dtype),
         cg_iterations=cg.iterations,
         cg_status=cg.status,
-        step_size=jnp.where(finite, alpha, 0.0).astype(state.value.dtype),
+        step_size=jnp.where(finite, alpha, 0.0).astype(state.objective_value.dtype),
         loss_evaluations=(chosen.evaluations + tries
                           + extra_evaluations).astype(jnp.int32),
     )

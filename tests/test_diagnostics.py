@@ -335,7 +335,7 @@ def test_monitor_metrics_match_hand_computation():
       metrics.gradient_curvature, g @ ggn @ g / (g @ g), rtol=1e-10)
   np.testing.assert_allclose(
       metrics.update_norm, 0.1 * np.linalg.norm(g), rtol=1e-12)
-  np.testing.assert_allclose(metrics.value, lin.value, rtol=1e-12)
+  np.testing.assert_allclose(metrics.objective_value, lin.value, rtol=1e-12)
   assert metrics.reduction_ratio is None and metrics.cg_iterations is None
   expected = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params))[0]
   np.testing.assert_allclose(

@@ -198,7 +198,7 @@ def test_curvature_batch_uses_the_leading_examples():
   matrix = dense_ggn(mlp_predict, loss, params, head, L2) + 0.1 * np.eye(len(g))
   np.testing.assert_allclose(flat(updates), np.linalg.solve(matrix, g),
                              rtol=1e-7)
-  np.testing.assert_allclose(state.value, _objective(loss, params, batch),
+  np.testing.assert_allclose(state.objective_value, _objective(loss, params, batch),
                              rtol=1e-12)
 
 
@@ -210,7 +210,7 @@ def test_evaluation_batch_uses_the_trailing_examples():
       l2_reg=L2, line_search=False, backtracking=False)
   updates, state = _one_step(opt, params, batch, loss)
   tail = jax.tree.map(lambda x: x[-3:], batch)
-  np.testing.assert_allclose(state.value, _objective(loss, params, tail),
+  np.testing.assert_allclose(state.objective_value, _objective(loss, params, tail),
                              rtol=1e-12)
   after = _objective(loss, optax.tree.sub(params, updates), tail)
   p = optax.tree.scale(-1.0, updates)
@@ -220,7 +220,7 @@ def test_evaluation_batch_uses_the_trailing_examples():
   model = curvature.second_order_change(
       g, lambda v: optax.tree.add_scale(lin.matvec(v), 1.0, v), p)
   np.testing.assert_allclose(state.reduction_ratio,
-                             (after - state.value) / model, rtol=1e-6)
+                             (after - state.objective_value) / model, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["fisher", "sampled_fisher", "empirical_fisher",
@@ -395,3 +395,32 @@ def test_hessian_free_beats_full_batch_adam_per_data_pass_on_digits():
   adam = min(example.loss_at(example.train_adam(data, passes, lr, None),
                              passes) for lr in (1e-2, 3e-2, 1e-1))
   assert example.loss_at(hf, passes) < 0.95 * adam
+
+
+def test_chains_with_optax_zoom_linesearch():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make(n=20, sizes=(4, 8, 3))
+  # optax's line search passes the other extra arguments (here `batch`) on
+  # to `value_fn`, so it takes the batch as a keyword argument.
+  objective = lambda p, batch: _objective(loss, p, batch, l2=0.0)
+  opt = curvature.hessian_free(
+      predict_fn=mlp_predict, loss=loss,
+      linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=15))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    value, grads = optax.value_and_grad_from_state(objective)(
+        params, batch=batch, state=state)
+    updates, state = opt.update(grads, state, params, batch=batch,
+                                value=value, grad=grads, value_fn=objective)
+    return optax.apply_updates(params, updates), state, value
+
+  values = []
+  for _ in range(4):
+    params, state, value = step(params, state)
+    values.append(float(value))
+  assert values[-1] < 0.8 * values[0]
+  assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+  # The built-in Armijo search is off: HF returns the plain backtracked step.
+  assert _hf_state(state).step_size == 1.0
