@@ -18,8 +18,6 @@ Usage: ``python benchmarks/first_order.py [--repeats 21] [--inner 10]``
 """
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -28,28 +26,18 @@ import jax.numpy as jnp
 import optax
 
 import curvature
+from _common import LAYERS
+from _common import autoencoder_batch
+from _common import autoencoder_params
+from _common import autoencoder_predict
+from _common import machine
 
-LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-
-
-def autoencoder_params(key, dtype=jnp.float32):
-  params = []
-  for fan_in, fan_out in zip(LAYERS[:-1], LAYERS[1:]):
-    key, sub = jax.random.split(key)
-    params.append({
-        "w": jax.random.normal(sub, (fan_in, fan_out), dtype) / fan_in**0.5,
-        "b": jnp.zeros((fan_out,), dtype),
-    })
-  return params
 
 
 def reconstruction_loss(params, inputs):
-  h = inputs
-  for i, layer in enumerate(params):
-    h = h @ layer["w"] + layer["b"]
-    if i < len(params) - 1 and i != len(params) // 2 - 1:
-      h = jax.nn.sigmoid(h)  # The 30-unit code layer is linear.
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(h, inputs))
+  """Mean per-pixel sigmoid cross-entropy, as optax users write it."""
+  logits = autoencoder_predict(params, {"inputs": inputs})
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, inputs))
 
 
 def update_step(opt):
@@ -100,17 +88,6 @@ def compare(label, ours, theirs, make_step, params, arg, repeats, inner):
   return ratio
 
 
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=21)
@@ -121,10 +98,8 @@ def main():
   params = autoencoder_params(jax.random.key(0))
   n = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
-  inputs = jax.random.uniform(jax.random.key(1), (args.batch, LAYERS[0]))
-  print(f"jax {jax.__version__}, optax {optax.__version__}, backend"
-        f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
-        f" nproc {os.cpu_count()}, CPU {_cpu_model()}")
+  inputs = autoencoder_batch(jax.random.key(1), args.batch)["inputs"]
+  print(f"machine: {machine()}, optax {optax.__version__}")
   print(f"autoencoder {'-'.join(map(str, LAYERS))}: {n:,} parameters;"
         f" median of {args.repeats} interleaved samples x {args.inner} steps")
 

@@ -13,8 +13,6 @@ Run: ``python benchmarks/products.py [--batch 1000] [--repeats 15]``.
 """
 
 import argparse
-import os
-import platform
 import time
 
 import jax
@@ -23,28 +21,11 @@ import numpy as np
 import optax
 
 import curvature
-
-LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-CODE_LAYER = 3
-LOSS = curvature.losses.sigmoid_binary_cross_entropy
-
-
-def init_params(key):
-  params = []
-  for fan_in, fan_out in zip(LAYERS[:-1], LAYERS[1:]):
-    key, sub = jax.random.split(key)
-    params.append({"w": jax.random.normal(sub, (fan_in, fan_out)) / np.sqrt(
-        fan_in), "b": jnp.zeros(fan_out)})
-  return params
-
-
-def predict(params, batch):
-  h = batch["inputs"]
-  for i, layer in enumerate(params):
-    h = h @ layer["w"] + layer["b"]
-    if i != CODE_LAYER and i < len(params) - 1:
-      h = jax.nn.sigmoid(h)
-  return h
+from _common import LOSS
+from _common import autoencoder_batch
+from _common import autoencoder_params as init_params
+from _common import autoencoder_predict as predict
+from _common import machine
 
 
 def loss_fn(params, batch):
@@ -67,17 +48,6 @@ def interleaved_medians(candidates, args, repeats):
   return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
-  except (OSError, StopIteration):
-    pass
-  return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
-          f" ({jax.default_backend()})")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=1000)
@@ -88,8 +58,7 @@ def main():
 
   key = jax.random.key(0)
   params = init_params(key)
-  inputs = jax.random.uniform(jax.random.key(1), (args.batch, LAYERS[0]))
-  batch = {"inputs": inputs, "targets": inputs}
+  batch = autoencoder_batch(jax.random.key(1), args.batch)
   vector = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss_fn))

@@ -1,0 +1,58 @@
+"""The model and machine description shared by the benchmark scripts.
+
+The MNIST deep autoencoder of Hinton & Salakhutdinov (2006) and Martens
+(2010): 784-1000-500-250-30-250-500-1000-784, sigmoid hidden units, a linear
+30-unit code layer, logits out (2,837,314 parameters).
+"""
+
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+import curvature
+
+LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+CODE_LAYER = 3  # Index of the layer whose output is the linear code.
+LOSS = curvature.losses.sigmoid_binary_cross_entropy
+
+
+def autoencoder_params(key, dtype=jnp.float32):
+  """Gaussian weights scaled by 1/√fan-in, zero biases."""
+  params = []
+  for fan_in, fan_out in zip(LAYERS[:-1], LAYERS[1:]):
+    key, sub = jax.random.split(key)
+    params.append({
+        "w": jax.random.normal(sub, (fan_in, fan_out), dtype) / fan_in**0.5,
+        "b": jnp.zeros((fan_out,), dtype),
+    })
+  return params
+
+
+def autoencoder_predict(params, batch):
+  """Reconstruction logits for ``batch["inputs"]``."""
+  h = batch["inputs"]
+  for i, layer in enumerate(params):
+    h = h @ layer["w"] + layer["b"]
+    if i != CODE_LAYER and i < len(params) - 1:
+      h = jax.nn.sigmoid(h)
+  return h
+
+
+def autoencoder_batch(key, batch_size, dtype=jnp.float32):
+  """Random inputs in [0, 1] that are also the targets."""
+  inputs = jax.random.uniform(key, (batch_size, LAYERS[0]), dtype)
+  return {"inputs": inputs, "targets": inputs}
+
+
+def machine() -> str:
+  """CPU model, core count, jax version and backend."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
+  except (OSError, StopIteration):
+    pass
+  return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
+          f" ({jax.default_backend()})")
