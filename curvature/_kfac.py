@@ -278,11 +278,13 @@ def _from_matrix(layer, matrix, shape):
 
 
 def _factors(layer, inputs, output_grads, num_examples):
-  """``(Ā, G)`` of one layer from its inputs and output gradients."""
+  """``(Ā, G)`` of one layer from its inputs and ``[S, ...]`` output gradients."""
   rows = _layers.layer_inputs(layer, inputs)
   rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
   a = rows.T @ rows / num_examples
-  grads = _layers.layer_output_grads(layer, output_grads)
+  grads = jax.vmap(lambda g: _layers.layer_output_grads(layer, g))(
+      output_grads)
+  grads = grads.reshape(-1, grads.shape[-1])
   g = grads.T @ grads / grads.shape[0]
   return a, g
 
@@ -300,11 +302,9 @@ def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
     keys = jax.random.split(key, num_samples)
     cots = jax.vmap(lambda k: _losses.output_gradients(
         loss, outputs, loss.sample(k, outputs)))(keys)
-  factors = []
-  for k, layer in enumerate(layers):
-    per_sample = [_factors(layer, inputs[k], vjp_fn(c)[0][k], num_examples)
-                  for c in cots]
-    factors.append(jax.tree.map(lambda *x: sum(x) / len(x), *per_sample))
+  output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
+  factors = [_factors(layer, inputs[k], output_grads[k], num_examples)
+             for k, layer in enumerate(layers)]
   diagonal = None
   if diag_leaves:
     leaves, treedef = jax.tree.flatten(params)
@@ -316,9 +316,10 @@ def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
       return predict_fn(treedef.unflatten(full), b)
 
     sub = [leaves[i] for i in diag_leaves]
-    per_sample = [_curvature_diagonals.squared_vjp_mean(
-        sub_predict, sub, batch, c) for c in cots]
-    diagonal = jax.tree.map(lambda *x: sum(x) / len(x), *per_sample)
+    per_sample = jax.lax.map(
+        lambda c: _curvature_diagonals.squared_vjp_mean(
+            sub_predict, sub, batch, c), cots)
+    diagonal = [jnp.mean(x, axis=0) for x in per_sample]
   return factors, diagonal
 
 

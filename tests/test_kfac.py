@@ -1,0 +1,351 @@
+"""K-FAC: factors vs explicit computations, Kronecker theory, natural-gradient
+cosine, KFC conv factors vs patches, Flax/plain-JAX models, bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import curvature
+from curvature import _kfac
+from curvature import losses
+from helpers import classification_problem
+from helpers import dense_empirical_fisher
+from helpers import dense_ggn
+from helpers import dense_softmax_fisher
+from helpers import flat
+from helpers import mlp_predict
+
+CE = losses.softmax_cross_entropy
+
+
+def _grads(predict, params, batch, loss=CE):
+  return jax.grad(lambda p: loss.value(predict(p, batch),
+                                       batch["targets"]))(params)
+
+
+def _one_update(transform, params, batch, predict=mlp_predict, loss=CE):
+  state = transform.init(params)
+  updates, state = jax.jit(transform.update)(
+      _grads(predict, params, batch, loss), state, params, batch=batch)
+  return updates, state
+
+
+def test_factors_equal_explicit_computation():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  opt = curvature.scale_by_kfac(mlp_predict, CE, statistics="empirical_fisher",
+                                decay=0.0, initial_damping=1e-2)
+  _, state = _one_update(opt, params, batch)
+  x = batch["inputs"]
+  s1 = x @ params[0]["w"] + params[0]["b"]
+  h = jnp.tanh(s1)
+  logits = h @ params[1]["w"] + params[1]["b"]
+  g2 = jax.nn.softmax(logits) - jax.nn.one_hot(batch["targets"], 3)
+  g1 = (g2 @ params[1]["w"].T) * (1 - h ** 2)
+  ones = jnp.ones((8, 1))
+  for k, (a, g) in enumerate([(x, g1), (h, g2)]):
+    a = jnp.concatenate([a, ones], 1)
+    leaf = 2 * k + 1  # leaves: [0/b, 0/w, 1/b, 1/w]
+    np.testing.assert_allclose(state.factors_a[leaf], a.T @ a / 8,
+                               rtol=1e-12)
+    np.testing.assert_allclose(state.factors_g[leaf], g.T @ g / 8,
+                               rtol=1e-12)
+
+
+def _kron_block_in_ravel_order(a, g, n_in, n_out):
+  """A ⊗ G over [W; b] (row-major [in+1, out]) reordered to ravel({b, w})."""
+  block = np.kron(a, g)
+  w_index = np.arange(n_in * n_out)
+  b_index = n_in * n_out + np.arange(n_out)
+  order = np.concatenate([b_index, w_index])  # ravel_pytree: "b" then "w".
+  return block[np.ix_(order, order)]
+
+
+def test_single_dense_layer_kronecker_block_is_exact():
+  # With every example sharing the same input a, the empirical Fisher of
+  # [W; b] is (1/N) Σ (ā āᵀ) ⊗ (gᵢ gᵢᵀ) = Ā ⊗ G exactly.
+  n, n_in, n_out = 6, 3, 4
+  key = jax.random.key(3)
+  params = {"w": jax.random.normal(key, (n_in, n_out), jnp.float64),
+            "b": jnp.zeros(n_out, jnp.float64)}
+  row = jax.random.normal(jax.random.key(4), (1, n_in), jnp.float64)
+  batch = {"inputs": jnp.repeat(row, n, 0),
+           "targets": jnp.arange(n) % n_out}
+  predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+  opt = curvature.scale_by_kfac(predict, CE, statistics="empirical_fisher",
+                                decay=0.0, initial_damping=1e-3)
+  _, state = _one_update(opt, params, batch, predict)
+  a, g = state.factors_a[1], state.factors_g[1]
+  expected = dense_empirical_fisher(predict, CE, params, batch)
+  np.testing.assert_allclose(
+      _kron_block_in_ravel_order(np.asarray(a), np.asarray(g), n_in, n_out),
+      expected, rtol=1e-10, atol=1e-14)
+
+
+def _cosine(u, v):
+  return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+
+def test_kfac_is_closer_to_natural_gradient_than_diagonal():
+  params, batch = classification_problem(key=1, n=64, sizes=(5, 6, 4))
+  damping = 1e-3
+  fisher = dense_softmax_fisher(mlp_predict, params, batch)
+  grad = flat(_grads(mlp_predict, params, batch))
+  natural = np.linalg.solve(fisher + damping * np.eye(len(grad)), grad)
+  diagonal = grad / (np.diag(fisher) + damping)
+  opt = curvature.scale_by_kfac(mlp_predict, CE, num_samples=200, decay=0.0,
+                                initial_damping=damping)
+  updates, state = _one_update(opt, params, batch)
+  kfac = flat(updates)
+  assert int(state.rejected_steps) == 0
+  assert _cosine(kfac, natural) > _cosine(diagonal, natural) + 0.05
+
+
+def _patches(x, kh, kw, stride):
+  """Explicit [N, locations, C*kh*kw] patches, (channel, row, col) order."""
+  n, hh, ww, c = x.shape
+  rows = []
+  for i in range(0, hh - kh + 1, stride):
+    for j in range(0, ww - kw + 1, stride):
+      window = x[:, i:i + kh, j:j + kw, :]  # [n, kh, kw, c]
+      rows.append(np.transpose(window, (0, 3, 1, 2)).reshape(n, -1))
+  return np.stack(rows, 1)
+
+
+class CNN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (2, 3), strides=(2, 1), padding="VALID")(x)
+    return nn.Dense(4)(jnp.tanh(x).reshape(x.shape[0], -1))
+
+
+def test_conv_factors_match_patch_computation():
+  images = jax.random.normal(jax.random.key(0), (5, 6, 5, 2), jnp.float64)
+  model = CNN()
+  variables = jax.tree.map(lambda v: v.astype(jnp.float64),
+                           model.init(jax.random.key(1), images))
+  batch = {"inputs": images, "targets": jnp.arange(5) % 4}
+  predict = lambda v, b: model.apply(v, b["inputs"])
+  opt = curvature.scale_by_kfac(predict, CE, statistics="empirical_fisher",
+                                decay=0.0, initial_damping=1e-2)
+  updates, state = _one_update(opt, variables, batch, predict)
+  patches = _patches(np.asarray(images), 2, 3, 1)[:, ::1]
+  # stride (2, 1): keep rows 0, 2, 4 of the 5 possible row offsets.
+  patches = _patches_strided = np.stack(
+      [p for idx, p in enumerate(np.moveaxis(patches, 1, 0))
+       if (idx // 3) % 2 == 0], 1)
+  locations = patches.shape[1]
+  rows = np.concatenate([patches.reshape(-1, patches.shape[-1]),
+                         np.ones((5 * locations, 1))], 1)
+  paths = _kfac.leaf_paths(variables)
+  kernel = paths.index("params/Conv_0/kernel")
+  np.testing.assert_allclose(state.factors_a[kernel], rows.T @ rows / 5,
+                             rtol=1e-10)
+  # G: per-example gradients of the loss w.r.t. the conv output.
+  conv = lambda v, x: jax.lax.conv_general_dilated(
+      x, v["params"]["Conv_0"]["kernel"], (2, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  raw = conv(variables, images)
+
+  def head(s):
+    s = s + variables["params"]["Conv_0"]["bias"]
+    return nn.Dense(4).apply({"params": variables["params"]["Dense_0"]},
+                             jnp.tanh(s).reshape(5, -1))
+
+  logits, vjp_fn = jax.vjp(head, raw)
+  (g,) = vjp_fn(losses.output_gradients(CE, logits, batch["targets"]))
+  g = np.asarray(g).reshape(-1, 3)
+  np.testing.assert_allclose(state.factors_g[kernel],
+                             g.T @ g / g.shape[0], rtol=1e-10)
+  assert jax.tree.structure(updates) == jax.tree.structure(variables)
+
+
+class NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.a = nnx.Linear(4, 8, rngs=rngs)
+    self.b = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(jnp.tanh(self.a(x)))
+
+
+class LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(nn.Dense(8)(x)))
+
+
+class LinenCNN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _models():
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (32, 4), jnp.float32)
+  images = jax.random.normal(key, (32, 5, 5, 2), jnp.float32)
+  y = jnp.arange(32) % 3
+  linen = LinenMLP()
+  cnn = LinenCNN()
+  graphdef, nnx_state = nnx.split(NnxMLP(nnx.Rngs(0)))
+  plain = curvature.tests_helpers = None  # placeholder to keep names short
+  del plain
+  from helpers import mlp_params
+  return {
+      "linen_mlp": (lambda v, b: linen.apply(v, b["inputs"]),
+                    linen.init(key, x), {"inputs": x, "targets": y}),
+      "nnx_mlp": (lambda s, b: nnx.merge(graphdef, s)(b["inputs"]),
+                  nnx_state, {"inputs": x, "targets": y}),
+      "flax_cnn": (lambda v, b: cnn.apply(v, b["inputs"]),
+                   cnn.init(key, images), {"inputs": images, "targets": y}),
+      "plain_mlp": (mlp_predict, mlp_params(key, (4, 8, 3), jnp.float32),
+                    {"inputs": x, "targets": y}),
+  }
+
+
+@pytest.mark.parametrize("name", ["linen_mlp", "nnx_mlp", "flax_cnn",
+                                  "plain_mlp"])
+def test_runs_unmodified_on_models(name):
+  predict, params, batch = _models()[name]
+  blocks = curvature.kfac_blocks(predict, params, batch)
+  assert all(b.block != "diagonal" for b in blocks), blocks
+  opt = curvature.kfac(0.1, predict_fn=predict, loss=CE, inverse_every=3,
+                       initial_damping=1e-2)
+  state = opt.init(params)
+  loss_fn = lambda p: CE.value(predict(p, batch), batch["targets"])
+
+  @jax.jit
+  def step(p, s):
+    u, s = opt.update(jax.grad(loss_fn)(p), s, p, batch=batch)
+    return optax.apply_updates(p, u), s
+
+  start = loss_fn(params)
+  for _ in range(8):
+    params, state = step(params, state)
+  assert loss_fn(params) < 0.7 * start
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_summary_reports_fallbacks_and_overrides():
+  def predict(p, b):
+    h = jnp.tanh(b["inputs"] @ p["w"] + p["b"])
+    return h @ p["w"].T @ p["out"] * p["scale"]  # w tied; scale elementwise.
+
+  params = {"w": jnp.ones((4, 5)) * 0.1, "b": jnp.zeros(5),
+            "out": jnp.ones((4, 3)) * 0.1, "scale": jnp.ones(3)}
+  batch = {"inputs": jnp.ones((6, 4)), "targets": jnp.arange(6) % 3}
+  text = curvature.kfac_summary(predict, params, batch)
+  assert "used 2 times" in text and "`mul`" in text
+  blocks = {b.path: b for b in curvature.kfac_blocks(predict, params, batch)}
+  assert blocks["out"].block == "dense" and blocks["w"].block == "diagonal"
+  assert blocks["b"].block == "diagonal"
+  forced = curvature.kfac_blocks(predict, params, batch,
+                                 layer_overrides={"out": "diagonal"})
+  assert {b.path: b.block for b in forced}["out"] == "diagonal"
+  # A tied weight does not crash the optimizer: it gets a diagonal block.
+  opt = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2)
+  updates, state = _one_update(opt, params, batch, predict)
+  assert np.all(np.isfinite(flat(updates)))
+  assert float(jnp.sum(state.diagonal["w"])) > 0
+
+
+def test_bad_input():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  with pytest.raises(ValueError, match="do not exist"):
+    curvature.scale_by_kfac(mlp_predict, CE,
+                            layer_overrides={"0/kernel": "dense"}).init(params)
+  with pytest.raises(ValueError, match="layer_overrides"):
+    curvature.scale_by_kfac(mlp_predict, CE, layer_overrides={"0/w": "lstm"})
+  with pytest.raises(ValueError, match="used as a dense kernel"):
+    _one_update(curvature.scale_by_kfac(
+        mlp_predict, CE, layer_overrides={"0/w": "conv"}), params, batch)
+  with pytest.raises(ValueError, match="adaptive=True"):
+    curvature.scale_by_kfac(mlp_predict, CE, adapt_damping=True)
+  with pytest.raises(ValueError, match="statistics"):
+    curvature.scale_by_kfac(mlp_predict, CE, statistics="fisher")
+  with pytest.raises(TypeError, match="inverse_every"):
+    curvature.scale_by_kfac(mlp_predict, CE, inverse_every=2.5)
+  with pytest.raises(ValueError, match="batch=batch"):
+    opt = curvature.scale_by_kfac(mlp_predict, CE)
+    opt.update(params, opt.init(params), params)
+
+
+def test_non_finite_statistics_are_rejected_and_singular_factors_damped():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  opt = curvature.scale_by_kfac(mlp_predict, CE, initial_damping=1e-2,
+                                inverse_every=1)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  grads = _grads(mlp_predict, params, batch)
+  _, state = update(grads, state, params, batch=batch)
+  poisoned = dict(batch, inputs=batch["inputs"].at[0, 0].set(jnp.nan))
+  out, new_state = update(grads, state, params, batch=poisoned)
+  for old, new in zip(jax.tree.leaves(state.factors_a),
+                      jax.tree.leaves(new_state.factors_a)):
+    np.testing.assert_array_equal(old, new)
+  assert int(new_state.rejected_statistics) == 1
+  assert np.all(np.isfinite(flat(out)))
+  bad = jax.tree.map(lambda g: g * jnp.inf, grads)
+  out, new_state = update(bad, state, params, batch=batch)
+  assert np.all(flat(out) == 0) and int(new_state.rejected_steps) == 1
+  # All-zero inputs: Ā is singular (rank one); the damping keeps it solvable.
+  zeros = dict(batch, inputs=jnp.zeros_like(batch["inputs"]))
+  out, _ = jax.jit(opt.update)(grads, opt.init(params), params, batch=zeros)
+  assert np.all(np.isfinite(flat(out)))
+
+
+def test_inverses_refresh_every_t_steps_under_jit():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  opt = curvature.scale_by_kfac(mlp_predict, CE, inverse_every=3,
+                                initial_damping=1e-2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  grads = _grads(mlp_predict, params, batch)
+  history = []
+  for k in range(4):
+    shifted = dict(batch, inputs=batch["inputs"] * (1 + 0.3 * k))
+    _, state = update(grads, state, params, batch=shifted)
+    history.append(np.asarray(state.inverses_a[1]))
+  np.testing.assert_array_equal(history[0], history[1])
+  np.testing.assert_array_equal(history[0], history[2])
+  assert not np.allclose(history[2], history[3])
+
+
+def test_adaptive_step_minimises_exact_quadratic_model():
+  params, batch = classification_problem(n=16, sizes=(4, 5, 3))
+  l2, damping = 1e-3, 0.5
+  opt = curvature.scale_by_kfac(mlp_predict, CE, adaptive=True,
+                                initial_damping=damping, l2_reg=l2,
+                                adapt_damping=False, inverse_every=1)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  grads = _grads(mlp_predict, params, batch)
+  _, state = update(grads, state, params, batch=batch)
+  plain = curvature.scale_by_kfac(mlp_predict, CE, initial_damping=damping,
+                                  l2_reg=l2, inverse_every=1)
+  # The raw K-FAC direction at the second step (same statistics stream).
+  _, plain_state = jax.jit(plain.update)(grads, plain.init(params), params,
+                                         batch=batch)
+  delta, _ = jax.jit(plain.update)(grads, plain_state, params, batch=batch)
+  out, new_state = update(grads, state, params, batch=batch)
+  c = dense_ggn(mlp_predict, CE, params, batch, l2) + damping * np.eye(
+      len(flat(params)))
+  g = flat(grads) + l2 * flat(params)
+  v1, v2 = -flat(delta), flat(state.velocity)
+  quad = np.array([[v1 @ c @ v1, v1 @ c @ v2], [v2 @ c @ v1, v2 @ c @ v2]])
+  alpha, mu = np.linalg.solve(quad, -np.array([g @ v1, g @ v2]))
+  np.testing.assert_allclose([float(new_state.learning_rate),
+                              float(new_state.momentum)], [alpha, mu],
+                             rtol=1e-6)
+  np.testing.assert_allclose(flat(out), -(alpha * v1 + mu * v2), rtol=1e-6,
+                             atol=1e-12)
