@@ -111,6 +111,10 @@ from curvature._natural_gradient import natural_gradient
 from curvature._natural_gradient import scale_by_natural_gradient
 # --- natural gradient and K-FAC (issue 5) end ---
 
+# --- datasets (issue 6) begin ---
+from curvature import datasets
+# --- datasets (issue 6) end ---
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -215,4 +219,7 @@ __all__ = (
     "scale_by_kfac",
     "scale_by_natural_gradient",
     # --- issue 5 names end ---
+    # --- datasets (issue 6) begin ---
+    "datasets",
+    # --- datasets (issue 6) end ---
 )
