@@ -30,12 +30,17 @@ class LanczosResult(NamedTuple):
     basis: the Lanczos vectors as rows ``[m, n]`` of raveled parameters, or
       ``None`` without reorthogonalization.
     finite: ``False`` if the operator produced a NaN or an Inf.
+    num_reorthogonalizations: with ``reorthogonalize="partial"``, how many of
+      the ``m`` new Lanczos vectors were reorthogonalized against the basis
+      (an int32 scalar); ``None`` in the other modes (``"full"`` does all of
+      them, ``False`` none).
   """
 
   alphas: Array
   betas: Array
   basis: Optional[Array]
   finite: Array
+  num_reorthogonalizations: Optional[Array] = None
 
 
 class Eigenpairs(NamedTuple):
@@ -154,6 +159,144 @@ def _reorthogonalize(vector: Array, basis: Array) -> Array:
       needs_second, lambda: once - basis.T @ (basis @ once), lambda: once)
 
 
+_MODES = ("full", "partial", None)
+
+
+def reorthogonalization_mode(reorthogonalize: Any) -> Optional[str]:
+  """``reorthogonalize`` as ``"full"``, ``"partial"`` or ``None``.
+
+  ``True`` means ``"full"`` and ``False`` means ``None`` (no
+  reorthogonalization); anything else is a ``ValueError`` naming the options.
+  """
+  if reorthogonalize is True or reorthogonalize is False:
+    return "full" if reorthogonalize else None
+  if reorthogonalize is None or (
+      isinstance(reorthogonalize, str) and reorthogonalize in _MODES):
+    return reorthogonalize
+  raise ValueError(
+      f"`reorthogonalize` must be True or 'full' (full reorthogonalization),"
+      f" 'partial' (Simon's partial reorthogonalization) or False / None"
+      f" (none), got {reorthogonalize!r}."
+  )
+
+
+class _Omega(NamedTuple):
+  """Simon's estimates of the loss of orthogonality, for ``"partial"``.
+
+  ``current[k] ≈ v_jᵀ v_k`` and ``previous[k] ≈ v_{j−1}ᵀ v_k`` (``1`` on the
+  diagonal, ``0`` past it); ``alphas``/``betas`` are the recorded entries of
+  ``T`` so far; ``anorm`` is the running estimate ``max |αᵢ| + βᵢ + βᵢ₋₁``
+  of ``‖A‖``; ``force`` asks for the second reorthogonalization of a pair;
+  ``count`` is the number of reorthogonalized vectors.
+  """
+
+  previous: Array
+  current: Array
+  alphas: Array
+  betas: Array
+  anorm: Array
+  force: Array
+  count: Array
+
+
+def _initial_omega(m: int, dtype) -> _Omega:
+  zeros = jnp.zeros((m,), dtype)
+  return _Omega(zeros, zeros.at[0].set(1.0), zeros, zeros,
+                jnp.zeros((), dtype), jnp.zeros((), bool),
+                jnp.zeros((), jnp.int32))
+
+
+def _next_omega(omega: _Omega, j: Array, alpha: Array, beta: Array,
+                noise: Array) -> Array:
+  r"""Simon's ω-recurrence: the estimate of ``v_{j+1}ᵀ v_k`` for all ``k``.
+
+  With ``ωⱼₖ ≈ v_jᵀ v_k`` (0-based, ``β₋₁ = 0``, ``ω_{j,−1} = 0``), for
+  ``k < j``
+
+  .. math::
+    \beta_j \omega_{j+1,k} = \beta_k \omega_{j,k+1}
+      + (\alpha_k - \alpha_j)\,\omega_{j,k} + \beta_{k-1}\omega_{j,k-1}
+      - \beta_{j-1}\omega_{j-1,k} \pm \epsilon\|A\|,
+
+  where the rounding term takes the sign of the rest (the worst case),
+  ``ω_{j+1,j} = ε‖A‖/βⱼ`` (the local loss after the three-term recurrence,
+  Paige 1976) and ``ω_{j+1,j+1} = 1``. ``noise`` is ``ε‖A‖`` with ``‖A‖``
+  estimated from ``T``, as in Simon's model; SLEPc's ``√n ε/2 · ‖A‖``, a rule
+  of thumb for dense matrix products, would trigger at once in float32 at
+  ``n`` in the millions (``√n ε/2 ≈ √ε``) and is not used. ``alpha`` and
+  ``beta`` are ``αⱼ`` and ``βⱼ`` before any reorthogonalization. Costs
+  ``O(m)``, against ``O(m n)`` for a reorthogonalization.
+  """
+  m = omega.current.shape[0]
+  k = jnp.arange(m)
+  zero = jnp.zeros((1,), omega.current.dtype)
+  up = jnp.concatenate([omega.current[1:], zero])  # ω_{j,k+1}
+  down = jnp.concatenate([zero, omega.current[:-1]])  # ω_{j,k−1}
+  betas_down = jnp.concatenate([zero, omega.betas[:-1]])  # β_{k−1}
+  beta_previous = jnp.where(j > 0, omega.betas[jnp.maximum(j - 1, 0)], 0.0)
+  raw = (omega.betas * up + (omega.alphas - alpha) * omega.current
+         + betas_down * down - beta_previous * omega.previous)
+  safe_beta = jnp.where(beta > 0, beta, 1.0)
+  estimate = (raw + jnp.where(raw >= 0, noise, -noise)) / safe_beta
+  estimate = jnp.where(k < j, estimate, 0.0)
+  estimate = jnp.where(k == j, noise / safe_beta, estimate)
+  return jnp.where(k == j + 1, 1.0, estimate)
+
+
+def _partial_step(omega: _Omega, j, alpha, beta_previous, residual, basis,
+                  eps) -> tuple[Array, Array, _Omega, Array]:
+  r"""One step of partial reorthogonalization (Simon 1984).
+
+  Updates the ω estimates of ``v_{j+1} = residual / β``; if ``max_{k≤j}
+  |ω_{j+1,k}| > √ε``, or the previous step asked for it, reorthogonalizes
+  ``residual`` against the whole basis (rows past ``j`` are zero) and resets
+  those ω to ``ε``. A threshold crossing also forces the *next* vector to be
+  reorthogonalized (``ω_{j+1}`` and ``ω_j`` both feed ``ω_{j+2}``, so one
+  reset alone does not stop the growth); a forced one does not chain.
+
+  Returns:
+    The residual, its norm ``βⱼ``, the :class:`_Omega` with ``αⱼ``, ``‖A‖``,
+    ``force`` and ``count`` updated, and the estimate ``ω_{j+1,·}`` (for
+    :func:`_shift_omega`).
+  """
+  beta = jnp.linalg.norm(residual)
+  anorm = jnp.maximum(omega.anorm, jnp.abs(alpha) + beta + beta_previous)
+  omega = omega._replace(alphas=omega.alphas.at[j].set(alpha), anorm=anorm)
+  estimate = _next_omega(omega, j, alpha, beta, eps * anorm)
+  k = jnp.arange(estimate.shape[0])
+  worst = jnp.max(jnp.where(k <= j, jnp.abs(estimate), 0.0))
+  triggered = worst > jnp.sqrt(eps)
+  reorthogonalize = triggered | omega.force
+  residual, beta = jax.lax.cond(
+      reorthogonalize,
+      lambda: _with_norm(_reorthogonalize(residual, basis)),
+      lambda: (residual, beta),
+  )
+  estimate = jnp.where(reorthogonalize & (k <= j), eps, estimate)
+  omega = omega._replace(
+      force=triggered & ~omega.force,
+      count=omega.count + reorthogonalize.astype(jnp.int32),
+  )
+  return residual, beta, omega, estimate
+
+
+def _with_norm(vector: Array) -> tuple[Array, Array]:
+  return vector, jnp.linalg.norm(vector)
+
+
+def _shift_omega(omega: _Omega, estimate, j, off_diagonal, restarted,
+                 eps) -> _Omega:
+  """Records ``βⱼ`` and shifts ``(ω_{j−1}, ω_j) ← (ω_j, ω_{j+1} = estimate)``.
+
+  A restart vector is fully orthogonalized, so its ω are reset to ``ε``.
+  """
+  k = jnp.arange(omega.current.shape[0])
+  following = jnp.where(restarted & (k <= j), eps, estimate)
+  return omega._replace(
+      previous=omega.current, current=following,
+      betas=omega.betas.at[j].set(off_diagonal))
+
+
 def _normalize(vector: Array) -> Array:
   return vector / jnp.linalg.norm(vector)
 
@@ -163,6 +306,7 @@ class _Carry(NamedTuple):
   current: Array
   beta: Array
   basis: Optional[Array]
+  omega: Optional[_Omega]
 
 
 def lanczos(
@@ -170,7 +314,7 @@ def lanczos(
     initial_vector: Params,
     num_iterations: int,
     *,
-    reorthogonalize: bool = True,
+    reorthogonalize: Any = True,
     key: Optional[Array] = None,
 ) -> LanczosResult:
   r"""Lanczos tridiagonalization of a symmetric operator (Lanczos 1950).
@@ -186,51 +330,88 @@ def lanczos(
   so that ``Vᵀ A V = T = tridiag(β, α, β)``. The eigenvalues of ``T`` (Ritz
   values) approximate the extreme eigenvalues of ``A`` after a few dozen
   iterations, and ``(e₁ᵀ sᵢ)²`` are the Gauss quadrature weights of the
-  spectral measure of ``v`` (Golub & Meurant). With ``reorthogonalize`` each
-  ``w`` is Gram-Schmidt orthogonalized against all previous vectors (a
-  second pass when the first removes much of the norm),
-  which removes the spurious copies of converged eigenvalues that finite
-  precision causes, at ``O(m n)`` extra cost per iteration. When the Krylov
-  space is exhausted (``βⱼ ≈ 0``, e.g. a low-rank ``A``) the iteration
-  restarts from a random vector orthogonal to the basis and records
-  ``βⱼ = 0``, so ``T`` stays block diagonal and exact.
+  spectral measure of ``v`` (Golub & Meurant). In finite precision the
+  ``vⱼ`` lose orthogonality as soon as a Ritz value converges (Paige 1976),
+  and spurious ("ghost") copies of converged eigenvalues appear in ``T``.
+  ``reorthogonalize`` picks the remedy:
+
+  * ``True`` / ``"full"`` (the default, as in PyHessian): each ``w`` is
+    Gram-Schmidt orthogonalized against all previous vectors (a second pass
+    when the first removes much of the norm), ``O(m n)`` memory traffic per
+    iteration; ``VᵀV = I`` to working precision, so Ritz vectors are
+    orthonormal and exactly unit.
+  * ``"partial"``: Simon's partial reorthogonalization. An ``O(m)``
+    recurrence estimates ``ωⱼₖ ≈ vⱼᵀvₖ`` from ``α`` and ``β`` (see
+    :func:`_next_omega`); only when ``max |ω| > √ε`` is the new vector, and
+    the one after it, orthogonalized against *all* previous vectors (not
+    only those with ``|ω| > ε^{3/4}``: with a dense ``[m, n]`` basis the
+    product reads every row anyway, so selecting rows saves nothing and
+    all rows leave the smallest error). This keeps the basis
+    semi-orthogonal, ``|vⱼᵀvₖ| ≲ √ε``, which by Simon's theorem makes ``T``
+    the projection of ``A`` onto an orthonormal basis up to ``O(ε‖A‖)``:
+    Ritz values and quadrature weights are as accurate as with ``"full"``,
+    with no ghosts; Ritz vectors are unit only to ``O(√ε)``. Benign runs
+    (nothing converged yet, e.g. 20 iterations on a large network) do no
+    reorthogonalization at all; ``num_reorthogonalizations`` in the
+    result counts them.
+  * ``False`` / ``None``: none; ``O(n)`` memory, no basis kept, ghosts
+    appear once Ritz values converge (extreme values stay right).
+
+  When the Krylov space is exhausted (``βⱼ ≈ 0``, e.g. a low-rank ``A``) the
+  iteration restarts from a random vector orthogonal to the basis and
+  records ``βⱼ = 0``, so ``T`` stays block diagonal and exact.
 
   Args:
     matvec: ``v ↦ A v`` on pytrees, for a symmetric ``A``.
     initial_vector: the starting pytree ``v`` (any nonzero norm); its ravel
       fixes ``n`` and the dtype.
     num_iterations: ``m``, the number of operator products, ``1 ≤ m ≤ n``.
-    reorthogonalize: full reorthogonalization; it also keeps the basis for
+    reorthogonalize: ``True`` or ``"full"``, ``"partial"``, or ``False`` or
+      ``None``, as above. ``"full"`` and ``"partial"`` keep the basis for
       Ritz vectors.
     key: PRNG key for restart vectors; ``jax.random.key(0)`` if ``None``.
 
   Returns:
     A :class:`LanczosResult`.
 
+  Raises:
+    ValueError: for any other ``reorthogonalize``.
+
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch)
     >>> result = curvature.lanczos(lin.matvec, params, 30)
     >>> jnp.linalg.eigvalsh(curvature.tridiagonal(result))
+    >>> fast = curvature.lanczos(lin.matvec, params, 30,
+    ...                          reorthogonalize="partial")
 
   References:
     Lanczos, "An iteration method for the solution of the eigenvalue problem
     of linear differential and integral operators", 1950.
+    Paige, "Error analysis of the Lanczos algorithm for tridiagonalizing a
+    symmetric matrix", 1976.
+    Simon, "The Lanczos algorithm with partial reorthogonalization", Math.
+    Comp. 42, 1984. Larsen, "Lanczos bidiagonalization with partial
+    reorthogonalization" (PROPACK), 1998.
     Golub & Meurant, "Matrices, Moments and Quadrature with Applications",
     2010. ``shared/seeds/002_*`` (Hessian spectra).
   """
+  mode = reorthogonalization_mode(reorthogonalize)
   num_iterations = check_num_iterations(num_iterations, initial_vector)
   key = jax.random.key(0) if key is None else key
   flat, _, apply = _flat_operator(matvec, initial_vector)
   n = flat.shape[0]
-  tolerance = jnp.sqrt(jnp.finfo(flat.dtype).eps)
+  eps = jnp.asarray(jnp.finfo(flat.dtype).eps, flat.dtype)
+  tolerance = jnp.sqrt(eps)
   first = _normalize(flat)
   basis = None
-  if reorthogonalize:
+  if mode is not None:
     basis = jnp.zeros((num_iterations, n), flat.dtype).at[0].set(first)
+  omega = _initial_omega(num_iterations, flat.dtype) if (
+      mode == "partial") else None
 
   def restart_vector(j, carry):
     random = jax.random.normal(jax.random.fold_in(key, j), (n,), flat.dtype)
-    if reorthogonalize:
+    if mode is not None:
       random = _orthogonalize(random, carry.basis)
     else:
       local = jnp.stack([carry.previous, carry.current])
@@ -241,9 +422,15 @@ def lanczos(
     product = apply(carry.current)
     alpha = jnp.vdot(carry.current, product)
     residual = product - alpha * carry.current - carry.beta * carry.previous
-    if reorthogonalize:
+    new_omega, estimate = carry.omega, None
+    if mode == "full":
       residual = _reorthogonalize(residual, carry.basis)
-    beta = jnp.linalg.norm(residual)
+      beta = jnp.linalg.norm(residual)
+    elif mode == "partial":
+      residual, beta, new_omega, estimate = _partial_step(
+          carry.omega, j, alpha, carry.beta, residual, carry.basis, eps)
+    else:
+      beta = jnp.linalg.norm(residual)
     has_next = j + 1 < num_iterations
     exhausted = has_next & (beta <= tolerance * jnp.linalg.norm(product))
     following = jax.lax.cond(
@@ -253,19 +440,25 @@ def lanczos(
     )
     off_diagonal = jnp.where(exhausted, 0.0, beta).astype(flat.dtype)
     new_basis = carry.basis
-    if reorthogonalize:
+    if mode is not None:
       row = jnp.minimum(j + 1, num_iterations - 1)
       kept = jnp.where(has_next, following, carry.basis[row])
       new_basis = carry.basis.at[row].set(kept)
-    new_carry = _Carry(carry.current, following, off_diagonal, new_basis)
+    if mode == "partial":
+      new_omega = _shift_omega(
+          new_omega, estimate, j, off_diagonal, exhausted, eps)
+    new_carry = _Carry(carry.current, following, off_diagonal, new_basis,
+                       new_omega)
     return new_carry, (alpha, off_diagonal)
 
-  init = _Carry(jnp.zeros_like(first), first, jnp.zeros((), flat.dtype), basis)
+  init = _Carry(jnp.zeros_like(first), first, jnp.zeros((), flat.dtype), basis,
+                omega)
   final, (alphas, betas) = jax.lax.scan(
       step, init, jnp.arange(num_iterations)
   )
   finite = jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
-  return LanczosResult(alphas, betas, final.basis, finite)
+  count = final.omega.count if mode == "partial" else None
+  return LanczosResult(alphas, betas, final.basis, finite, count)
 
 
 def tridiagonal(result: LanczosResult) -> Array:
@@ -293,15 +486,24 @@ class RitzDecomposition(NamedTuple):
 
 
 def ritz_decomposition(
-    matvec: Matvec, params: Params, num_iterations: int, key: Optional[Array]
+    matvec: Matvec, params: Params, num_iterations: int, key: Optional[Array],
+    reorthogonalize: Any = True,
 ) -> RitzDecomposition:
-  """Lanczos with full reorthogonalization from a Gaussian start, then ``eigh(T)``."""
+  """Lanczos from a Gaussian start, then ``eigh(T)``.
+
+  ``reorthogonalize`` is ``True``/``"full"`` (the default) or ``"partial"``;
+  both keep the basis that maps ``S`` back to Ritz vectors.
+  """
+  if reorthogonalization_mode(reorthogonalize) is None:
+    raise ValueError(
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        f" 'full' or 'partial', got {reorthogonalize!r}.")
   num_iterations = check_num_iterations(num_iterations, params)
   key = jax.random.key(0) if key is None else key
   start_key, restart_key = jax.random.split(key)
   result = lanczos(
       matvec, _random_start(params, start_key), num_iterations,
-      reorthogonalize=True, key=restart_key)
+      reorthogonalize=reorthogonalize, key=restart_key)
   values, vectors = jnp.linalg.eigh(tridiagonal(result))
   return RitzDecomposition(values, vectors, result)
 
@@ -327,13 +529,14 @@ def default_num_iterations(params: Params, k: int = 1) -> int:
 
 
 def _eigenpairs(
-    matvec, params, k, num_iterations, key, largest: bool
+    matvec, params, k, num_iterations, key, reorthogonalize, largest: bool
 ) -> Eigenpairs:
   if num_iterations is None:
     num_iterations = default_num_iterations(params, k)
   num_iterations = check_num_iterations(num_iterations, params)
   k = _check_k(k, num_iterations, params)
-  ritz = ritz_decomposition(matvec, params, num_iterations, key)
+  ritz = ritz_decomposition(
+      matvec, params, num_iterations, key, reorthogonalize)
   order = jnp.arange(num_iterations - 1, num_iterations - 1 - k, -1) if (
       largest) else jnp.arange(k)
   return select_pairs(ritz, params, order)
@@ -346,12 +549,21 @@ def top_eigenpairs(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
+    reorthogonalize: Any = True,
 ) -> Eigenpairs:
   r"""The ``k`` largest eigenvalues and their Ritz vectors, by Lanczos.
 
   Runs :func:`lanczos` with full reorthogonalization from a random Gaussian
   start, diagonalizes ``T = S Θ Sᵀ`` with ``jnp.linalg.eigh`` and returns the
   Ritz pairs ``(θᵢ, V sᵢ)`` with the error bounds ``|β_m s_{m,i}|``.
+
+  Full reorthogonalization stays the default because the Ritz vectors
+  ``V sᵢ`` are then orthonormal to working precision, which is what a
+  PyHessian user gets. ``reorthogonalize="partial"`` gives eigenvalues as
+  accurate (semi-orthogonality, ``|vⱼᵀvₖ| ≲ √ε``, keeps ``T`` exact to
+  ``O(ε‖A‖)``; Simon 1984) for less memory traffic, but Ritz vectors that
+  are unit and orthogonal only to ``O(√ε)``: use it when the eigenvalues
+  are what matters or the basis is large.
 
   Args:
     matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
@@ -360,6 +572,8 @@ def top_eigenpairs(
     k: how many eigenpairs, ``k ≤ num_iterations ≤ n``.
     num_iterations: Lanczos steps; ``min(n, max(30, 3k))`` if ``None``.
     key: PRNG key of the start vector; ``jax.random.key(0)`` if ``None``.
+    reorthogonalize: ``True``/``"full"`` or ``"partial"`` (see
+      :func:`lanczos`); ``False`` is refused, Ritz vectors need the basis.
 
   Returns:
     :class:`Eigenpairs`, largest eigenvalue first.
@@ -374,7 +588,8 @@ def top_eigenpairs(
     Lanczos 1950; Golub & Meurant 2010. Yao et al., "PyHessian: Neural
     networks through the lens of the Hessian", 2020.
   """
-  return _eigenpairs(matvec, params, k, num_iterations, key, largest=True)
+  return _eigenpairs(matvec, params, k, num_iterations, key,
+                     reorthogonalize, largest=True)
 
 
 def bottom_eigenpairs(
@@ -384,6 +599,7 @@ def bottom_eigenpairs(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
+    reorthogonalize: Any = True,
 ) -> Eigenpairs:
   r"""The ``k`` smallest (most negative) eigenvalues and their Ritz vectors.
 
@@ -398,6 +614,8 @@ def bottom_eigenpairs(
     k: how many eigenpairs, ``k ≤ num_iterations ≤ n``.
     num_iterations: Lanczos steps; ``min(n, max(30, 3k))`` if ``None``.
     key: PRNG key of the start vector.
+    reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
+      :func:`top_eigenpairs`.
 
   Returns:
     :class:`Eigenpairs`, smallest eigenvalue first.
@@ -408,7 +626,8 @@ def bottom_eigenpairs(
   References:
     Lanczos 1950; Golub & Meurant 2010.
   """
-  return _eigenpairs(matvec, params, k, num_iterations, key, largest=False)
+  return _eigenpairs(matvec, params, k, num_iterations, key,
+                     reorthogonalize, largest=False)
 
 
 class _PowerCarry(NamedTuple):

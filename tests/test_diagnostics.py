@@ -129,6 +129,111 @@ def test_lanczos_without_reorthogonalization_keeps_the_extremes():
       jnp.max(curvature.ritz_values(result)), exact[-1], rtol=1e-8)
 
 
+SQRT_EPS = np.sqrt(np.finfo(np.float64).eps)
+
+
+def _outlier_operator(n=200):
+  """``diag(1000, 500, 250, 125, bulk in [0, 1])`` on a flat float64 vector.
+
+  The outliers are so well separated that ``λ = 1000`` converges in a few
+  steps; plain Lanczos then loses orthogonality and copies it (Paige 1976).
+  """
+  eigenvalues = np.concatenate(
+      [[1000.0, 500.0, 250.0, 125.0], np.linspace(0.0, 1.0, n - 4)])
+  diagonal = jnp.asarray(eigenvalues, jnp.float64)
+  start = jnp.asarray(np.random.default_rng(0).normal(size=n), jnp.float64)
+  return (lambda v: diagonal * v), start, np.linalg.eigvalsh(
+      np.diag(eigenvalues))
+
+
+def _copies(values, target):
+  return int(np.sum(np.abs(np.asarray(values) - target) < 1e-6 * target))
+
+
+def _orthogonality_loss(result):
+  basis = np.asarray(result.basis)
+  return np.max(np.abs(basis @ basis.T - np.eye(basis.shape[0])))
+
+
+def test_partial_reorthogonalization_removes_the_ghosts_like_full():
+  matvec, start, exact = _outlier_operator()
+  runs = {mode: curvature.lanczos(matvec, start, 60, reorthogonalize=mode)
+          for mode in (False, "partial", "full")}
+  ritz = {mode: np.asarray(curvature.ritz_values(result))
+          for mode, result in runs.items()}
+  assert _copies(ritz[False], exact[-1]) > 1  # Ghosts without reorth.
+  for mode in ("partial", "full"):
+    assert _copies(ritz[mode], exact[-1]) == 1
+    np.testing.assert_allclose(ritz[mode][-4:], exact[-4:], rtol=1e-12)
+    assert np.all((ritz[mode] > exact[0] - 1e-9)
+                  & (ritz[mode] < exact[-1] + 1e-9))
+  np.testing.assert_allclose(ritz["partial"], ritz["full"], atol=1e-9)
+  assert _orthogonality_loss(runs["partial"]) <= SQRT_EPS
+  assert _orthogonality_loss(runs["full"]) <= 1e-13
+  assert 0 < int(runs["partial"].num_reorthogonalizations) < 60
+  assert runs["full"].num_reorthogonalizations is None
+  assert runs[False].num_reorthogonalizations is None
+
+
+def test_partial_reorthogonalization_is_skipped_on_a_benign_problem():
+  n = 200
+  diagonal = jnp.linspace(1.0, 2.0, n, dtype=jnp.float64)
+  matvec = lambda v: diagonal * v
+  start = jnp.asarray(np.random.default_rng(1).normal(size=n), jnp.float64)
+  run = jax.jit(lambda v: curvature.lanczos(
+      matvec, v, 30, reorthogonalize="partial"))
+  partial = run(start)
+  plain = curvature.lanczos(matvec, start, 30, reorthogonalize=False)
+  assert int(partial.num_reorthogonalizations) == 0
+  np.testing.assert_allclose(partial.alphas, plain.alphas, rtol=1e-13)
+  np.testing.assert_allclose(partial.betas, plain.betas, rtol=1e-13)
+  assert _orthogonality_loss(partial) <= SQRT_EPS
+  run(2.0 * start)
+  assert run._cache_size() == 1  # The reorth is a lax.cond, not a retrace.
+
+
+def test_partial_reorthogonalization_matches_the_dense_hessian():
+  params, _, lin = _linearization("hessian")
+  exact = np.linalg.eigvalsh(_dense_hessian())
+  top = curvature.top_eigenpairs(
+      lin.matvec, params, k=3, num_iterations=26, reorthogonalize="partial")
+  bottom = curvature.bottom_eigenpairs(
+      lin.matvec, params, k=2, num_iterations=26, reorthogonalize="partial")
+  np.testing.assert_allclose(top.eigenvalues, exact[::-1][:3], atol=1e-9)
+  np.testing.assert_allclose(bottom.eigenvalues, exact[:2], atol=1e-9)
+  for i in range(3):
+    vector = jax.tree.map(lambda x: x[i], top.eigenvectors)
+    np.testing.assert_allclose(optax.tree.norm(vector), 1.0, atol=SQRT_EPS)
+
+
+def test_lanczos_restarts_with_partial_reorthogonalization():
+  params, _ = _problem()
+  flat, unravel = ravel_pytree(params)
+  factor = jnp.asarray(
+      np.random.default_rng(1).normal(size=(flat.size, 3)), jnp.float64)
+  matvec = lambda v: unravel(factor @ (factor.T @ ravel_pytree(v)[0]))
+  result = curvature.lanczos(
+      matvec, params | {"b2": jnp.ones(2)}, 26, reorthogonalize="partial")
+  assert bool(result.finite) and np.all(np.isfinite(result.basis))
+  np.testing.assert_allclose(
+      np.sort(curvature.ritz_values(result)),
+      np.linalg.eigvalsh(np.asarray(factor @ factor.T)), atol=1e-9)
+  assert _orthogonality_loss(result) <= SQRT_EPS
+
+
+@pytest.mark.parametrize("mode", ["sometimes", "Full", 1, 0.5])
+def test_reorthogonalize_rejects_unknown_modes(mode):
+  params, _ = _problem()
+  with pytest.raises(ValueError, match="'partial'"):
+    curvature.lanczos(lambda v: v, params, 3, reorthogonalize=mode)
+
+
+def test_ritz_pairs_refuse_no_reorthogonalization():
+  params, _ = _problem()
+  with pytest.raises(ValueError, match="need the Lanczos basis"):
+    curvature.top_eigenpairs(lambda v: v, params, reorthogonalize=False)
+
+
 def test_lanczos_and_eigenpairs_jit():
   params, batch = _problem()
 
