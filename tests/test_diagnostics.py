@@ -319,7 +319,7 @@ def test_density_on_grid_is_a_normalized_density_with_the_right_mean():
 
 
 def test_plot_spectral_density_draws_on_a_log_scale():
-  matplotlib = pytest.importorskip("matplotlib")
+  import matplotlib  # A test dependency: the plot must be exercised in CI.
   matplotlib.use("Agg")
   params, _, lin = _linearization("ggn")
   density = curvature.spectral_density(lin.matvec, params, num_iterations=10)
