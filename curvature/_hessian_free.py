@@ -72,8 +72,13 @@ class ScaleByHessianFreeState(NamedTuple):
 
 
 def _state_dtype(params: Params):
+  """The compute dtype: the parameters' dtype, at least float32."""
   leaves = jax.tree.leaves(params)
   return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
+def _cast(tree: Params, dtype) -> Params:
+  return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), tree)
 
 
 def _last_examples(batch, num_examples: int):
@@ -269,6 +274,17 @@ def scale_by_hessian_free(
   accepted and ignored, so the transform chains with
   ``optax.scale_by_zoom_linesearch``.
 
+  **Dtypes.** Everything is computed in the parameters' dtype, but at least
+  float32: float32 and float64 parameters keep their dtype throughout, while
+  bfloat16 (or float16) parameters and gradients are upcast to float32 for
+  the linearization, the curvature products, CG (iterates, residuals, inner
+  products), the damping, ``ρ`` and the line search, and only the returned
+  update is cast back to the parameters' dtype. The state (``damping``, the
+  warm start ``previous_solution``, the statistics) is float32 then. The
+  model runs on float32 copies of the parameters during ``update``; a
+  ``predict_fn`` that casts its inputs to a fixed compute dtype keeps
+  doing so.
+
   **Non-finite input.** If the gradient, the objective or a curvature product
   is NaN/Inf, the step is rejected: the update is zero, ``λ`` is multiplied by
   ``damping_increase``, the warm start is reset and ``rejected_steps`` counts
@@ -387,7 +403,7 @@ def scale_by_hessian_free(
     return ScaleByHessianFreeState(
         count=jnp.zeros((), jnp.int32),
         damping=jnp.asarray(initial_damping, dtype),
-        previous_solution=optax.tree.zeros_like(params),
+        previous_solution=optax.tree.zeros_like(params, dtype=dtype),
         key=jax.random.key(seed),
         rejected_steps=jnp.zeros((), jnp.int32),
         objective_value=zero,
@@ -401,6 +417,10 @@ def scale_by_hessian_free(
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args  # value, grad, value_fn: accepted for chaining.
     _check_update_args(updates, params, batch)
+    original_params = params
+    compute_dtype = state.damping.dtype  # params' dtype, at least float32.
+    params = _cast(params, compute_dtype)
+    updates = _cast(updates, compute_dtype)
     key, sample_key = jax.random.split(state.key)
     num_examples = jax.tree.leaves(batch)[0].shape[0]
     num_curvature = min(curvature_batch_size or num_examples, num_examples)
@@ -482,7 +502,7 @@ def scale_by_hessian_free(
     direction = optax.tree.scale(-alpha, chosen.step)
     zeros = optax.tree.zeros_like(params)
     direction = optax.tree.where(finite, direction, zeros)
-    direction = optax.tree.cast_like(direction, params)
+    direction = optax.tree.cast_like(direction, original_params)
     new_state = ScaleByHessianFreeState(
         count=optax.safe_increment(state.count),
         damping=new_damping,
