@@ -9,7 +9,7 @@ flagged result, never a silent NaN. The Lanczos and power-iteration
 primitives live in :mod:`curvature._lanczos`.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +143,7 @@ def spectral_density(
     *,
     num_iterations: Optional[int] = None,
     num_probes: int = 1,
-    reorthogonalize: bool = True,
+    reorthogonalize: Union[bool, str] = True,
     key: Optional[Array] = None,
 ) -> SpectralDensity:
   r"""Stochastic Lanczos quadrature (SLQ) estimate of the eigenvalue density.
@@ -168,8 +168,10 @@ def spectral_density(
       (PyHessian's 100).
     num_probes: independent probes ``P``, run one after another with
       ``lax.map`` (memory of one Lanczos basis).
-    reorthogonalize: full reorthogonalization (PyHessian's default); without
-      it memory is ``O(n)`` but ghost copies of outliers appear.
+    reorthogonalize: ``True``/``"full"`` (PyHessian's default),
+      ``"partial"`` (Simon 1984: only when the estimated loss of
+      orthogonality exceeds √ε; same Ritz values, less work) or ``False``
+      (``O(n)`` memory, but ghost copies of outliers appear).
     key: PRNG key; ``jax.random.key(0)`` if ``None``.
 
   Returns:
