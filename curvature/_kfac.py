@@ -11,6 +11,10 @@ block of ``[W; b]`` is approximated by a Kronecker product
 with ``ā = [a, 1]`` (the bias is the homogeneous coordinate) and
 ``g = ∂ℓᵢ/∂s`` back-propagated from targets *sampled from the model* (the
 true Fisher) or, optionally, from the data's labels (the empirical Fisher).
+``gᵢ`` is the gradient of example ``i``'s own loss ``ℓᵢ``, so ``Ā ⊗ G`` is the
+Fisher of the mean loss ``(1/N) Σ ℓᵢ`` and matches the GGN of
+:func:`curvature.linearize`. (kfac-jax builds ``G`` from gradients of the mean
+loss, ``gᵢ / N``, and so its ``G`` is ours divided by ``N``.)
 So ``F_ℓ⁻¹ vec(∇W̄) = vec(Ā⁻¹ ∇W̄ G⁻¹)``. A convolution is the same with
 ``ā`` the image patches, summed over the ``T`` output locations in ``Ā`` and
 averaged over them in ``G`` (KFC, Grosse & Martens 2016).
