@@ -115,6 +115,17 @@ from curvature._natural_gradient import scale_by_natural_gradient
 from curvature import datasets
 # --- datasets (issue 6) end ---
 
+# --- block diagonal (issue 5) begin ---
+from curvature._block_diagonal import block_diagonal_blocks
+from curvature._block_diagonal import block_diagonal_curvature
+from curvature._block_diagonal import block_diagonal_natural_gradient
+from curvature._block_diagonal import block_diagonal_summary
+from curvature._block_diagonal import BlockDiagonalCurvature
+from curvature._block_diagonal import CurvatureBlock
+from curvature._block_diagonal import scale_by_block_diagonal
+from curvature._block_diagonal import ScaleByBlockDiagonalState
+# --- block diagonal (issue 5) end ---
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -222,4 +233,14 @@ __all__ = (
     # --- datasets (issue 6) begin ---
     "datasets",
     # --- datasets (issue 6) end ---
+    # --- block diagonal names begin ---
+    "BlockDiagonalCurvature",
+    "CurvatureBlock",
+    "ScaleByBlockDiagonalState",
+    "block_diagonal_blocks",
+    "block_diagonal_curvature",
+    "block_diagonal_natural_gradient",
+    "block_diagonal_summary",
+    "scale_by_block_diagonal",
+    # --- block diagonal names end ---
 )

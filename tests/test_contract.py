@@ -88,6 +88,14 @@ TRANSFORMS = {
                       dict(predict_fn=mlp_predict, loss=LOSS,
                            statistics="empirical_fisher",
                            initial_damping=0.1)),
+    "scale_by_block_diagonal": (
+        curvature.scale_by_block_diagonal,
+        dict(predict_fn=mlp_predict, loss=LOSS, max_block_size=8,
+             damping=0.1, inverse_every=2)),
+    "block_diagonal_natural_gradient": (
+        curvature.block_diagonal_natural_gradient,
+        dict(learning_rate=0.01, curvature="sampled_fisher",
+             grouping="layer", max_block_size=12, **MODEL)),
 }
 
 

@@ -1,0 +1,649 @@
+r"""Block-diagonal curvature: a dense block per small parameter leaf (or layer).
+
+One step above the diagonal methods (``shared/seeds/000_*``): the parameters
+are split into groups, each group keeps a *full* curvature block ``C_b`` and
+the couplings between groups are zeroed,
+
+.. math::
+  C \approx \operatorname{blockdiag}(C_1, \dots, C_B), \qquad
+  u_b = (C_b + \lambda I)^{-1} g_b .
+
+A group is one parameter leaf (``grouping="leaf"``) or the leaves of one layer
+(``grouping="layer"``: leaves sharing a path prefix, e.g. ``kernel`` and
+``bias``). Storage is ``Σ b²`` and a refresh of the inverses ``Σ b³``, so a
+group larger than ``max_block_size`` falls back to the diagonal of the same
+curvature, computed by the estimators of
+:mod:`curvature._curvature_diagonals`. :func:`block_diagonal_summary` shows
+which leaf got which block.
+
+Each dense block is exact for its matrix: the curvature is linearized once
+(:func:`curvature.linearize`) and multiplied by every one-hot basis vector of
+the group, so column ``j`` of ``C_b`` is ``(C e_j)_b``.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from curvature import _curvature_diagonals
+from curvature import _kfac
+from curvature import _losses
+from curvature import _moments
+from curvature import _momentum
+from curvature import _products
+from curvature import _validation
+
+Array = jax.Array
+Params = Any
+
+BLOCK_CURVATURES = ("fisher", "sampled_fisher", "empirical_fisher", "ggn")
+"""Curvature matrices :func:`scale_by_block_diagonal` can take blocks of."""
+
+GROUPINGS = ("leaf", "layer")
+"""How leaves are grouped into blocks: one per leaf, or one per layer."""
+
+
+class CurvatureBlock(NamedTuple):
+  """One row of :func:`block_diagonal_blocks`: the block a leaf belongs to.
+
+  Attributes:
+    path: the leaf's path, e.g. ``"0/w"`` or ``"params/Dense_0/kernel"``.
+    shape: the leaf's shape.
+    block: ``"dense"`` or ``"diagonal"``.
+    index: position of the leaf's dense block in
+      :attr:`BlockDiagonalCurvature.blocks` (``None`` for a diagonal leaf).
+    size: the side of the dense block (the leaf's size for a diagonal leaf).
+    members: paths of the leaves sharing the dense block, in block order.
+    reason: why the leaf got this block.
+  """
+
+  path: str
+  shape: tuple
+  block: str
+  index: Optional[int]
+  size: int
+  members: tuple
+  reason: str
+
+
+class BlockDiagonalCurvature(NamedTuple):
+  """The output of :func:`block_diagonal_curvature`.
+
+  Attributes:
+    blocks: one dense ``[b, b]`` block per dense group, in the order of
+      :func:`block_diagonal_blocks`'s ``index``; rows and columns follow the
+      group's leaves in ``jax.tree.leaves`` order, each raveled in C order.
+    diagonal: per leaf (``jax.tree.leaves`` order), the curvature diagonal
+      shaped like the leaf, or ``None`` for a leaf inside a dense block.
+  """
+
+  blocks: tuple
+  diagonal: tuple
+
+
+class ScaleByBlockDiagonalState(NamedTuple):
+  """State of :func:`scale_by_block_diagonal`.
+
+  Attributes:
+    count: number of ``update`` calls.
+    statistics_count: accepted (finite) statistics, for the bias correction.
+    key: PRNG key for the sampled targets.
+    blocks: raw EMA of each dense block.
+    diagonal: per leaf, raw EMA of the diagonal of a fallback leaf (``None``
+      for a leaf inside a dense block).
+    inverses: ``(Ĉ_b + λI)⁻¹`` of each dense block, from the last refresh.
+    rejected_steps: steps with a non-finite gradient or direction (zero
+      update).
+    rejected_statistics: statistics discarded because they were not finite.
+  """
+
+  count: Array
+  statistics_count: Array
+  key: Array
+  blocks: tuple
+  diagonal: tuple
+  inverses: tuple
+  rejected_steps: Array
+  rejected_statistics: Array
+
+
+# Plan: which leaves share a dense block ------------------------------------
+
+
+class _Plan(NamedTuple):
+  groups: tuple  # Dense groups: tuples of leaf indices.
+  diagonal: tuple  # Leaf indices with a diagonal block.
+  reasons: dict  # Leaf index -> reason.
+
+
+def _candidate_groups(paths, grouping):
+  if grouping == "leaf":
+    return [[i] for i in range(len(paths))]
+  by_layer = {}
+  for i, path in enumerate(paths):
+    by_layer.setdefault(path.rpartition("/")[0], []).append(i)
+  return list(by_layer.values())
+
+
+def _plan(params, max_block_size, grouping) -> _Plan:
+  """Dense groups and diagonal leaves; depends on shapes and paths only."""
+  leaves = jax.tree.leaves(params)
+  paths = _kfac.leaf_paths(params)
+  sizes = [int(np.size(x)) for x in leaves]
+  groups, diagonal, reasons = [], [], {}
+  for group in _candidate_groups(paths, grouping):
+    total = sum(sizes[i] for i in group)
+    if total <= max_block_size and total > 0:
+      groups.append(tuple(group))
+      for i in group:
+        reasons[i] = ("own dense block" if len(group) == 1 else
+                      f"dense block of layer '{paths[i].rpartition('/')[0]}'")
+      continue
+    for i in group:
+      if 0 < sizes[i] <= max_block_size:
+        groups.append((i,))
+        reasons[i] = (f"own dense block (its layer has {total} > "
+                      f"max_block_size={max_block_size} parameters)")
+      else:
+        diagonal.append(i)
+        reasons[i] = ("empty leaf" if sizes[i] == 0 else
+                      f"size {sizes[i]} > max_block_size={max_block_size}:"
+                      " diagonal fallback")
+  return _Plan(tuple(groups), tuple(sorted(diagonal)), reasons)
+
+
+def block_diagonal_blocks(
+    params: Params,
+    *,
+    max_block_size: int = 1024,
+    grouping: str = "leaf",
+) -> tuple:
+  """Which block every parameter leaf gets, and why.
+
+  Args:
+    params: the parameters (only their structure and shapes matter).
+    max_block_size: as in :func:`scale_by_block_diagonal`.
+    grouping: as in :func:`scale_by_block_diagonal`.
+
+  Returns:
+    A tuple of :class:`CurvatureBlock`, one per leaf, in ``jax.tree.leaves``
+    order.
+  """
+  max_block_size = _validation.check_static_int(
+      "max_block_size", max_block_size, 1)
+  _validation.check_choice("grouping", grouping, GROUPINGS)
+  plan = _plan(params, max_block_size, grouping)
+  leaves = jax.tree.leaves(params)
+  paths = _kfac.leaf_paths(params)
+  rows = {}
+  for index, group in enumerate(plan.groups):
+    size = sum(int(np.size(leaves[i])) for i in group)
+    for i in group:
+      rows[i] = ("dense", index, size, tuple(paths[j] for j in group))
+  out = []
+  for i, leaf in enumerate(leaves):
+    block, index, size, members = rows.get(
+        i, ("diagonal", None, int(np.size(leaf)), (paths[i],)))
+    out.append(CurvatureBlock(paths[i], tuple(np.shape(leaf)), block, index,
+                              size, members, plan.reasons[i]))
+  return tuple(out)
+
+
+def block_diagonal_summary(
+    params: Params,
+    *,
+    max_block_size: int = 1024,
+    grouping: str = "leaf",
+) -> str:
+  """A printable table of :func:`block_diagonal_blocks`.
+
+  Example:
+    >>> print(curvature.block_diagonal_summary(params, max_block_size=15))
+    0/b  (5,)          dense 5x5 #0      own dense block
+    0/w  (4, 5)        diagonal          size 20 > max_block_size=15: ...
+    1/b  (3,)          dense 3x3 #1      own dense block
+    1/w  (5, 3)        dense 15x15 #2    own dense block
+  """
+  rows = block_diagonal_blocks(params, max_block_size=max_block_size,
+                               grouping=grouping)
+  width = max((len(r.path) for r in rows), default=0)
+  lines = []
+  for r in rows:
+    block = (f"dense {r.size}x{r.size} #{r.index}" if r.block == "dense"
+             else "diagonal")
+    lines.append(f"{r.path:<{width}}  {str(r.shape):<12}  {block:<16}"
+                 f"  {r.reason}")
+  return "\n".join(lines)
+
+
+# Statistics -----------------------------------------------------------------
+
+
+def _group_dtype(leaves, group):
+  return jnp.result_type(*[leaves[i] for i in group])
+
+
+def _dense_block(matvec, leaves, treedef, group, chunk_size):
+  """``C_b`` from ``b`` products with one-hot basis vectors of the group."""
+  sizes = [leaves[i].size for i in group]
+  dim = sum(sizes)
+  dtype = _group_dtype(leaves, group)
+
+  def column(e):
+    parts = jnp.split(e, np.cumsum(sizes)[:-1])
+    vector = [jnp.zeros_like(x) for x in leaves]
+    for i, part in zip(group, parts):
+      vector[i] = part.reshape(leaves[i].shape).astype(leaves[i].dtype)
+    product = jax.tree.leaves(matvec(treedef.unflatten(vector)))
+    return jnp.concatenate([product[i].reshape(-1).astype(dtype)
+                            for i in group])
+
+  columns = jax.lax.map(column, jnp.eye(dim, dtype=dtype),
+                        batch_size=min(chunk_size, dim))
+  return 0.5 * (columns + columns.T)
+
+
+def _restrict(predict_fn, params, indices):
+  """``predict_fn`` as a function of the leaves ``indices`` only."""
+  leaves, treedef = jax.tree.flatten(params)
+
+  def sub_predict(sub, batch):
+    full = list(leaves)
+    for i, x in zip(indices, sub):
+      full[i] = x
+    return predict_fn(treedef.unflatten(full), batch)
+
+  return sub_predict, [leaves[i] for i in indices]
+
+
+def _fallback_diagonal(curvature, predict_fn, loss, params, batch, indices,
+                       key, num_samples, targets_fn):
+  """The curvature diagonal of the leaves ``indices`` (shared estimators)."""
+  sub_predict, sub = _restrict(predict_fn, params, indices)
+  if curvature == "empirical_fisher":
+    return _products.empirical_fisher_diagonal(
+        sub_predict, loss, sub, batch, targets_fn=targets_fn)
+  if curvature == "sampled_fisher":
+    return _curvature_diagonals.sampled_fisher_diagonal(
+        sub_predict, loss, sub, batch, key=key, num_samples=num_samples)
+  try:
+    return _curvature_diagonals.ggn_diagonal(
+        sub_predict, loss, sub, batch, targets_fn=targets_fn)
+  except ValueError as error:
+    raise ValueError(
+        f"The diagonal fallback of curvature={curvature!r} is exact and needs"
+        f" one pass per model output: {error} With scale_by_block_diagonal,"
+        " use curvature='sampled_fisher', or raise max_block_size so that"
+        " no leaf falls back.") from error
+
+
+def block_diagonal_curvature(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    params: Params,
+    batch: Any,
+    *,
+    curvature: str = "fisher",
+    max_block_size: int = 1024,
+    grouping: str = "leaf",
+    key: Optional[Array] = None,
+    num_samples: int = 1,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    chunk_size: int = 128,
+) -> BlockDiagonalCurvature:
+  r"""The dense curvature blocks of the small groups, the diagonal of the rest.
+
+  For each group ``b`` of at most ``max_block_size`` parameters,
+
+  .. math::
+    C_b = \big[(C e_j)_b\big]_{j \in b}, \qquad
+    C \in \{J^\top \nabla_z^2 L\, J,\ J^\top F_z J,\
+    \tfrac{1}{NS}\textstyle\sum_{i,s} g_{is} g_{is}^\top,\
+    \tfrac1N \textstyle\sum_i g_i g_i^\top\}
+
+  (GGN, exact Fisher, Monte-Carlo Fisher with targets ``ỹ_is ~ p(y|x_i)``,
+  empirical Fisher with the data's targets), from one shared linearization
+  and ``b`` products, ``chunk_size`` of them vectorized at a time. Every other
+  leaf gets ``diag(C)`` restricted to it, from
+  :func:`curvature.ggn_diagonal` (``"ggn"``, ``"fisher"``; equal for the
+  canonical losses of :mod:`curvature.losses`),
+  :func:`curvature.sampled_fisher_diagonal` (same key, hence the same
+  sampled targets, as the blocks) or
+  :func:`curvature.empirical_fisher_diagonal`.
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    params: the point.
+    batch: the data.
+    curvature: one of :data:`BLOCK_CURVATURES`.
+    max_block_size: largest dense block side (a Python int).
+    grouping: ``"leaf"`` or ``"layer"`` (see :func:`scale_by_block_diagonal`).
+    key: PRNG key, required for ``"sampled_fisher"``.
+    num_samples: sampled targets per example for ``"sampled_fisher"``.
+    targets_fn: finds the targets in ``batch``.
+    chunk_size: basis vectors multiplied at once (memory vs. speed).
+
+  Returns:
+    A :class:`BlockDiagonalCurvature`.
+
+  Example:
+    >>> c = curvature.block_diagonal_curvature(
+    ...     predict, curvature.losses.softmax_cross_entropy, params, batch)
+    >>> c.blocks[0].shape  # see curvature.block_diagonal_summary(params)
+
+  References:
+    Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
+    algorithm", NIPS 2008. ``shared/seeds/000_*`` (block-diagonal methods).
+  """
+  _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
+  max_block_size = _validation.check_static_int(
+      "max_block_size", max_block_size, 1)
+  chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
+  _validation.check_choice("grouping", grouping, GROUPINGS)
+  if curvature == "sampled_fisher" and key is None:
+    raise ValueError(
+        "curvature='sampled_fisher' draws targets from the model: pass"
+        " `key=jax.random.key(...)`.")
+  plan = _plan(params, max_block_size, grouping)
+  leaves, treedef = jax.tree.flatten(params)
+  blocks = ()
+  if plan.groups:
+    lin = _products.linearize(predict_fn, loss, params, batch,
+                              curvature=curvature, targets_fn=targets_fn,
+                              key=key, num_samples=num_samples)
+    blocks = tuple(_dense_block(lin.matvec, leaves, treedef, g, chunk_size)
+                   for g in plan.groups)
+  diagonal = [None] * len(leaves)
+  if plan.diagonal:
+    values = _fallback_diagonal(curvature, predict_fn, loss, params, batch,
+                                plan.diagonal, key, num_samples, targets_fn)
+    for i, d in zip(plan.diagonal, values):
+      diagonal[i] = d.astype(leaves[i].dtype)
+  return BlockDiagonalCurvature(blocks, tuple(diagonal))
+
+
+# Preconditioning ------------------------------------------------------------
+
+
+def _precondition(plan, grads, inverses, diagonal, damping):
+  """``(Ĉ_b + λI)⁻¹ g_b`` per dense group, ``g / (d + λ)`` elsewhere."""
+  leaves, treedef = jax.tree.flatten(grads)
+  out = list(leaves)
+  for group, inverse in zip(plan.groups, inverses):
+    flat = jnp.concatenate([leaves[i].reshape(-1) for i in group])
+    solved = inverse.astype(flat.dtype) @ flat
+    offsets = np.cumsum([leaves[i].size for i in group])[:-1]
+    for i, part in zip(group, jnp.split(solved, offsets)):
+      out[i] = part.reshape(leaves[i].shape)
+  for i in plan.diagonal:
+    out[i] = leaves[i] / (diagonal[i].astype(leaves[i].dtype)
+                          + jnp.asarray(damping, leaves[i].dtype))
+  return treedef.unflatten(out)
+
+
+def _check_params(params):
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("scale_by_block_diagonal got an empty parameter tree.")
+  for leaf in leaves:
+    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      raise TypeError(
+          f"Parameters must be floating point, got a {leaf.dtype} leaf.")
+
+
+def scale_by_block_diagonal(
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    *,
+    curvature: str = "fisher",
+    max_block_size: int = 1024,
+    grouping: str = "leaf",
+    damping: float = 1e-3,
+    decay: float = 0.95,
+    inverse_every: int = 1,
+    num_samples: int = 1,
+    statistics_batch_size: Optional[int] = None,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    chunk_size: int = 128,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Block-diagonal natural-gradient / Gauss-Newton direction (TONGA-style).
+
+  .. math::
+    \hat C_b = \frac{\text{EMA}_\beta(C_b)}{1 - \beta^t}, \qquad
+    u_b = (\hat C_b + \lambda I)^{-1} g_b \ \text{(dense groups)}, \qquad
+    u_i = \frac{g_i}{\hat d_i + \lambda} \ \text{(the other leaves)}
+
+  with ``C_b`` the exact block of the chosen curvature on one group of
+  parameters (:func:`block_diagonal_curvature`): ``"fisher"`` (exact true
+  Fisher), ``"sampled_fisher"`` (Monte-Carlo true Fisher, ``num_samples``
+  targets per example drawn from the model), ``"empirical_fisher"``
+  (gradient outer products with the data's labels, the statistic of TONGA)
+  or ``"ggn"``. A group is a leaf (``grouping="leaf"``) or a layer's leaves
+  (``"layer"``, leaves sharing a path prefix such as ``Dense_0/kernel`` and
+  ``Dense_0/bias``); a group larger than ``max_block_size`` is split into its
+  leaves, and a leaf larger than ``max_block_size`` falls back to the
+  diagonal ``d̂`` of the same curvature. :func:`block_diagonal_summary` prints
+  which leaf got a dense block and which fell back, and why.
+
+  The blocks and diagonals are EMAs (``decay``, 0.95) with the shared bias
+  correction (:func:`curvature.debias`) over the first
+  ``statistics_batch_size`` examples of each batch. The damped inverses
+  ``(Ĉ_b + λI)⁻¹`` (Cholesky) are refreshed every ``inverse_every`` steps,
+  from step 0, under ``lax.cond`` inside the jitted step; between refreshes
+  the last inverse is used (the diagonal fallback uses the current ``d̂``).
+  The output has no minus sign: chain a learning rate
+  (:func:`block_diagonal_natural_gradient` does).
+
+  Cost per step: ``Σ_b b`` curvature-vector products for the blocks (each a
+  JVP and a VJP on the statistics batch), the per-example passes of the
+  diagonal estimator for the fallback leaves, and ``Σ_b b³`` per refresh;
+  memory ``Σ_b b²`` for the EMA blocks and as much for the inverses.
+
+  **Non-finite values.** A non-finite statistic is discarded (the EMA keeps
+  its value; ``rejected_statistics`` counts it); a non-finite inverse keeps
+  the previous one; a non-finite gradient or direction gives a zero update
+  (``rejected_steps``).
+
+  Args:
+    predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
+    loss: a loss from :mod:`curvature.losses`.
+    curvature: one of :data:`BLOCK_CURVATURES`.
+    max_block_size: largest dense block side ``b``; larger leaves fall back
+      to the diagonal (a Python int).
+    grouping: ``"leaf"`` (a block per leaf) or ``"layer"`` (a block per
+      layer where it fits).
+    damping: ``λ > 0``, Tikhonov damping of every block and diagonal.
+    decay: EMA decay ``β`` of the statistics (0.95, as K-FAC).
+    inverse_every: ``T``, steps between refreshes of the inverses.
+    num_samples: sampled targets per example for ``"sampled_fisher"``.
+    statistics_batch_size: leading examples of each batch for the
+      statistics (``None``: all).
+    targets_fn: finds the targets in a batch.
+    chunk_size: basis vectors multiplied at once when building a block.
+    seed: PRNG seed (kept in the state).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByBlockDiagonalState`; call
+    ``update(grads, state, params, batch=batch)``.
+
+  Example:
+    >>> opt = optax.chain(
+    ...     curvature.scale_by_block_diagonal(
+    ...         predict, curvature.losses.softmax_cross_entropy,
+    ...         max_block_size=512, inverse_every=10),
+    ...     optax.scale_by_learning_rate(0.1))
+    >>> print(curvature.block_diagonal_summary(params, max_block_size=512))
+
+  References:
+    Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
+    algorithm", NIPS 2008 (TONGA: block-diagonal gradient covariance).
+    Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML 2015 (block-diagonal approximations of the
+    Fisher, §4). Amari, "Natural gradient works efficiently in learning",
+    Neural Computation 1998. ``shared/seeds/000_*`` ("one step above
+    diagonal methods are block diagonal methods", TONGA).
+  """
+  _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
+  _validation.check_choice("grouping", grouping, GROUPINGS)
+  _validation.check_positive(
+      "damping", damping,
+      "A block may be singular (fewer examples than parameters); use e.g."
+      " 1e-3.")
+  _moments.check_decay("decay", decay)
+  max_block_size = _validation.check_static_int(
+      "max_block_size", max_block_size, 1)
+  inverse_every = _validation.check_static_int(
+      "inverse_every", inverse_every, 1)
+  num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
+  if statistics_batch_size is not None:
+    statistics_batch_size = _validation.check_static_int(
+        "statistics_batch_size", statistics_batch_size, 1)
+  _curvature_diagonals.check_model(predict_fn, loss)
+
+  def init_fn(params):
+    _check_params(params)
+    plan = _plan(params, max_block_size, grouping)
+    leaves = jax.tree.leaves(params)
+    blocks = tuple(
+        jnp.zeros((sum(leaves[i].size for i in g),) * 2,
+                  _group_dtype(leaves, g)) for g in plan.groups)
+    diagonal = tuple(jnp.zeros_like(x) if i in plan.diagonal else None
+                     for i, x in enumerate(leaves))
+    zero = jnp.zeros((), jnp.int32)
+    return ScaleByBlockDiagonalState(
+        count=zero, statistics_count=zero, key=jax.random.key(seed),
+        blocks=blocks, diagonal=diagonal, inverses=blocks,
+        rejected_steps=zero, rejected_statistics=zero)
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del extra_args
+    _curvature_diagonals.check_update_args(
+        "scale_by_block_diagonal", params, batch)
+    if jax.tree.structure(updates) != jax.tree.structure(params):
+      raise ValueError(
+          "The gradients do not match the parameter tree: pass the gradient"
+          " of the loss with respect to exactly the `params` given to"
+          " `update`.")
+    plan = _plan(params, max_block_size, grouping)
+    if statistics_batch_size is not None:
+      batch = _products.take_examples(batch, statistics_batch_size)
+    key, sample_key = jax.random.split(state.key)
+    estimate = block_diagonal_curvature(
+        predict_fn, loss, params, batch, curvature=curvature,
+        max_block_size=max_block_size, grouping=grouping, key=sample_key,
+        num_samples=num_samples, targets_fn=targets_fn, chunk_size=chunk_size)
+    new = (tuple(b.astype(s.dtype) for b, s in zip(estimate.blocks,
+                                                     state.blocks)),
+           estimate.diagonal)
+    old = (state.blocks, state.diagonal)
+    finite = _curvature_diagonals.all_finite(new)
+    blocks, diagonal = optax.tree.where(
+        finite, _moments.ema_update(old, new, decay), old)
+    statistics_count = state.statistics_count + finite.astype(jnp.int32)
+    blocks_hat, diagonal_hat = _moments.debias(
+        (blocks, diagonal), decay, jnp.maximum(statistics_count, 1))
+
+    def refresh():
+      out = []
+      for block, previous in zip(blocks_hat, state.inverses):
+        inverse = _kfac._damped_inverse(  # pylint: disable=protected-access
+            block, jnp.asarray(damping, block.dtype))
+        out.append(jnp.where(jnp.all(jnp.isfinite(inverse)), inverse,
+                             previous))
+      return tuple(out)
+
+    inverses = jax.lax.cond(state.count % inverse_every == 0, refresh,
+                            lambda: state.inverses)
+    direction = _precondition(plan, updates, inverses, diagonal_hat, damping)
+    ok = (_curvature_diagonals.all_finite(updates)
+          & _curvature_diagonals.all_finite(direction))
+    output = optax.tree.cast_like(
+        optax.tree.where(ok, direction, optax.tree.zeros_like(params)),
+        params)
+    return output, ScaleByBlockDiagonalState(
+        count=optax.safe_increment(state.count),
+        statistics_count=statistics_count, key=key, blocks=blocks,
+        diagonal=diagonal, inverses=inverses,
+        rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
+        rejected_statistics=state.rejected_statistics
+        + (~finite).astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def block_diagonal_natural_gradient(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
+    predict_fn: Callable[[Params, Any], Array],
+    loss: _losses.Loss,
+    momentum: float = 0.9,
+    curvature: str = "fisher",
+    max_block_size: int = 1024,
+    grouping: str = "leaf",
+    damping: float = 1e-3,
+    decay: float = 0.95,
+    inverse_every: int = 1,
+    num_samples: int = 1,
+    statistics_batch_size: Optional[int] = None,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    chunk_size: int = 128,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Block-diagonal natural gradient (TONGA-style) as an ``optax.chain``.
+
+  .. math::
+    v \leftarrow \mu v + \operatorname{blockdiag}(\hat C_b + \lambda I)^{-1} g,
+    \qquad \theta \leftarrow \theta - \eta\, v
+
+  The seeds' "block-diagonal method" (``shared/seeds/000_*``); with
+  ``curvature="empirical_fisher"`` the blocks are the (uncentred) gradient
+  covariance TONGA uses, kept exact and dense rather than low-rank. See
+  :func:`scale_by_block_diagonal` for the direction and every argument.
+
+  Args:
+    learning_rate: ``η``, a scalar or schedule.
+    predict_fn: ``(params, batch) -> outputs``.
+    loss: a loss from :mod:`curvature.losses`.
+    momentum: ``μ``, heavy-ball momentum (0 disables it).
+    curvature: one of :data:`BLOCK_CURVATURES`.
+    max_block_size: larger leaves fall back to the diagonal.
+    grouping: ``"leaf"`` or ``"layer"``.
+    damping: ``λ > 0``.
+    decay: EMA decay of the statistics.
+    inverse_every: steps between refreshes of the inverses.
+    num_samples: sampled targets per example for ``"sampled_fisher"``.
+    statistics_batch_size: leading examples used for the statistics.
+    targets_fn: finds the targets in a batch.
+    chunk_size: basis vectors multiplied at once.
+    seed: PRNG seed.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> opt = curvature.block_diagonal_natural_gradient(
+    ...     0.1, predict_fn=predict,
+    ...     loss=curvature.losses.softmax_cross_entropy, max_block_size=256)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+
+  References:
+    Le Roux, Manzagol & Bengio, NIPS 2008 (TONGA); Martens & Grosse, ICML
+    2015; Amari 1998; ``shared/seeds/000_*``.
+  """
+  parts = [scale_by_block_diagonal(
+      predict_fn, loss, curvature=curvature, max_block_size=max_block_size,
+      grouping=grouping, damping=damping, decay=decay,
+      inverse_every=inverse_every, num_samples=num_samples,
+      statistics_batch_size=statistics_batch_size, targets_fn=targets_fn,
+      chunk_size=chunk_size, seed=seed)]
+  if not (isinstance(momentum, (int, float)) and momentum == 0):
+    parts.append(_momentum.scale_by_momentum(momentum))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
