@@ -214,6 +214,30 @@ def _diagonal_preconditioner(
       r, diagonal, power=exponent, damping_in_root=damping + l2_reg)
 
 
+def _steepest_descent_at_first_negative_curvature(
+    cg: _cg.CGResult, grad, damped_matvec, preconditioner
+) -> _cg.CGResult:
+  """Truncated Newton's fallback when CG's very first direction curves down.
+
+  If ``pᵀAp ≤ 0`` already for the first CG direction, CG has no iterate
+  beyond its start, and a zero step would stall the optimizer at the
+  saddle. As in Newton-CG (Nocedal & Wright 2006, Algorithm 7.1) the
+  (preconditioned) steepest-descent direction ``−M⁻¹g`` is taken instead,
+  with its quadratic-model value for ``ρ``.
+  """
+  first = (cg.status == _cg.CGStatus.NEGATIVE_CURVATURE) & (cg.iterations == 0)
+
+  def steepest_descent():
+    direction = grad if preconditioner is None else preconditioner(grad)
+    step = optax.tree.scale(-1.0, direction)
+    model = _taylor.second_order_change(grad, damped_matvec, step)
+    return step, model.astype(cg.quadratic_value.dtype)
+
+  step, model = jax.lax.cond(
+      first, steepest_descent, lambda: (cg.x, cg.quadratic_value))
+  return cg._replace(x=step, quadratic_value=model)
+
+
 def scale_by_hessian_free(
     predict_fn: _products.PredictFn,
     loss: _losses.Loss,
@@ -284,6 +308,12 @@ def scale_by_hessian_free(
   model runs on float32 copies of the parameters during ``update``; a
   ``predict_fn`` that casts its inputs to a fixed compute dtype keeps
   doing so.
+
+  **Negative curvature.** CG stops at the first direction with
+  ``pᵀ(C + λI)p ≤ 0`` (possible for the Hessian) and returns the iterate
+  before it; if that happens at the very first direction the steepest-descent
+  direction ``−M⁻¹g`` is used instead (Newton-CG), so a saddle does not stall
+  the optimizer.
 
   **Non-finite input.** If the gradient, the objective or a curvature product
   is NaN/Inf, the step is rejected: the update is zero, ``λ`` is multiplied by
@@ -464,6 +494,8 @@ def scale_by_hessian_free(
         preconditioner=preconditioner,
         record_iterates=backtracking,
     )
+    cg = _steepest_descent_at_first_negative_curvature(
+        cg, grad, damped_matvec, preconditioner)
     if backtracking:
       chosen = _backtrack(cg, evaluate)
     else:
@@ -645,8 +677,9 @@ def newton(
   Undamped, with no line search: the textbook method of
   ``shared/seeds/001_*`` and ``004_*``. CG stops cleanly at a direction of
   non-positive curvature (a saddle or a maximum), returning the truncated
-  Newton step built so far; use :func:`damped_newton` where ``H`` may be
-  indefinite.
+  Newton step built so far, or the steepest-descent direction if the very
+  first direction curves down (Newton-CG); use :func:`damped_newton` where
+  ``H`` may be indefinite.
 
   Args:
     learning_rate: step scale (1.0 for the pure Newton step).

@@ -424,3 +424,25 @@ def test_chains_with_optax_zoom_linesearch():
   assert all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
   # The built-in Armijo search is off: HF returns the plain backtracked step.
   assert _hf_state(state).step_size == 1.0
+
+
+def test_newton_takes_steepest_descent_when_the_first_direction_curves_down():
+  # f(a, b) = ½(ab − 1)²; at (0.3, 0.2) the gradient direction has gᵀHg < 0.
+  predict = lambda p, batch: (p["a"] * p["b"])[None, None] * batch["inputs"]
+  batch = {"inputs": jnp.ones((1, 1)), "targets": jnp.ones((1, 1))}
+  params = {"a": jnp.asarray(0.3), "b": jnp.asarray(0.2)}
+  loss = losses.squared_error
+  f = lambda p: loss.value(predict(p, batch), batch["targets"])
+  grads = jax.grad(f)(params)
+  g = flat(grads)
+  h = np.asarray(jax.hessian(lambda v: f({"a": v[0], "b": v[1]}))(
+      jnp.asarray([0.3, 0.2])))
+  assert g @ h @ g < 0
+  opt = curvature.newton(predict_fn=predict, loss=loss)
+  state = opt.init(params)
+  updates, state = opt.update(grads, state, params, batch=batch)
+  hf = _hf_state(state)
+  assert hf.cg_status == curvature.CGStatus.NEGATIVE_CURVATURE
+  assert hf.cg_iterations == 0
+  np.testing.assert_allclose(flat(updates), -g, rtol=1e-12)
+  assert f(optax.apply_updates(params, updates)) < f(params)
