@@ -385,16 +385,6 @@ def _precondition(plan, grads, inverses, diagonal, damping):
   return treedef.unflatten(out)
 
 
-def _check_params(params):
-  leaves = jax.tree.leaves(params)
-  if not leaves:
-    raise ValueError("scale_by_block_diagonal got an empty parameter tree.")
-  for leaf in leaves:
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      raise TypeError(
-          f"Parameters must be floating point, got a {leaf.dtype} leaf.")
-
-
 def scale_by_block_diagonal(
     predict_fn: Callable[[Params, Any], Array],
     loss: _losses.Loss,
@@ -508,7 +498,7 @@ def scale_by_block_diagonal(
   _curvature_diagonals.check_model(predict_fn, loss)
 
   def init_fn(params):
-    _check_params(params)
+    _validation.check_params(params, "scale_by_block_diagonal")
     plan = _plan(params, max_block_size, grouping)
     leaves = jax.tree.leaves(params)
     blocks = tuple(
@@ -543,7 +533,7 @@ def scale_by_block_diagonal(
                                                      state.blocks)),
            estimate.diagonal)
     old = (state.blocks, state.diagonal)
-    finite = _curvature_diagonals.all_finite(new)
+    finite = _validation.all_finite(new)
     blocks, diagonal = optax.tree.where(
         finite, _moments.ema_update(old, new, decay), old)
     statistics_count = state.statistics_count + finite.astype(jnp.int32)
@@ -562,8 +552,8 @@ def scale_by_block_diagonal(
     inverses = jax.lax.cond(state.count % inverse_every == 0, refresh,
                             lambda: state.inverses)
     direction = _precondition(plan, updates, inverses, diagonal_hat, damping)
-    ok = (_curvature_diagonals.all_finite(updates)
-          & _curvature_diagonals.all_finite(direction))
+    ok = (_validation.all_finite(updates)
+          & _validation.all_finite(direction))
     output = optax.tree.cast_like(
         optax.tree.where(ok, direction, optax.tree.zeros_like(params)),
         params)

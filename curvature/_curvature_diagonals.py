@@ -266,12 +266,6 @@ def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
                                      targets_fn=targets_fn)
 
 
-def all_finite(tree: Any) -> Array:
-  """``True`` when every leaf of ``tree`` is finite (a traced bool)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def check_model(predict_fn, loss):
   """Raises ``TypeError`` unless ``predict_fn`` is callable and ``loss`` a Loss."""
   if not callable(predict_fn):
@@ -344,6 +338,7 @@ def ema_curvature_diagonal(
   check_model(predict_fn, loss)
 
   def init_fn(params):
+    _validation.check_params(params, "scale_by_curvature_diagonal")
     return CurvatureDiagonalState(
         count=jnp.zeros([], jnp.int32), ema=optax.tree.zeros_like(params),
         key=jax.random.key(seed),
@@ -357,7 +352,7 @@ def ema_curvature_diagonal(
     key, sample_key = jax.random.split(state.key)
     estimate = _estimate(estimator, predict_fn, loss, params, batch,
                          sample_key, num_samples, targets_fn)
-    finite = all_finite(estimate)
+    finite = _validation.all_finite(estimate)
     ema = optax.tree.where(
         finite, _moments.ema_update(state.ema, estimate, decay), state.ema)
     count = state.count + finite.astype(jnp.int32)

@@ -626,6 +626,7 @@ def monitor(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _validation.check_params(params, "monitor")
     inner_state = inner.init(params)
     dtype = _state_dtype(params)
     zero = jnp.zeros((), dtype)

@@ -112,12 +112,6 @@ def _check_update_args(updates, params, batch):
       )
 
 
-def _all_finite(tree: Params) -> Array:
-  return jnp.all(
-      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
-  )
-
-
 def _levenberg_marquardt(damping, rho, low, high, increase, decrease):
   """Martens' (2010) rule: ρ < low → λ·increase; ρ > high → λ·decrease."""
   factor = jnp.where(rho < low, increase, jnp.where(rho > high, decrease, 1.0))
@@ -420,14 +414,7 @@ def scale_by_hessian_free(
     )
 
   def init_fn(params):
-    if not jax.tree.leaves(params):
-      raise ValueError("scale_by_hessian_free got an empty parameter tree.")
-    for leaf in jax.tree.leaves(params):
-      if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-        raise TypeError(
-            f"Parameters must be floating point, got a {leaf.dtype} leaf."
-            " Cast integer parameters to a float dtype."
-        )
+    _validation.check_params(params, "scale_by_hessian_free")
     dtype = _state_dtype(params)
     zero = jnp.zeros((), dtype)
     return ScaleByHessianFreeState(
@@ -514,9 +501,9 @@ def scale_by_hessian_free(
       alpha, tries = jnp.ones((), value.dtype), 0
 
     finite = (
-        jnp.isfinite(value) & _all_finite(grad)
+        jnp.isfinite(value) & _validation.all_finite(grad)
         & (cg.status != _cg.CGStatus.NON_FINITE)
-        & _all_finite(chosen.step)
+        & _validation.all_finite(chosen.step)
     )
     if adapt_damping:
       new_damping = jnp.clip(

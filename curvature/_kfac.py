@@ -559,13 +559,8 @@ def scale_by_kfac(
   omega = (19.0 / 20.0) ** damping_every
 
   def init_fn(params):
+    _validation.check_params(params, "scale_by_kfac")
     leaves = jax.tree.leaves(params)
-    if not leaves:
-      raise ValueError("scale_by_kfac got an empty parameter tree.")
-    for leaf in leaves:
-      if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-        raise TypeError(
-            f"Parameters must be floating point, got a {leaf.dtype} leaf.")
     _check_overrides(overrides, leaf_paths(params))
     a, g = [], []
     for leaf in leaves:
@@ -622,7 +617,7 @@ def scale_by_kfac(
     for i, d in zip(diag_leaves, diagonal or ()):
       new_d[i] = d.astype(new_d[i].dtype)
     observed = [(i, new_a[i], new_g[i]) for i in {l.kernel for l in layers}]
-    finite = _curvature_diagonals.all_finite(
+    finite = _validation.all_finite(
         (observed, [new_d[i] for i in diag_leaves]))
     old = (state.factors_a, state.factors_g, diag_leaves_state)
     new = (tuple(new_a), tuple(new_g), new_d)
@@ -707,8 +702,8 @@ def scale_by_kfac(
       output = direction
       step = state.velocity
 
-    ok = (_curvature_diagonals.all_finite(grad)
-          & _curvature_diagonals.all_finite(output))
+    ok = (_validation.all_finite(grad)
+          & _validation.all_finite(output))
     zeros = optax.tree.zeros_like(params)
     output = optax.tree.cast_like(optax.tree.where(ok, output, zeros), params)
     raised = jnp.clip(damping / omega, min_damping, max_damping)

@@ -9,6 +9,7 @@ are let through.
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -88,3 +89,35 @@ def check_choice(name: str, value: Any, choices) -> None:
         + ", ".join(repr(c) for c in choices)
         + "."
     )
+
+
+def check_params(params: Any, transform: str) -> None:
+  """Raises unless ``params`` is a non-empty pytree of floating-point leaves.
+
+  Curvature transforms differentiate with respect to the parameters, so an
+  empty tree or an integer leaf would otherwise fail deep inside JAX.
+
+  Args:
+    params: the parameters given to ``init``.
+    transform: the transform's name, for the message.
+  """
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError(
+        f"{transform} got an empty parameter tree: pass the model's"
+        " parameters to `init`."
+    )
+  for leaf in leaves:
+    dtype = jnp.asarray(leaf).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{transform} needs floating-point parameters, got a {dtype} leaf."
+          " Cast integer parameters to a float dtype."
+      )
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """``True`` when every leaf of ``tree`` is finite (a traced bool)."""
+  return jnp.all(
+      jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )

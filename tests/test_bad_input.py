@@ -64,18 +64,7 @@ MOVES_WITHOUT_GRADIENT = set()
 
 # Defects in modules owned elsewhere, reported and pinned here (strict
 # xfail: the test starts failing once they are fixed, so drop the entry).
-KNOWN_DEFECTS = {
-    ("empty", "monitor"):
-        "init({}) raises jax's 'at least one array or dtype is required'",
-    ("empty", "scale_by_curvature_diagonal_hutchinson"):
-        "init({}) raises jax's 'at least one array or dtype is required'",
-    ("integer", "monitor"):
-        "int params reach jax.linearize: 'tangent values inconsistent'",
-    ("integer", "scale_by_curvature_diagonal"):
-        "int params reach jax.grad: 'grad requires real- or complex-valued'",
-    ("integer", "scale_by_curvature_diagonal_hutchinson"):
-        "int params reach jax.grad: 'grad requires real- or complex-valued'",
-}
+KNOWN_DEFECTS = {}  # (case, transform) -> reason; strict xfails.
 
 
 def _names(test, names=None):
