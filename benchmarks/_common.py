@@ -2,7 +2,8 @@
 
 The MNIST deep autoencoder of Hinton & Salakhutdinov (2006) and Martens
 (2010): 784-1000-500-250-30-250-500-1000-784, sigmoid hidden units, a linear
-30-unit code layer, logits out (2,837,314 parameters).
+30-unit code layer, logits out (2,837,314 parameters). Nothing here imports
+``curvature``, so the kfac-jax peer environment can import it too.
 """
 
 import os
@@ -11,11 +12,9 @@ import platform
 import jax
 import jax.numpy as jnp
 
-import curvature
 
 LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 CODE_LAYER = 3  # Index of the layer whose output is the linear code.
-LOSS = curvature.losses.sigmoid_binary_cross_entropy
 
 
 def autoencoder_params(key, dtype=jnp.float32):

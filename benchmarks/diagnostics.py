@@ -28,7 +28,6 @@ Usage::
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -37,30 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import curvature
-
-LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-CODE_LAYER = 4  # The 30-unit layer is linear.
-
-
-def init_params(key, dtype=jnp.float32):
-  """Sparse-free Gaussian init, scale 1/√fan_in, as a list of (w, b) pairs."""
-  params = []
-  for fan_in, fan_out in zip(LAYERS[:-1], LAYERS[1:]):
-    key, sub = jax.random.split(key)
-    w = jax.random.normal(sub, (fan_in, fan_out), dtype) / np.sqrt(fan_in)
-    params.append((w, jnp.zeros(fan_out, dtype)))
-  return params
-
-
-def predict(params, batch):
-  """Logits of the reconstruction: sigmoid layers, linear code layer."""
-  x = batch["inputs"]
-  for i, (w, b) in enumerate(params):
-    x = x @ w + b
-    if i + 1 < len(params) and i + 1 != CODE_LAYER:
-      x = jax.nn.sigmoid(x)
-  return x
-
+from _common import autoencoder_batch
+from _common import autoencoder_params as init_params
+from _common import autoencoder_predict as predict
+from _common import machine
 
 def make_functions(num_iterations):
   loss = curvature.losses.sigmoid_binary_cross_entropy
@@ -98,17 +77,6 @@ def timed(fn, *args):
   return time.perf_counter() - start
 
 
-def cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=1000)
@@ -119,8 +87,7 @@ def main():
   key = jax.random.key(0)
   params_key, data_key, vector_key = jax.random.split(key, 3)
   params = init_params(params_key)
-  batch = {"inputs": jax.random.uniform(data_key, (args.batch, 784))}
-  batch["targets"] = batch["inputs"]
+  batch = autoencoder_batch(data_key, args.batch)
   vector = jax.tree.map(
       lambda p: jax.random.normal(vector_key, p.shape, p.dtype), params)
   functions = make_functions(args.iterations)
@@ -139,8 +106,7 @@ def main():
   num_params = sum(p.size for p in jax.tree.leaves(params))
   medians = {name: statistics.median(t) for name, t in times.items()}
   baseline = medians[names[0]]
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}),"
-        f" nproc {os.cpu_count()}, CPU {cpu_model()}")
+  print(f"machine: {machine()}")
   print(f"jax {jax.__version__}; {num_params:,} parameters, batch"
         f" {args.batch}, float32, {args.repeats} interleaved repeats;"
         f" compile (all) {compile_seconds:.1f} s")

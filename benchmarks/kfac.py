@@ -32,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from _common import autoencoder_predict as predict
+from _common import machine
+
 SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 BATCH = 1000
 STATS = BATCH // 8
@@ -44,15 +47,6 @@ def init_params(seed=0):
   return [{"w": (rng.normal(size=(i, o)) / np.sqrt(i)).astype(np.float32),
            "b": np.zeros(o, np.float32)} for i, o in zip(SIZES[:-1],
                                                           SIZES[1:])]
-
-
-def predict(params, batch):
-  h = batch["inputs"]
-  for k, layer in enumerate(params):
-    h = h @ layer["w"] + layer["b"]
-    if k < len(params) - 1 and k != 3:  # linear code layer
-      h = jax.nn.sigmoid(h)
-  return h
 
 
 def make_batch(seed=1):
@@ -208,8 +202,7 @@ def main():
   if args.peer:
     peer(args.repeats, *args.peer)
     return
-  print(f"machine: {os.cpu_count()} cores,", _cpu_model(),
-        f"jax {jax.__version__}")
+  print(f"machine: {machine()}")
   times = ours(args.repeats)
   for name, t in times.items():
     print(f"{name:>24}: {1e3 * t:8.1f} ms")
@@ -263,17 +256,6 @@ def main():
   print(f"  G (outputs): {worst['outputs_factor']:.2e} after a scalar"
         f" convention factor {np.median(scales):.1f} (batch size"
         f" {BATCH})")
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import numpy as np
 import optax
 
 import curvature
-from _common import LOSS
 from _common import autoencoder_batch
 from _common import autoencoder_params as init_params
 from _common import autoencoder_predict as predict
 from _common import machine
+
+
+LOSS = curvature.losses.sigmoid_binary_cross_entropy
 
 
 def loss_fn(params, batch):
