@@ -338,10 +338,11 @@ class ConditionNumber(NamedTuple):
   finite: Array
 
 
-def _extreme_ritz(matvec, params, num_iterations, key):
+def _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize):
   if num_iterations is None:
     num_iterations = _lanczos.default_num_iterations(params)
-  return _lanczos.ritz_decomposition(matvec, params, num_iterations, key)
+  return _lanczos.ritz_decomposition(matvec, params, num_iterations, key,
+                                     reorthogonalize)
 
 
 def condition_number(
@@ -350,6 +351,7 @@ def condition_number(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
+    reorthogonalize: Union[bool, str] = True,
 ) -> ConditionNumber:
   r"""Estimates ``κ = λmax / λmin`` from one Lanczos run.
 
@@ -366,6 +368,8 @@ def condition_number(
     params: a pytree with the shapes and dtypes ``A`` acts on.
     num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
     key: PRNG key of the start vector.
+    reorthogonalize: ``True``/``"full"`` or ``"partial"`` (Simon 1984: the
+      same Ritz values for less work on a large basis).
 
   Returns:
     A :class:`ConditionNumber`.
@@ -378,7 +382,7 @@ def condition_number(
     ``shared/seeds/000_*`` and ``002_*`` (the condition number and
     convergence). Lanczos 1950; Golub & Meurant 2010.
   """
-  ritz = _extreme_ritz(matvec, params, num_iterations, key)
+  ritz = _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize)
   smallest, largest = ritz.values[0], ritz.values[-1]
   kappa = jnp.where(smallest > 0, largest / smallest, jnp.inf)
   return ConditionNumber(kappa, largest, smallest, ritz.lanczos.finite)
@@ -417,6 +421,7 @@ def negative_curvature(
     num_iterations: Optional[int] = None,
     rtol: float = 1e-5,
     key: Optional[Array] = None,
+    reorthogonalize: Union[bool, str] = True,
 ) -> NegativeCurvature:
   r"""Detects negative curvature and saddle points from one Lanczos run.
 
@@ -434,6 +439,8 @@ def negative_curvature(
     num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
     rtol: ``θ₁`` counts as negative below ``−rtol · |θ_m|`` (rounding).
     key: PRNG key of the start vector.
+    reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
+      :func:`condition_number`.
 
   Returns:
     A :class:`NegativeCurvature`.
@@ -450,7 +457,7 @@ def negative_curvature(
     et al. 2017; Yao et al., "PyHessian", 2020.
   """
   _validation.check_nonnegative("rtol", rtol)
-  ritz = _extreme_ritz(matvec, params, num_iterations, key)
+  ritz = _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize)
   lowest = _lanczos.select_pairs(ritz, params, jnp.arange(1))
   smallest, largest = ritz.values[0], ritz.values[-1]
   negative = smallest < -rtol * jnp.abs(largest)

@@ -333,10 +333,12 @@ def test_plot_spectral_density_draws_on_a_log_scale():
 # Conditioning and negative curvature --------------------------------------
 
 
-def test_condition_number_matches_the_dense_ggn():
+@pytest.mark.parametrize("reorthogonalize", ["full", "partial"])
+def test_condition_number_matches_the_dense_ggn(reorthogonalize):
   params, _, lin = _linearization("ggn", l2_reg=1e-2)
   exact = np.linalg.eigvalsh(_dense(lin.matvec, params))
-  result = curvature.condition_number(lin.matvec, params, num_iterations=26)
+  result = curvature.condition_number(lin.matvec, params, num_iterations=26,
+                                      reorthogonalize=reorthogonalize)
   np.testing.assert_allclose(result.smallest, exact[0], rtol=1e-8)
   np.testing.assert_allclose(result.largest, exact[-1], rtol=1e-10)
   np.testing.assert_allclose(
@@ -349,10 +351,12 @@ def test_condition_number_is_infinite_for_an_indefinite_hessian():
   assert result.condition_number == jnp.inf and result.smallest < 0
 
 
-def test_negative_curvature_detects_the_saddle_of_the_hessian():
+@pytest.mark.parametrize("reorthogonalize", ["full", "partial"])
+def test_negative_curvature_detects_the_saddle_of_the_hessian(reorthogonalize):
   params, batch, lin = _linearization("hessian")
   exact = np.linalg.eigvalsh(_dense_hessian())
-  saddle = curvature.negative_curvature(lin.matvec, params, num_iterations=26)
+  saddle = curvature.negative_curvature(lin.matvec, params, num_iterations=26,
+                                        reorthogonalize=reorthogonalize)
   assert bool(saddle.has_negative_curvature) and bool(saddle.is_saddle)
   np.testing.assert_allclose(saddle.smallest, exact[0], atol=1e-9)
   np.testing.assert_allclose(
