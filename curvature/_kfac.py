@@ -22,6 +22,11 @@ averaged over them in ``G`` (KFC, Grosse & Martens 2016).
 Layers are found automatically (:mod:`curvature._layers`); every other
 parameter gets a diagonal block (Monte-Carlo Fisher diagonal). Use
 :func:`kfac_summary` to see which parameter got which block and why.
+
+Dtypes: the factors, their inverses, the diagonal blocks and the
+preconditioning run in at least float32; for bfloat16 parameters only the
+forward pass is bfloat16 and the update is cast back to the parameters'
+dtype.
 """
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -281,14 +286,21 @@ def _from_matrix(layer, matrix, shape):
 # Statistics -----------------------------------------------------------------
 
 
+def _accumulation_dtype(dtype):
+  """Statistics, inverses and preconditioning run in at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _factors(layer, inputs, output_grads, num_examples):
   """``(Ā, G)`` of one layer from its inputs and ``[S, ...]`` output gradients."""
   rows = _layers.layer_inputs(layer, inputs)
+  rows = rows.astype(_accumulation_dtype(rows.dtype))
   rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
   a = rows.T @ rows / num_examples
   grads = jax.vmap(lambda g: _layers.layer_output_grads(layer, g))(
       output_grads)
   grads = grads.reshape(-1, grads.shape[-1])
+  grads = grads.astype(_accumulation_dtype(grads.dtype))
   g = grads.T @ grads / grads.shape[0]
   return a, g
 
@@ -368,14 +380,19 @@ def _precondition(layers, diag_leaves, grads, inv_a, inv_g, diagonal,
       matrix = jnp.concatenate(
           [matrix, leaves[layer.bias].reshape(1, -1)], axis=0)
       size += 1
-    a = inv_a[k][:size, :size].astype(matrix.dtype)
-    product = a @ matrix @ inv_g[k].astype(matrix.dtype)
-    out[k] = _from_matrix(layer, product[:layer.input_dim], leaves[k].shape)
+    dtype = jnp.promote_types(matrix.dtype, inv_a[k].dtype)
+    product = (inv_a[k][:size, :size].astype(dtype) @ matrix.astype(dtype)
+               @ inv_g[k].astype(dtype))
+    out[k] = _from_matrix(layer, product[:layer.input_dim], leaves[k].shape
+                          ).astype(leaves[k].dtype)
     if layer.bias is not None:
-      out[layer.bias] = product[-1].reshape(leaves[layer.bias].shape)
+      out[layer.bias] = product[-1].reshape(leaves[layer.bias].shape).astype(
+          leaves[layer.bias].dtype)
   for i in diag_leaves:
-    out[i] = leaves[i] / (diagonal[i].astype(leaves[i].dtype)
-                          + diag_damping.astype(leaves[i].dtype))
+    dtype = _accumulation_dtype(leaves[i].dtype)
+    out[i] = (leaves[i].astype(dtype)
+              / (diagonal[i].astype(dtype) + diag_damping.astype(dtype))
+              ).astype(leaves[i].dtype)
   return treedef.unflatten(out)
 
 
@@ -565,10 +582,11 @@ def scale_by_kfac(
     a, g = [], []
     for leaf in leaves:
       dims = _allocated_dims(leaf.shape, max_factor_dim)
+      factor_dtype = _accumulation_dtype(leaf.dtype)
       a.append(None if dims is None else jnp.zeros((dims[0],) * 2,
-                                                   leaf.dtype))
+                                                   factor_dtype))
       g.append(None if dims is None else jnp.zeros((dims[1],) * 2,
-                                                   leaf.dtype))
+                                                   factor_dtype))
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
     zero = jnp.zeros((), dtype)
     return ScaleByKfacState(
@@ -577,7 +595,9 @@ def scale_by_kfac(
         key=jax.random.key(seed),
         factors_a=tuple(a), factors_g=tuple(g),
         inverses_a=tuple(a), inverses_g=tuple(g),
-        diagonal=optax.tree.zeros_like(params),
+        diagonal=jax.tree.map(
+            lambda x: jnp.zeros(x.shape, _accumulation_dtype(x.dtype)),
+            params),
         damping=jnp.asarray(initial_damping, dtype),
         velocity=optax.tree.zeros_like(params),
         rejected_steps=jnp.zeros((), jnp.int32),
