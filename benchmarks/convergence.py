@@ -1,0 +1,410 @@
+"""Convergence benchmark: Adam, K-FAC, Hessian-free and momentum on CURVES.
+
+The CURVES-like images of :func:`curvature.datasets.make_curves` (20k
+training images by default) train the CURVES deep autoencoder of Hinton &
+Salakhutdinov (2006) and Martens (2010): 784-400-200-100-50-25-6-25-50-100-
+200-400-784, sigmoid hidden units, a linear 6-unit code layer, logits out,
+sigmoid cross-entropy summed over pixels and averaged over images, Martens'
+sparse initialization (15 incoming N(0, 1) weights per unit, zero biases)
+and an L2 term ½·1e-5·‖θ‖².
+
+* Adam at each learning rate of {3e-4, 1e-3, 3e-3}, batch 1000, for N steps
+  (2000). The lowest training loss of the best rate is the target ``L``.
+* ``curvature.kfac`` (adaptive: exact-quadratic α, μ and LM damping from
+  λ₀ = 150), batch 1000.
+* ``curvature.hessian_free``: gradient on a batch of 1000, curvature products
+  on its first 250 examples, objective evaluations (ρ, backtracking, line
+  search) on its last 250.
+* ``curvature.sgd(lr, momentum=0.9)`` and ``optax.sgd(lr, momentum=0.9)``,
+  batch 1000, on the same batches.
+
+Every row reports the outer iterations and the wall-clock seconds to reach
+``L`` (training loss, whole training set, data term only), and its final
+loss. The clock covers only the jitted optimizer steps (compilation and the
+loss evaluations are excluded; each timed call ends with
+``block_until_ready``). The full training loss is evaluated every
+``--eval-every`` steps for the first-order rows and K-FAC, and after every
+outer iteration for Hessian-free, so "steps to L" has that resolution.
+
+The rows that only need to reach ``L`` (K-FAC, Hessian-free) stop there, to
+fit the budget; the momentum rows run all N steps, and when they do not reach
+``L`` they are compared on the steps to the worse of their two best losses.
+
+Run: ``python benchmarks/convergence.py [--train-size 20000] [--steps 2000]
+[--optimizers adam,kfac,hessian_free,momentum] [--out benchmarks/results]``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+import curvature
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402  (benchmarks/ is not a package)
+
+LAYERS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
+CODE_LAYER = 5  # Index of the weights whose output is the linear code.
+L2_REG = 1e-5
+LOSS = curvature.losses.sigmoid_binary_cross_entropy
+ADAM_LRS = (3e-4, 1e-3, 3e-3)
+MOMENTUM_LR = 1e-2  # Stable here (3e-2 is too); not tuned further.
+OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum")
+
+
+def init_params(seed=0, layers=LAYERS, connections=15):
+  """Martens' (2010) sparse initialization (15 incoming N(0, 1) weights)."""
+  params = []
+  key = jax.random.key(seed)
+  for fan_in, fan_out in zip(layers[:-1], layers[1:]):
+    key, k_weights, k_mask = jax.random.split(key, 3)
+    weights = jax.random.normal(k_weights, (fan_in, fan_out))
+    if fan_in > connections:
+      scores = jax.random.uniform(k_mask, (fan_in, fan_out))
+      kth = jnp.sort(scores, axis=0)[-connections]
+      weights = jnp.where(scores >= kth, weights, 0.0)
+    params.append({"w": weights, "b": jnp.zeros(fan_out)})
+  return params
+
+
+def predict(params, batch):
+  """Reconstruction logits: sigmoid layers, linear code layer, logits out."""
+  h = batch["inputs"]
+  for i, layer in enumerate(params):
+    h = h @ layer["w"] + layer["b"]
+    if i != CODE_LAYER and i < len(params) - 1:
+      h = jax.nn.sigmoid(h)
+  return h
+
+
+def data_loss(params, batch):
+  """Mean over images of the per-image summed sigmoid cross-entropy."""
+  return LOSS.value(predict(params, batch), batch["targets"])
+
+
+def objective(params, batch):
+  """Data loss plus ½η‖θ‖² (what the first-order rows minimise)."""
+  return data_loss(params, batch) + 0.5 * L2_REG * optax.tree.norm(
+      params, squared=True)
+
+
+def load_data(train_size, seed=0):
+  images = curvature.datasets.make_curves(train_size, 0, seed=seed).train
+  images = jnp.asarray(images, jnp.float32)
+  return {"inputs": images, "targets": images}
+
+
+class Trace(NamedTuple):
+  steps: np.ndarray    # outer iterations
+  seconds: np.ndarray  # optimizer time only
+  loss: np.ndarray     # training data loss on the whole training set
+
+
+def _batch_at(data, key, batch_size):
+  n = data["inputs"].shape[0]
+  order = jax.random.choice(key, n, (batch_size,), replace=False)
+  return jax.tree.map(lambda x: x[order], data)
+
+
+def _evaluator(data, eval_batch=5000):
+  """Jitted full-training-set data loss, in chunks (bounded memory)."""
+  n = data["inputs"].shape[0]
+  size = min(eval_batch, n)
+  chunks = n // size
+  stacked = jax.tree.map(
+      lambda x: x[: chunks * size].reshape((chunks, size) + x.shape[1:]), data)
+
+  @jax.jit
+  def evaluate(params):
+    return jax.lax.map(lambda b: data_loss(params, b), stacked).mean()
+
+  return lambda params: float(evaluate(params))
+
+
+def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
+                      seed=0, target=None, desc="", evaluate=None):
+  """``opt`` on gradients of :func:`objective`, ``eval_every`` steps per call.
+
+  Stops early once the loss is at or below ``target`` (when given).
+  """
+  evaluate = evaluate or _evaluator(data)
+  params = init_params(seed)
+  state = opt.init(params)
+
+  @jax.jit
+  def chunk(params, state, key):
+    def step(carry, key):
+      params, state = carry
+      grads = jax.grad(objective)(params, _batch_at(data, key, batch_size))
+      updates, state = opt.update(grads, state, params)
+      return (optax.apply_updates(params, updates), state), None
+    (params, state), _ = jax.lax.scan(
+        step, (params, state), jax.random.split(key, eval_every))
+    return params, state
+
+  jax.block_until_ready(chunk(params, state, jax.random.key(0)))  # Compile.
+  key = jax.random.key(seed + 1)
+  record = [(0, 0.0, evaluate(params))]
+  with tqdm(total=steps, desc=desc, leave=False) as bar:
+    while record[-1][0] < steps:
+      key, sub = jax.random.split(key)
+      start = time.perf_counter()
+      params, state = jax.block_until_ready(chunk(params, state, sub))
+      elapsed = time.perf_counter() - start
+      value = evaluate(params)
+      record.append((record[-1][0] + eval_every, record[-1][1] + elapsed,
+                     value))
+      bar.update(eval_every)
+      bar.set_postfix(loss=f"{value:.3f}")
+      if not np.isfinite(value) or (target is not None and value <= target):
+        break
+  return Trace(*map(np.asarray, zip(*record)))
+
+
+def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
+               target=None, evaluate=None, **kfac_kwargs):
+  """Adaptive K-FAC (λ₀ = 150, exact-quadratic α and μ), one jitted step."""
+  evaluate = evaluate or _evaluator(data)
+  kwargs = dict(adaptive=True, initial_damping=150.0)
+  kwargs.update(kfac_kwargs)
+  opt = curvature.kfac(1.0, predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
+                       **kwargs)
+  params = init_params(seed)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    batch = _batch_at(data, key, batch_size)
+    grads = jax.grad(data_loss)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  jax.block_until_ready(step(params, state, jax.random.key(0)))  # Compile.
+  key = jax.random.key(seed + 1)
+  record = [(0, 0.0, evaluate(params))]
+  clock = 0.0
+  with tqdm(total=steps, desc="kfac", leave=False) as bar:
+    for i in range(1, steps + 1):
+      key, sub = jax.random.split(key)
+      start = time.perf_counter()
+      params, state = jax.block_until_ready(step(params, state, sub))
+      clock += time.perf_counter() - start
+      bar.update(1)
+      if i % eval_every and i != steps:
+        continue
+      value = evaluate(params)
+      record.append((i, clock, value))
+      bar.set_postfix(loss=f"{value:.3f}")
+      if not np.isfinite(value) or (target is not None and value <= target):
+        break
+  return Trace(*map(np.asarray, zip(*record)))
+
+
+def train_hessian_free(data, steps, *, batch_size=1000,
+                       curvature_batch_size=250, evaluation_batch_size=250,
+                       seed=0, target=None, evaluate=None, **hf_kwargs):
+  """Hessian-free, one jitted outer iteration, loss after every iteration."""
+  evaluate = evaluate or _evaluator(data)
+  opt = curvature.hessian_free(
+      predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
+      curvature_batch_size=curvature_batch_size,
+      evaluation_batch_size=evaluation_batch_size, **hf_kwargs)
+  params = init_params(seed)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    batch = _batch_at(data, key, batch_size)
+    grads = jax.grad(data_loss)(params, batch)
+    updates, state = opt.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  jax.block_until_ready(step(params, state, jax.random.key(0)))  # Compile.
+  key = jax.random.key(seed + 1)
+  record = [(0, 0.0, evaluate(params))]
+  clock = 0.0
+  with tqdm(total=steps, desc="hessian_free", leave=False) as bar:
+    for i in range(1, steps + 1):
+      key, sub = jax.random.split(key)
+      start = time.perf_counter()
+      params, state = jax.block_until_ready(step(params, state, sub))
+      clock += time.perf_counter() - start
+      hf = state[0]
+      value = evaluate(params)
+      record.append((i, clock, value))
+      bar.update(1)
+      bar.set_postfix(loss=f"{value:.3f}", damping=f"{float(hf.damping):.2g}",
+                      cg=int(hf.cg_iterations))
+      if not np.isfinite(value) or (target is not None and value <= target):
+        break
+  return Trace(*map(np.asarray, zip(*record)))
+
+
+def to_target(trace: Trace, target: float):
+  """(steps, seconds) at the first evaluation with loss ≤ target, or Nones."""
+  hits = np.nonzero(trace.loss <= target)[0]
+  if not hits.size:
+    return None, None
+  i = int(hits[0])
+  return int(trace.steps[i]), float(trace.seconds[i])
+
+
+def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
+        batch_size=1000, curvature_batch_size=250, momentum_lr=MOMENTUM_LR,
+        adam_lrs=ADAM_LRS, kfac_eval_every=5, stop_at_target=True, seed=0):
+  """Every requested row; returns ``(traces, rows, target, adam_best_lr)``."""
+  data = load_data(train_size, seed)
+  evaluate = _evaluator(data)
+  batch_size = min(batch_size, train_size)
+  traces = {}
+  for lr in adam_lrs:
+    traces[f"adam {lr:g}"] = train_first_order(
+        optax.adam(lr), data, steps, batch_size=batch_size,
+        eval_every=eval_every, seed=seed, desc=f"adam {lr:g}",
+        evaluate=evaluate)
+  best_name = min(traces, key=lambda k: traces[k].loss.min()) if traces else None
+  target = float(traces[best_name].loss.min()) if traces else None
+  stop = target if stop_at_target else None
+
+  if "kfac" in optimizers:
+    traces["kfac (adaptive)"] = train_kfac(
+        data, steps, batch_size=batch_size, eval_every=kfac_eval_every,
+        seed=seed, target=stop, evaluate=evaluate)
+  if "hessian_free" in optimizers:
+    traces["hessian_free"] = train_hessian_free(
+        data, steps, batch_size=batch_size,
+        curvature_batch_size=min(curvature_batch_size, batch_size),
+        evaluation_batch_size=min(curvature_batch_size, batch_size),
+        seed=seed, target=stop, evaluate=evaluate)
+  if "momentum" in optimizers:
+    for name, opt in (
+        ("curvature.sgd momentum", curvature.sgd(momentum_lr, momentum=0.9)),
+        ("optax.sgd momentum", optax.sgd(momentum_lr, momentum=0.9))):
+      traces[name] = train_first_order(
+          opt, data, steps, batch_size=batch_size, eval_every=eval_every,
+          seed=seed, desc=name, evaluate=evaluate)
+
+  rows = []
+  for name, trace in traces.items():
+    s, t = to_target(trace, target) if target is not None else (None, None)
+    rows.append(dict(optimizer=name, steps_to_target=s, seconds_to_target=t,
+                     final_loss=float(trace.loss[-1]),
+                     best_loss=float(trace.loss.min()),
+                     steps_run=int(trace.steps[-1]),
+                     seconds_run=float(trace.seconds[-1])))
+  return traces, rows, target, best_name
+
+
+def momentum_comparison(traces):
+  """Steps to the momentum rows' own common target (the worse best loss)."""
+  a, b = traces.get("curvature.sgd momentum"), traces.get("optax.sgd momentum")
+  if a is None or b is None:
+    return None
+  common = max(a.loss.min(), b.loss.min())
+  sa, _ = to_target(a, common)
+  sb, _ = to_target(b, common)
+  return dict(target=float(common), curvature_steps=sa, optax_steps=sb,
+              relative_difference=abs(sa - sb) / sb if sb else None)
+
+
+def verdicts(rows, steps, adam_name):
+  by = {r["optimizer"]: r for r in rows}
+  adam = by.get(adam_name)
+  out = {}
+  if adam is None:
+    return out
+  t_adam = adam["seconds_to_target"]
+  for name, step_frac, time_frac in (("kfac (adaptive)", 0.25, 0.75),
+                                     ("hessian_free", 0.05, 1.0)):
+    r = by.get(name)
+    if r is None:
+      continue
+    s, t = r["steps_to_target"], r["seconds_to_target"]
+    out[name] = dict(
+        steps_target=step_frac * steps, time_target=time_frac * t_adam,
+        steps_met=s is not None and s <= step_frac * steps,
+        time_met=t is not None and t <= time_frac * t_adam)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--train-size", type=int, default=20_000)
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                      help="comma-separated subset of " + ",".join(OPTIMIZERS)
+                      + " (Adam always runs: it sets the target)")
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--eval-every", type=int, default=10)
+  parser.add_argument("--batch-size", type=int, default=1000)
+  parser.add_argument("--momentum-lr", type=float, default=MOMENTUM_LR)
+  args = parser.parse_args(argv)
+  optimizers = tuple(o.strip() for o in args.optimizers.split(",") if o)
+
+  traces, rows, target, adam_name = run(
+      args.train_size, args.steps, optimizers, args.eval_every,
+      args.batch_size, momentum_lr=args.momentum_lr)
+  print(f"\nCURVES-like autoencoder {'-'.join(map(str, LAYERS))}, "
+        f"{args.train_size} images, batch {args.batch_size}, N = {args.steps}")
+  print(f"machine: {machine()}")
+  print(f"target L = {target:.4f} (best of {adam_name})")
+  header = (f"{'optimizer':26s}{'steps to L':>12s}{'s to L':>10s}"
+            f"{'final loss':>12s}{'best loss':>11s}{'steps run':>11s}")
+  print(header)
+  for r in rows:
+    s = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
+    t = ("—" if r["seconds_to_target"] is None
+         else f"{r['seconds_to_target']:.1f}")
+    print(f"{r['optimizer']:26s}{s:>12s}{t:>10s}{r['final_loss']:12.4f}"
+          f"{r['best_loss']:11.4f}{r['steps_run']:11d}")
+  checks = verdicts(rows, args.steps, adam_name)
+  for name, v in checks.items():
+    print(f"{name}: steps ≤ {v['steps_target']:.0f}: {v['steps_met']}; "
+          f"seconds ≤ {v['time_target']:.1f}: {v['time_met']}")
+  mom = momentum_comparison(traces)
+  if mom:
+    print(f"momentum, steps to {mom['target']:.4f}: curvature "
+          f"{mom['curvature_steps']}, optax {mom['optax_steps']} "
+          f"(relative difference {mom['relative_difference']})")
+
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "convergence.json"), "w") as f:
+    json.dump(dict(machine=machine(), train_size=args.train_size,
+                   steps=args.steps, batch_size=args.batch_size,
+                   target=target, adam_best=adam_name, rows=rows,
+                   targets=checks, momentum=mom,
+                   traces={k: {f: v.tolist() for f, v in t._asdict().items()}
+                           for k, t in traces.items()}), f, indent=1)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name, trace in traces.items():
+    axes[0].plot(trace.steps, trace.loss, label=name)
+    axes[1].plot(trace.seconds, trace.loss, label=name)
+  for ax, xlabel in zip(axes, ("steps (outer iterations)", "seconds")):
+    ax.axhline(target, color="gray", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"CURVES-like autoencoder, {args.train_size} images "
+               f"(dotted: Adam's best, L = {target:.2f})")
+  fig.tight_layout()
+  png = os.path.join(args.out, "convergence.png")
+  fig.savefig(png, dpi=110)
+  print(f"results in {args.out}/convergence.json and {png}")
+  return traces, rows
+
+
+if __name__ == "__main__":
+  main()
