@@ -29,6 +29,25 @@ def autoencoder_params(key, dtype=jnp.float32):
   return params
 
 
+def sparse_params(seed, layers, connections=15):
+  """Martens' (2010) sparse initialisation.
+
+  Each unit gets ``connections`` incoming weights drawn from N(0, 1) (all of
+  them if the fan-in is smaller); every other weight and every bias is 0.
+  """
+  params = []
+  key = jax.random.key(seed)
+  for fan_in, fan_out in zip(layers[:-1], layers[1:]):
+    key, k_weights, k_mask = jax.random.split(key, 3)
+    weights = jax.random.normal(k_weights, (fan_in, fan_out))
+    if fan_in > connections:
+      scores = jax.random.uniform(k_mask, (fan_in, fan_out))
+      kth = jnp.sort(scores, axis=0)[-connections]
+      weights = jnp.where(scores >= kth, weights, 0.0)
+    params.append({"w": weights, "b": jnp.zeros(fan_out)})
+  return params
+
+
 def autoencoder_predict(params, batch):
   """Reconstruction logits for ``batch["inputs"]``."""
   h = batch["inputs"]

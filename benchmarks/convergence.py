@@ -51,6 +51,7 @@ import curvature
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine  # noqa: E402  (benchmarks/ is not a package)
+from _common import sparse_params  # noqa: E402
 
 LAYERS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
 CODE_LAYER = 5  # Index of the weights whose output is the linear code.
@@ -63,17 +64,7 @@ OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum")
 
 def init_params(seed=0, layers=LAYERS, connections=15):
   """Martens' (2010) sparse initialization (15 incoming N(0, 1) weights)."""
-  params = []
-  key = jax.random.key(seed)
-  for fan_in, fan_out in zip(layers[:-1], layers[1:]):
-    key, k_weights, k_mask = jax.random.split(key, 3)
-    weights = jax.random.normal(k_weights, (fan_in, fan_out))
-    if fan_in > connections:
-      scores = jax.random.uniform(k_mask, (fan_in, fan_out))
-      kth = jnp.sort(scores, axis=0)[-connections]
-      weights = jnp.where(scores >= kth, weights, 0.0)
-    params.append({"w": weights, "b": jnp.zeros(fan_out)})
-  return params
+  return sparse_params(seed, layers, connections)
 
 
 def predict(params, batch):
@@ -170,14 +161,14 @@ def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
   return Trace(*map(np.asarray, zip(*record)))
 
 
-def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
-               target=None, evaluate=None, **kfac_kwargs):
-  """Adaptive K-FAC (λ₀ = 150, exact-quadratic α and μ), one jitted step."""
+def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
+                     target, evaluate, describe=lambda state: {}):
+  """A curvature-aware ``opt``, one jitted outer iteration per call.
+
+  The loss on the whole training set is evaluated every ``eval_every``
+  iterations (and at the last); the run stops early at ``target``.
+  """
   evaluate = evaluate or _evaluator(data)
-  kwargs = dict(adaptive=True, initial_damping=150.0)
-  kwargs.update(kfac_kwargs)
-  opt = curvature.kfac(1.0, predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
-                       **kwargs)
   params = init_params(seed)
   state = opt.init(params)
 
@@ -192,7 +183,7 @@ def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
   key = jax.random.key(seed + 1)
   record = [(0, 0.0, evaluate(params))]
   clock = 0.0
-  with tqdm(total=steps, desc="kfac", leave=False) as bar:
+  with tqdm(total=steps, desc=desc, leave=False) as bar:
     for i in range(1, steps + 1):
       key, sub = jax.random.split(key)
       start = time.perf_counter()
@@ -203,50 +194,37 @@ def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
         continue
       value = evaluate(params)
       record.append((i, clock, value))
-      bar.set_postfix(loss=f"{value:.3f}")
+      bar.set_postfix(loss=f"{value:.3f}", **describe(state))
       if not np.isfinite(value) or (target is not None and value <= target):
         break
   return Trace(*map(np.asarray, zip(*record)))
+
+
+def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
+               target=None, evaluate=None, **kfac_kwargs):
+  """Adaptive K-FAC (λ₀ = 150, exact-quadratic α and μ), one jitted step."""
+  kwargs = dict(adaptive=True, initial_damping=150.0)
+  kwargs.update(kfac_kwargs)
+  opt = curvature.kfac(1.0, predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
+                       **kwargs)
+  return _train_curvature(opt, data, steps, desc="kfac",
+                          batch_size=batch_size, eval_every=eval_every,
+                          seed=seed, target=target, evaluate=evaluate)
 
 
 def train_hessian_free(data, steps, *, batch_size=1000,
                        curvature_batch_size=250, evaluation_batch_size=250,
                        seed=0, target=None, evaluate=None, **hf_kwargs):
   """Hessian-free, one jitted outer iteration, loss after every iteration."""
-  evaluate = evaluate or _evaluator(data)
   opt = curvature.hessian_free(
       predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
       curvature_batch_size=curvature_batch_size,
       evaluation_batch_size=evaluation_batch_size, **hf_kwargs)
-  params = init_params(seed)
-  state = opt.init(params)
-
-  @jax.jit
-  def step(params, state, key):
-    batch = _batch_at(data, key, batch_size)
-    grads = jax.grad(data_loss)(params, batch)
-    updates, state = opt.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  jax.block_until_ready(step(params, state, jax.random.key(0)))  # Compile.
-  key = jax.random.key(seed + 1)
-  record = [(0, 0.0, evaluate(params))]
-  clock = 0.0
-  with tqdm(total=steps, desc="hessian_free", leave=False) as bar:
-    for i in range(1, steps + 1):
-      key, sub = jax.random.split(key)
-      start = time.perf_counter()
-      params, state = jax.block_until_ready(step(params, state, sub))
-      clock += time.perf_counter() - start
-      hf = state[0]
-      value = evaluate(params)
-      record.append((i, clock, value))
-      bar.update(1)
-      bar.set_postfix(loss=f"{value:.3f}", damping=f"{float(hf.damping):.2g}",
-                      cg=int(hf.cg_iterations))
-      if not np.isfinite(value) or (target is not None and value <= target):
-        break
-  return Trace(*map(np.asarray, zip(*record)))
+  describe = lambda state: dict(damping=f"{float(state[0].damping):.2g}",
+                                cg=int(state[0].cg_iterations))
+  return _train_curvature(opt, data, steps, desc="hessian_free",
+                          batch_size=batch_size, eval_every=1, seed=seed,
+                          target=target, evaluate=evaluate, describe=describe)
 
 
 def to_target(trace: Trace, target: float):
