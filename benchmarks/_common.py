@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 CODE_LAYER = 3  # Index of the layer whose output is the linear code.
+assert CODE_LAYER == (len(LAYERS) - 1) // 2 - 1
 
 
 def autoencoder_params(key, dtype=jnp.float32):
@@ -49,11 +50,17 @@ def sparse_params(seed, layers, connections=15):
 
 
 def autoencoder_predict(params, batch):
-  """Reconstruction logits for ``batch["inputs"]``."""
+  """Reconstruction logits for ``batch["inputs"]``.
+
+  Sigmoid hidden units, except the middle (code) layer, which is linear: the
+  output of weights ``len(params) // 2 - 1`` (``CODE_LAYER`` for ``LAYERS``,
+  and the 6-unit code of the CURVES autoencoder).
+  """
+  code_layer = len(params) // 2 - 1
   h = batch["inputs"]
   for i, layer in enumerate(params):
     h = h @ layer["w"] + layer["b"]
-    if i != CODE_LAYER and i < len(params) - 1:
+    if i != code_layer and i < len(params) - 1:
       h = jax.nn.sigmoid(h)
   return h
 

@@ -17,6 +17,10 @@ and an L2 term ½·1e-5·‖θ‖².
   search) on its last 250.
 * ``curvature.sgd(lr, momentum=0.9)`` and ``optax.sgd(lr, momentum=0.9)``,
   batch 1000, on the same batches.
+* The peer: kfac-jax's adaptive K-FAC (same model, data, initialization,
+  L2 term, λ₀ = 150 and batch size), run by ``_kfac_jax_curves.py`` in
+  kfac-jax's own venv ``benchmarks/.venv-kfac-jax`` (jax 0.9.0; skipped with
+  a message when the venv is missing).
 
 Every row reports the outer iterations and the wall-clock seconds to reach
 ``L`` (training loss, whole training set, data term only), and its final
@@ -31,13 +35,16 @@ fit the budget; the momentum rows run all N steps, and when they do not reach
 ``L`` they are compared on the steps to the worse of their two best losses.
 
 Run: ``python benchmarks/convergence.py [--train-size 20000] [--steps 2000]
-[--optimizers adam,kfac,hessian_free,momentum] [--out benchmarks/results]``.
+[--optimizers adam,kfac,hessian_free,momentum,kfac_jax]
+[--out benchmarks/results]``.
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple, Optional
 
@@ -52,29 +59,21 @@ import curvature
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine  # noqa: E402  (benchmarks/ is not a package)
 from _common import sparse_params  # noqa: E402
+from _common import autoencoder_predict as predict  # noqa: E402
 
 LAYERS = (784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784)
-CODE_LAYER = 5  # Index of the weights whose output is the linear code.
 L2_REG = 1e-5
 LOSS = curvature.losses.sigmoid_binary_cross_entropy
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
 MOMENTUM_LR = 1e-2  # Stable here (3e-2 is too); not tuned further.
-OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum")
+OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum", "kfac_jax")
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER_PYTHON = os.path.join(HERE, ".venv-kfac-jax", "bin", "python")
 
 
 def init_params(seed=0, layers=LAYERS, connections=15):
   """Martens' (2010) sparse initialization (15 incoming N(0, 1) weights)."""
   return sparse_params(seed, layers, connections)
-
-
-def predict(params, batch):
-  """Reconstruction logits: sigmoid layers, linear code layer, logits out."""
-  h = batch["inputs"]
-  for i, layer in enumerate(params):
-    h = h @ layer["w"] + layer["b"]
-    if i != CODE_LAYER and i < len(params) - 1:
-      h = jax.nn.sigmoid(h)
-  return h
 
 
 def data_loss(params, batch):
@@ -227,6 +226,35 @@ def train_hessian_free(data, steps, *, batch_size=1000,
                           target=target, evaluate=evaluate, describe=describe)
 
 
+def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
+                   target=None):
+  """kfac-jax's adaptive K-FAC in its own venv (see ``_kfac_jax_curves.py``).
+
+  Returns ``None`` (and says why) when the venv is missing or the run fails.
+  """
+  if not os.path.exists(PEER_PYTHON):
+    print("kfac-jax peer skipped: no venv at", PEER_PYTHON,
+          "(see benchmarks/kfac.py for the two commands that create it)")
+    return None
+  with tempfile.TemporaryDirectory() as tmp:
+    images, out = os.path.join(tmp, "images.npz"), os.path.join(tmp, "o.json")
+    np.savez(images, images=np.asarray(data["inputs"]))
+    command = [PEER_PYTHON, os.path.join(HERE, "_kfac_jax_curves.py"), images,
+               out, "--steps", str(steps), "--batch-size", str(batch_size),
+               "--eval-every", str(eval_every), "--seed", str(seed),
+               "--layers", ",".join(map(str, LAYERS))]
+    if target is not None:
+      command += ["--target", repr(target)]
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                          cwd=HERE)  # stderr (the progress bar) passes through
+    if proc.returncode:
+      print("kfac-jax peer failed with exit code", proc.returncode)
+      return None
+    with open(out) as f:
+      result = json.load(f)
+  return Trace(*(np.asarray(result[k]) for k in Trace._fields))
+
+
 def to_target(trace: Trace, target: float):
   """(steps, seconds) at the first evaluation with loss ≤ target, or Nones."""
   hits = np.nonzero(trace.loss <= target)[0]
@@ -238,8 +266,14 @@ def to_target(trace: Trace, target: float):
 
 def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
         batch_size=1000, curvature_batch_size=250, momentum_lr=MOMENTUM_LR,
-        adam_lrs=ADAM_LRS, kfac_eval_every=5, stop_at_target=True, seed=0):
-  """Every requested row; returns ``(traces, rows, target, adam_best_lr)``."""
+        adam_lrs=ADAM_LRS, kfac_eval_every=5, stop_at_target=True, seed=0,
+        curvature_steps=None):
+  """Every requested row; returns ``(traces, rows, target, adam_best_lr)``.
+
+  Adam runs ``steps`` steps at each rate of ``adam_lrs``; K-FAC, Hessian-free
+  and kfac-jax at most ``curvature_steps`` (default ``steps``).
+  """
+  curvature_steps = curvature_steps or steps
   data = load_data(train_size, seed)
   evaluate = _evaluator(data)
   batch_size = min(batch_size, train_size)
@@ -255,14 +289,20 @@ def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
 
   if "kfac" in optimizers:
     traces["kfac (adaptive)"] = train_kfac(
-        data, steps, batch_size=batch_size, eval_every=kfac_eval_every,
+        data, curvature_steps, batch_size=batch_size,
+        eval_every=kfac_eval_every,
         seed=seed, target=stop, evaluate=evaluate)
   if "hessian_free" in optimizers:
     traces["hessian_free"] = train_hessian_free(
-        data, steps, batch_size=batch_size,
+        data, curvature_steps, batch_size=batch_size,
         curvature_batch_size=min(curvature_batch_size, batch_size),
         evaluation_batch_size=min(curvature_batch_size, batch_size),
         seed=seed, target=stop, evaluate=evaluate)
+  if "kfac_jax" in optimizers:
+    trace = train_kfac_jax(data, curvature_steps, batch_size=batch_size,
+                           eval_every=kfac_eval_every, seed=seed, target=stop)
+    if trace is not None:
+      traces["kfac-jax (adaptive)"] = trace
   if "momentum" in optimizers:
     for name, opt in (
         ("curvature.sgd momentum", curvature.sgd(momentum_lr, momentum=0.9)),
@@ -311,7 +351,48 @@ def verdicts(rows, steps, adam_name):
         steps_target=step_frac * steps, time_target=time_frac * t_adam,
         steps_met=s is not None and s <= step_frac * steps,
         time_met=t is not None and t <= time_frac * t_adam)
+    peer = by.get("kfac-jax (adaptive)")
+    if peer is not None and peer["steps_to_target"] is not None:
+      out[name].update(
+          beats_kfac_jax_steps=s is not None and s <= peer["steps_to_target"],
+          beats_kfac_jax_time=t is not None and t <= peer["seconds_to_target"])
   return out
+
+
+def print_table(rows, target, adam_name):
+  """Steps and seconds to ``target``, final and best loss, for every row."""
+  print(f"target L = {target:.4f} (best of {adam_name})")
+  print(f"{'optimizer':26s}{'steps to L':>12s}{'s to L':>10s}"
+        f"{'final loss':>12s}{'best loss':>11s}{'steps run':>11s}"
+        f"{'s run':>9s}")
+  for r in rows:
+    s = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
+    t = ("—" if r["seconds_to_target"] is None
+         else f"{r['seconds_to_target']:.1f}")
+    print(f"{r['optimizer']:26s}{s:>12s}{t:>10s}{r['final_loss']:12.4f}"
+          f"{r['best_loss']:11.4f}{r['steps_run']:11d}{r['seconds_run']:9.1f}")
+
+
+def save_plot(traces, target, path, title):
+  """Training loss against steps and against seconds, one line per row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name, trace in traces.items():
+    axes[0].plot(trace.steps, trace.loss, label=name)
+    axes[1].plot(trace.seconds, trace.loss, label=name)
+  for ax, xlabel in zip(axes, ("steps (outer iterations)", "seconds")):
+    ax.axhline(target, color="gray", ls=":", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{title} (dotted: Adam's best, L = {target:.2f})")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -334,20 +415,14 @@ def main(argv=None):
   print(f"\nCURVES-like autoencoder {'-'.join(map(str, LAYERS))}, "
         f"{args.train_size} images, batch {args.batch_size}, N = {args.steps}")
   print(f"machine: {machine()}")
-  print(f"target L = {target:.4f} (best of {adam_name})")
-  header = (f"{'optimizer':26s}{'steps to L':>12s}{'s to L':>10s}"
-            f"{'final loss':>12s}{'best loss':>11s}{'steps run':>11s}")
-  print(header)
-  for r in rows:
-    s = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
-    t = ("—" if r["seconds_to_target"] is None
-         else f"{r['seconds_to_target']:.1f}")
-    print(f"{r['optimizer']:26s}{s:>12s}{t:>10s}{r['final_loss']:12.4f}"
-          f"{r['best_loss']:11.4f}{r['steps_run']:11d}")
+  print_table(rows, target, adam_name)
   checks = verdicts(rows, args.steps, adam_name)
   for name, v in checks.items():
+    peer = (f"; beats kfac-jax in steps: {v['beats_kfac_jax_steps']}, in "
+            f"seconds: {v['beats_kfac_jax_time']}"
+            if "beats_kfac_jax_steps" in v else "")
     print(f"{name}: steps ≤ {v['steps_target']:.0f}: {v['steps_met']}; "
-          f"seconds ≤ {v['time_target']:.1f}: {v['time_met']}")
+          f"seconds ≤ {v['time_target']:.1f}: {v['time_met']}{peer}")
   mom = momentum_comparison(traces)
   if mom:
     print(f"momentum, steps to {mom['target']:.4f}: curvature "
@@ -362,24 +437,9 @@ def main(argv=None):
                    targets=checks, momentum=mom,
                    traces={k: {f: v.tolist() for f, v in t._asdict().items()}
                            for k, t in traces.items()}), f, indent=1)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name, trace in traces.items():
-    axes[0].plot(trace.steps, trace.loss, label=name)
-    axes[1].plot(trace.seconds, trace.loss, label=name)
-  for ax, xlabel in zip(axes, ("steps (outer iterations)", "seconds")):
-    ax.axhline(target, color="gray", ls=":", lw=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-  axes[0].legend(fontsize=8)
-  fig.suptitle(f"CURVES-like autoencoder, {args.train_size} images "
-               f"(dotted: Adam's best, L = {target:.2f})")
-  fig.tight_layout()
   png = os.path.join(args.out, "convergence.png")
-  fig.savefig(png, dpi=110)
+  save_plot(traces, target, png,
+            f"CURVES-like autoencoder, {args.train_size} images")
   print(f"results in {args.out}/convergence.json and {png}")
   return traces, rows
 

@@ -1,7 +1,8 @@
-"""CI tier of ``benchmarks/convergence.py``: a tiny configuration.
+"""CI tier of ``benchmarks/convergence.py`` and the README's main job.
 
-Correctness facts only (every optimizer's loss decreases and stays finite);
-no timing assertions.
+5000 CURVES-like training images and a few steps per row. Correctness facts
+only (every optimizer's loss decreases and stays finite, the table and plot
+are written); no timing assertions.
 """
 
 import importlib.util
@@ -14,9 +15,11 @@ import pytest
 import curvature
 
 
-def _load_convergence_benchmark():
-  path = (pathlib.Path(__file__).parents[1] / "benchmarks" / "convergence.py")
-  spec = importlib.util.spec_from_file_location("convergence_benchmark", path)
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _load(path, name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -24,13 +27,13 @@ def _load_convergence_benchmark():
 
 @pytest.fixture(scope="module")
 def bench():
-  return _load_convergence_benchmark()
+  return _load("benchmarks/convergence.py", "convergence_benchmark")
 
 
 @pytest.fixture(scope="module")
 def setup(bench):
-  data = bench.load_data(1000)
-  return data, bench._evaluator(data, eval_batch=1000)
+  data = bench.load_data(5000)
+  return data, bench._evaluator(data, eval_batch=2500)
 
 
 def _check(trace):
@@ -68,3 +71,29 @@ def test_target_bookkeeping(bench):
                       np.array([9.0, 5.0, 3.0]))
   assert bench.to_target(trace, 5.0) == (10, 1.0)
   assert bench.to_target(trace, 1.0) == (None, None)
+
+
+def test_kfac_jax_row_is_skipped_without_its_venv(bench, setup, monkeypatch,
+                                                  capsys):
+  monkeypatch.setattr(bench, "PEER_PYTHON", "/nonexistent/python")
+  assert bench.train_kfac_jax(setup[0], 5) is None
+  assert "kfac-jax peer skipped" in capsys.readouterr().out
+
+
+def test_main_job_runs_and_writes_table_and_plot(tmp_path, capsys):
+  example = _load("examples/curves_autoencoder.py", "curves_autoencoder")
+  rows = example.main(["--train-size", "2000", "--steps", "20",
+                       "--curvature-steps", "4", "--out", str(tmp_path)])
+  assert [r["optimizer"] for r in rows] == [
+      "adam 0.003", "kfac (adaptive)", "hessian_free"]
+  for r in rows:
+    assert np.isfinite(r["final_loss"]), r
+    assert r["steps_run"] > 0, r
+  assert (tmp_path / "curves_autoencoder.png").stat().st_size > 0
+  assert "steps to L" in capsys.readouterr().out
+
+
+def test_main_job_rejects_unknown_optimizers():
+  example = _load("examples/curves_autoencoder.py", "curves_autoencoder")
+  with pytest.raises(SystemExit):
+    example.parse_args(["--optimizers", "adam,lbfgs"])

@@ -1,0 +1,121 @@
+"""The kfac-jax peer row of ``convergence.py``, run in kfac-jax's own venv.
+
+kfac-jax 0.0.8 breaks on jax 0.10, so ``convergence.py`` runs this script
+with ``benchmarks/.venv-kfac-jax/bin/python`` (jax 0.9.0; see ``kfac.py``
+for how to create it). It does not import ``curvature``: the main process
+writes the training images to an ``.npz`` file, and this script trains the
+same CURVES autoencoder (``_common.autoencoder_predict``, the same sparse
+initialization and L2 term) with kfac-jax's adaptive K-FAC (α, μ from the
+exact quadratic model, Levenberg-Marquardt damping from λ₀ = 150, Fisher
+from sampled targets, inverses every 5 steps, EMA 0.95) on batches of 1000
+drawn the same way, and writes the trace as JSON.
+
+    python _kfac_jax_curves.py DATA.npz OUT.json --steps 2000 --target L
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import kfac_jax
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from _common import autoencoder_predict as predict
+from _common import sparse_params
+
+L2_REG = 1e-5
+
+
+def data_loss(params, batch):
+  logits = predict(params, batch)
+  return jnp.mean(jnp.sum(optax.losses.sigmoid_binary_cross_entropy(
+      logits, batch["targets"]), -1))
+
+
+def loss_fn(params, batch):
+  logits = predict(params, batch)
+  kfac_jax.register_sigmoid_cross_entropy_loss(logits, batch["targets"])
+  return data_loss(params, batch) + 0.5 * L2_REG * optax.tree.norm(
+      params, squared=True)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("data")
+  parser.add_argument("out")
+  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--target", type=float, default=None)
+  parser.add_argument("--batch-size", type=int, default=1000)
+  parser.add_argument("--eval-every", type=int, default=5)
+  parser.add_argument("--layers", default="")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  images = jnp.asarray(np.load(args.data)["images"])
+  data = {"inputs": images, "targets": images}
+  layers = tuple(int(n) for n in args.layers.split(","))
+  n = images.shape[0]
+
+  @jax.jit
+  def batch_at(key):
+    order = jax.random.choice(key, n, (args.batch_size,), replace=False)
+    return jax.tree.map(lambda x: x[order], data)
+
+  size = min(5000, n)
+  stacked = jax.tree.map(
+      lambda x: x[: n // size * size].reshape((n // size, size) + x.shape[1:]),
+      data)
+  evaluate = jax.jit(
+      lambda p: jax.lax.map(lambda b: data_loss(p, b), stacked).mean())
+
+  opt = kfac_jax.Optimizer(
+      value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=L2_REG,
+      use_adaptive_learning_rate=True, use_adaptive_momentum=True,
+      use_adaptive_damping=True, initial_damping=150.0,
+      inverse_update_period=5, curvature_ema=0.95, num_burnin_steps=0,
+      multi_device=False, batch_process_func=lambda b: b)
+
+  def fresh():
+    params = sparse_params(args.seed, layers)
+    return params, opt.init(params, jax.random.key(args.seed),
+                            batch_at(jax.random.key(0)))
+
+  # Compile with a throwaway run (kfac-jax donates its inputs).
+  params, state = fresh()
+  for i in range(2):
+    params, state, _ = opt.step(params, state, jax.random.key(i),
+                                batch=batch_at(jax.random.key(0)),
+                                global_step_int=i)
+  jax.block_until_ready(params)
+  params, state = fresh()
+  key = jax.random.key(args.seed + 1)
+  record = [(0, 0.0, float(evaluate(params)))]
+  clock = 0.0
+  with tqdm(total=args.steps, desc="kfac-jax", leave=False) as bar:
+    for i in range(1, args.steps + 1):
+      key, sub, rng = jax.random.split(key, 3)
+      start = time.perf_counter()
+      params, state, _ = opt.step(params, state, rng, batch=batch_at(sub),
+                                  global_step_int=i - 1)
+      jax.block_until_ready(params)
+      clock += time.perf_counter() - start
+      bar.update(1)
+      if i % args.eval_every and i != args.steps:
+        continue
+      value = float(evaluate(params))
+      record.append((i, clock, value))
+      bar.set_postfix(loss=f"{value:.3f}")
+      if not np.isfinite(value) or (args.target is not None
+                                    and value <= args.target):
+        break
+  steps, seconds, loss = zip(*record)
+  with open(args.out, "w") as f:
+    json.dump(dict(steps=steps, seconds=seconds, loss=loss,
+                   jax=jax.__version__), f)
+
+
+if __name__ == "__main__":
+  main()
