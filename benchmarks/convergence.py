@@ -406,12 +406,16 @@ def main(argv=None):
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--batch-size", type=int, default=1000)
   parser.add_argument("--momentum-lr", type=float, default=MOMENTUM_LR)
+  parser.add_argument("--adam-lrs", default=",".join(map(str, ADAM_LRS)),
+                      help="comma-separated Adam learning rates (the best "
+                      "sets the target)")
   args = parser.parse_args(argv)
+  adam_lrs = tuple(float(lr) for lr in args.adam_lrs.split(",") if lr)
   optimizers = tuple(o.strip() for o in args.optimizers.split(",") if o)
 
   traces, rows, target, adam_name = run(
       args.train_size, args.steps, optimizers, args.eval_every,
-      args.batch_size, momentum_lr=args.momentum_lr)
+      args.batch_size, momentum_lr=args.momentum_lr, adam_lrs=adam_lrs)
   print(f"\nCURVES-like autoencoder {'-'.join(map(str, LAYERS))}, "
         f"{args.train_size} images, batch {args.batch_size}, N = {args.steps}")
   print(f"machine: {machine()}")
