@@ -260,18 +260,21 @@ def _restrict(predict_fn, params, indices):
 
 
 def _fallback_diagonal(curvature, predict_fn, loss, params, batch, indices,
-                       key, num_samples, targets_fn):
+                       key, num_samples, targets_fn, axis_name):
   """The curvature diagonal of the leaves ``indices`` (shared estimators)."""
   sub_predict, sub = _restrict(predict_fn, params, indices)
   if curvature == "empirical_fisher":
     return _products.empirical_fisher_diagonal(
-        sub_predict, loss, sub, batch, targets_fn=targets_fn)
+        sub_predict, loss, sub, batch, targets_fn=targets_fn,
+        axis_name=axis_name)
   if curvature == "sampled_fisher":
     return _curvature_diagonals.sampled_fisher_diagonal(
-        sub_predict, loss, sub, batch, key=key, num_samples=num_samples)
+        sub_predict, loss, sub, batch, key=key, num_samples=num_samples,
+        axis_name=axis_name)
   try:
     return _curvature_diagonals.ggn_diagonal(
-        sub_predict, loss, sub, batch, targets_fn=targets_fn)
+        sub_predict, loss, sub, batch, targets_fn=targets_fn,
+        axis_name=axis_name)
   except ValueError as error:
     raise ValueError(
         f"The diagonal fallback of curvature={curvature!r} is exact and needs"
@@ -293,6 +296,7 @@ def block_diagonal_curvature(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
+    axis_name=None,
 ) -> BlockDiagonalCurvature:
   r"""The dense curvature blocks of the small groups, the diagonal of the rest.
 
@@ -326,6 +330,10 @@ def block_diagonal_curvature(
     num_samples: sampled targets per example for ``"sampled_fisher"``.
     targets_fn: finds the targets in ``batch``.
     chunk_size: basis vectors multiplied at once (memory vs. speed).
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: blocks and diagonals are
+      ``pmean``-ed into the global-batch ones, and ``"sampled_fisher"``
+      draws independent targets per device. ``None``: no reduction.
 
   Returns:
     A :class:`BlockDiagonalCurvature`.
@@ -344,6 +352,7 @@ def block_diagonal_curvature(
       "max_block_size", max_block_size, 1)
   chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
   _validation.check_choice("grouping", grouping, GROUPINGS)
+  axis_name = _validation.check_axis_name(axis_name)
   if curvature == "sampled_fisher" and key is None:
     raise ValueError(
         "curvature='sampled_fisher' draws targets from the model: pass"
@@ -354,13 +363,15 @@ def block_diagonal_curvature(
   if plan.groups:
     lin = _products.linearize(predict_fn, loss, params, batch,
                               curvature=curvature, targets_fn=targets_fn,
-                              key=key, num_samples=num_samples)
+                              key=key, num_samples=num_samples,
+                              axis_name=axis_name)
     blocks = tuple(_dense_block(lin.matvec, leaves, treedef, g, chunk_size)
                    for g in plan.groups)
   diagonal = [None] * len(leaves)
   if plan.diagonal:
     values = _fallback_diagonal(curvature, predict_fn, loss, params, batch,
-                                plan.diagonal, key, num_samples, targets_fn)
+                                plan.diagonal, key, num_samples, targets_fn,
+                                axis_name)
     for i, d in zip(plan.diagonal, values):
       diagonal[i] = d.astype(leaves[i].dtype)
   return BlockDiagonalCurvature(blocks, tuple(diagonal))
@@ -400,6 +411,7 @@ def scale_by_block_diagonal(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Block-diagonal natural-gradient / Gauss-Newton direction (TONGA-style).
 
@@ -439,6 +451,12 @@ def scale_by_block_diagonal(
   the previous one; a non-finite gradient or direction gives a zero update
   (``rejected_steps``).
 
+  **Data parallelism.** Inside ``jax.shard_map`` pass ``axis_name``, the
+  mesh axis the batch is sharded over: the statistics and the incoming
+  gradient (local or global; see :func:`curvature.scale_by_hessian_free`)
+  are ``jax.lax.pmean``-ed over it, so the step is the global-batch one.
+  Under plain ``jit`` leave it ``None``.
+
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
@@ -456,6 +474,8 @@ def scale_by_block_diagonal(
     targets_fn: finds the targets in a batch.
     chunk_size: basis vectors multiplied at once when building a block.
     seed: PRNG seed (kept in the state).
+    axis_name: for ``jax.shard_map``: the mesh axis name (str or tuple of
+      str) the batch is sharded over; see *Data parallelism*.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -496,6 +516,7 @@ def scale_by_block_diagonal(
     statistics_batch_size = _validation.check_static_int(
         "statistics_batch_size", statistics_batch_size, 1)
   _curvature_diagonals.check_model(predict_fn, loss)
+  axis_name = _validation.check_axis_name(axis_name)
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_block_diagonal")
@@ -522,13 +543,15 @@ def scale_by_block_diagonal(
           " of the loss with respect to exactly the `params` given to"
           " `update`.")
     plan = _plan(params, max_block_size, grouping)
+    updates = _products.batch_mean(updates, axis_name)
     if statistics_batch_size is not None:
       batch = _products.take_examples(batch, statistics_batch_size)
     key, sample_key = jax.random.split(state.key)
     estimate = block_diagonal_curvature(
         predict_fn, loss, params, batch, curvature=curvature,
         max_block_size=max_block_size, grouping=grouping, key=sample_key,
-        num_samples=num_samples, targets_fn=targets_fn, chunk_size=chunk_size)
+        num_samples=num_samples, targets_fn=targets_fn, chunk_size=chunk_size,
+        axis_name=axis_name)
     new = (tuple(b.astype(s.dtype) for b, s in zip(estimate.blocks,
                                                      state.blocks)),
            estimate.diagonal)
@@ -585,6 +608,7 @@ def block_diagonal_natural_gradient(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Block-diagonal natural gradient (TONGA-style) as an ``optax.chain``.
 
@@ -613,6 +637,8 @@ def block_diagonal_natural_gradient(
     targets_fn: finds the targets in a batch.
     chunk_size: basis vectors multiplied at once.
     seed: PRNG seed.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_block_diagonal`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -632,7 +658,7 @@ def block_diagonal_natural_gradient(
       grouping=grouping, damping=damping, decay=decay,
       inverse_every=inverse_every, num_samples=num_samples,
       statistics_batch_size=statistics_batch_size, targets_fn=targets_fn,
-      chunk_size=chunk_size, seed=seed)]
+      chunk_size=chunk_size, seed=seed, axis_name=axis_name)]
   if not (isinstance(momentum, (int, float)) and momentum == 0):
     parts.append(_momentum.scale_by_momentum(momentum))
   parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -80,6 +80,7 @@ def sampled_fisher_diagonal(
     key: Array,
     num_samples: int = 1,
     chunk_size: int = 32,
+    axis_name=None,
 ) -> Params:
   r"""Monte-Carlo diagonal of the true Fisher (= GGN for canonical losses).
 
@@ -96,6 +97,10 @@ def sampled_fisher_diagonal(
     key: PRNG key for the sampled targets.
     num_samples: ``S``, targets per example.
     chunk_size: examples per vectorized chunk.
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: the per-shard estimate is
+      ``pmean``-ed into the global-batch one, and every device draws its own targets (the
+      device index is folded into ``key``). ``None``: no reduction.
 
   Returns:
     A pytree like ``params``.
@@ -109,6 +114,9 @@ def sampled_fisher_diagonal(
     2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  axis_name = _validation.check_axis_name(axis_name)
+  params = _products.as_varying(params, axis_name)
+  key = _products.shard_key(key, axis_name)
   outputs = jax.lax.stop_gradient(predict_fn(params, batch))
 
   def one(sample_key):
@@ -118,7 +126,8 @@ def sampled_fisher_diagonal(
                             chunk_size=chunk_size)
 
   total = jax.lax.map(one, jax.random.split(key, num_samples))
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0), total)
+  return _products.batch_mean(
+      jax.tree.map(lambda x: jnp.mean(x, axis=0), total), axis_name)
 
 
 def ggn_diagonal(
@@ -130,6 +139,7 @@ def ggn_diagonal(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     max_output_dim: int = 64,
     chunk_size: int = 32,
+    axis_name=None,
 ) -> Params:
   r"""The exact GGN diagonal ``diag(Σᵢ Jᵢᵀ Hᵢ Jᵢ)`` for a small output dimension.
 
@@ -146,6 +156,9 @@ def ggn_diagonal(
     targets_fn: finds the targets in ``batch``.
     max_output_dim: refuse ``K`` above this (a Python int).
     chunk_size: examples per vectorized chunk.
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: the per-shard estimate is
+      ``pmean``-ed into the global-batch one. ``None``: no reduction.
 
   Returns:
     A pytree like ``params``.
@@ -155,6 +168,8 @@ def ggn_diagonal(
   """
   max_output_dim = _validation.check_static_int(
       "max_output_dim", max_output_dim, 1)
+  axis_name = _validation.check_axis_name(axis_name)
+  params = _products.as_varying(params, axis_name)
   outputs = jax.lax.stop_gradient(predict_fn(params, batch))
   targets = targets_fn(batch)
   n = outputs.shape[0]
@@ -181,7 +196,8 @@ def ggn_diagonal(
                             chunk_size=chunk_size)
 
   total = jax.lax.map(column, jnp.arange(k))
-  return jax.tree.map(lambda x: n * jnp.sum(x, axis=0), total)
+  return _products.batch_mean(
+      jax.tree.map(lambda x: n * jnp.sum(x, axis=0), total), axis_name)
 
 
 def hutchinson_hessian_diagonal(
@@ -193,6 +209,7 @@ def hutchinson_hessian_diagonal(
     key: Array,
     num_samples: int = 100,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
+    axis_name=None,
 ) -> Params:
   r"""Hutchinson's estimate of the Hessian diagonal with Rademacher probes.
 
@@ -210,6 +227,10 @@ def hutchinson_hessian_diagonal(
     key: PRNG key for the probes.
     num_samples: ``S`` (100, as PyHessian).
     targets_fn: finds the targets in ``batch``.
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: the Hessian products are
+      ``pmean``-ed (global batch) and the probes, drawn from ``key``, are
+      the same on every device. ``None``: no reduction.
 
   Returns:
     A pytree like ``params`` (it can be negative: the Hessian is indefinite).
@@ -220,7 +241,8 @@ def hutchinson_hessian_diagonal(
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   lin = _products.linearize(predict_fn, loss, params, batch,
-                            curvature="hessian", targets_fn=targets_fn)
+                            curvature="hessian", targets_fn=targets_fn,
+                            axis_name=axis_name)
   leaves, treedef = jax.tree.flatten(params)
 
   def one(probe_key):
@@ -251,19 +273,22 @@ class CurvatureDiagonalState(NamedTuple):
 
 
 def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
-              targets_fn):
+              targets_fn, axis_name):
   if estimator == "empirical_fisher":
     return _products.empirical_fisher_diagonal(
-        predict_fn, loss, params, batch, targets_fn=targets_fn)
+        predict_fn, loss, params, batch, targets_fn=targets_fn,
+        axis_name=axis_name)
   if estimator == "sampled_fisher":
     return sampled_fisher_diagonal(predict_fn, loss, params, batch, key=key,
-                                   num_samples=num_samples)
+                                   num_samples=num_samples,
+                                   axis_name=axis_name)
   if estimator == "ggn":
     return ggn_diagonal(predict_fn, loss, params, batch,
-                        targets_fn=targets_fn)
+                        targets_fn=targets_fn, axis_name=axis_name)
   return hutchinson_hessian_diagonal(predict_fn, loss, params, batch,
                                      key=key, num_samples=num_samples,
-                                     targets_fn=targets_fn)
+                                     targets_fn=targets_fn,
+                                     axis_name=axis_name)
 
 
 def check_model(predict_fn, loss):
@@ -295,6 +320,7 @@ def ema_curvature_diagonal(
     statistics_batch_size: Optional[int] = None,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the updates by a bias-corrected EMA of a curvature diagonal.
 
@@ -321,6 +347,11 @@ def ema_curvature_diagonal(
       all).
     targets_fn: finds the targets in a batch.
     seed: PRNG seed (kept in the state).
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: each estimate is ``pmean``-ed into the
+      global-batch one (sampled targets are drawn independently per device,
+      Hutchinson probes are shared). ``None``: no reduction (plain ``jit``).
+      ``statistics_batch_size`` then counts examples per shard.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -336,6 +367,7 @@ def ema_curvature_diagonal(
     statistics_batch_size = _validation.check_static_int(
         "statistics_batch_size", statistics_batch_size, 1)
   check_model(predict_fn, loss)
+  axis_name = _validation.check_axis_name(axis_name)
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_curvature_diagonal")
@@ -351,7 +383,7 @@ def ema_curvature_diagonal(
       batch = _products.take_examples(batch, statistics_batch_size)
     key, sample_key = jax.random.split(state.key)
     estimate = _estimate(estimator, predict_fn, loss, params, batch,
-                         sample_key, num_samples, targets_fn)
+                         sample_key, num_samples, targets_fn, axis_name)
     finite = _validation.all_finite(estimate)
     ema = optax.tree.where(
         finite, _moments.ema_update(state.ema, estimate, decay), state.ema)
@@ -377,6 +409,7 @@ def scale_by_curvature_diagonal(
     statistics_batch_size: Optional[int] = None,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Diagonal natural-gradient / Newton direction ``g / (d̂ᵖ + λ)``.
 
@@ -396,6 +429,10 @@ def scale_by_curvature_diagonal(
     statistics_batch_size: leading examples used for the estimate.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
+    axis_name: inside ``jax.shard_map``, the mesh axis the batch is sharded
+      over: the diagonal estimate and the incoming gradient (local or
+      global) are ``pmean``-ed over it (see :func:`ema_curvature_diagonal`
+      and :func:`curvature.scale_by_hessian_free`). ``None``: no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state
@@ -409,10 +446,18 @@ def scale_by_curvature_diagonal(
   References:
     Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
   """
-  return _diagonal.scale_by_diagonal(
+  transform = _diagonal.scale_by_diagonal(
       ema_curvature_diagonal(
           predict_fn, loss, estimator=estimator, decay=decay,
           num_samples=num_samples,
           statistics_batch_size=statistics_batch_size,
-          targets_fn=targets_fn, seed=seed),
+          targets_fn=targets_fn, seed=seed, axis_name=axis_name),
       power=power, damping=damping)
+  if axis_name is None:
+    return transform
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return transform.update(_products.batch_mean(updates, axis_name), state,
+                            params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(transform.init, update_fn)

@@ -570,6 +570,7 @@ def monitor(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps a transform and records curvature metrics in the optax state.
 
@@ -604,6 +605,12 @@ def monitor(
     num_samples: sampled targets for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: seeds the PRNG key kept in the state.
+    axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
+      str) the batch is sharded over: the objective, the curvature product
+      and the gradient ``g`` of the metrics (local or global) are
+      ``pmean``-ed over it, so the metrics are the global batch's. It is not
+      passed to ``inner``; give ``inner`` its own ``axis_name``. ``None``:
+      no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
@@ -630,6 +637,7 @@ def monitor(
   _validation.check_nonnegative("l2_reg", l2_reg)
   if curvature == "sampled_fisher":
     _validation.check_static_int("num_samples", num_samples, 1)
+  axis_name = _validation.check_axis_name(axis_name)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -664,9 +672,10 @@ def monitor(
       lin = _products.linearize(
           predict_fn, loss, params, batch, curvature=curvature,
           l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
-          num_samples=num_samples)
-      squared = optax.tree.vdot(updates, updates)
-      along = optax.tree.vdot(updates, lin.matvec(updates))
+          num_samples=num_samples, axis_name=axis_name)
+      grads = _products.batch_mean(updates, axis_name)
+      squared = optax.tree.vdot(grads, grads)
+      along = optax.tree.vdot(grads, lin.matvec(grads))
       ratio = jnp.where(squared > 0, along / jnp.where(squared > 0, squared, 1),
                         0.0)
       finite = jnp.isfinite(lin.value) & jnp.isfinite(squared) & (

@@ -198,11 +198,13 @@ def _armijo(evaluate, step, value_at_step, value, slope, *, decay, c, max_steps)
 
 
 def _diagonal_preconditioner(
-    predict_fn, loss, params, batch, damping, l2_reg, exponent, targets_fn
+    predict_fn, loss, params, batch, damping, l2_reg, exponent, targets_fn,
+    axis_name
 ):
   """Martens' (2010) ``M = [diag(1/N Σ gᵢ²) + (λ + η) I]^ξ``, applied as ``r ↦ M⁻¹r``."""
   diagonal = _products.empirical_fisher_diagonal(
-      predict_fn, loss, params, batch, targets_fn=targets_fn
+      predict_fn, loss, params, batch, targets_fn=targets_fn,
+      axis_name=axis_name
   )
   return lambda r: _diagonal.precondition(
       r, diagonal, power=exponent, damping_in_root=damping + l2_reg)
@@ -262,6 +264,7 @@ def scale_by_hessian_free(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hessian-free (truncated-Newton) direction with LM damping (Martens 2010).
 
@@ -314,6 +317,21 @@ def scale_by_hessian_free(
   ``damping_increase``, the warm start is reset and ``rejected_steps`` counts
   it. The parameters never see a NaN.
 
+  **Data parallelism.** Under ``jit`` with a sharded batch nothing is needed:
+  every batch mean is global. Inside ``jax.shard_map``, where ``update`` sees
+  only the local shard of the batch, pass ``axis_name`` (the mesh axis the
+  batch is sharded over, with parameters and state replicated): the
+  objective values (``ρ``, backtracking, line search), the gradient and the
+  curvature products are ``jax.lax.pmean``-ed over it, so every device takes
+  the single-device, global-batch step (shards of equal size). The incoming
+  gradient is ``pmean``-ed too, so pass either the local shard's gradient
+  or the global one (the ``pmean`` leaves a replicated value unchanged).
+  Under ``shard_map``'s default ``check_vma=True``, ``jax.grad`` of a
+  per-shard loss with respect to replicated parameters already *sums* over
+  the devices: take the gradient of ``jax.lax.pmean(loss, axis_name)``
+  instead. ``curvature_batch_size`` and ``evaluation_batch_size`` then count
+  examples per shard.
+
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
@@ -357,6 +375,9 @@ def scale_by_hessian_free(
     num_samples: sampled targets per example for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: seeds the PRNG key kept in the state.
+    axis_name: for ``jax.shard_map``: the mesh axis name (a str, or a tuple
+      of str) the batch is sharded over; see *Data parallelism* above.
+      ``None`` (default): no cross-device reduction (plain ``jit``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -405,6 +426,7 @@ def scale_by_hessian_free(
   )
   if curvature == "sampled_fisher":
     _validation.check_static_int("num_samples", num_samples, 1)
+  axis_name = _validation.check_axis_name(axis_name)
   if not callable(predict_fn):
     raise TypeError("`predict_fn` must be a function (params, batch) -> outputs.")
   if not isinstance(loss, _losses.Loss):
@@ -437,7 +459,7 @@ def scale_by_hessian_free(
     original_params = params
     compute_dtype = state.damping.dtype  # params' dtype, at least float32.
     params = _cast(params, compute_dtype)
-    updates = _cast(updates, compute_dtype)
+    updates = _products.batch_mean(_cast(updates, compute_dtype), axis_name)
     key, sample_key = jax.random.split(state.key)
     num_examples = jax.tree.leaves(batch)[0].shape[0]
     num_curvature = min(curvature_batch_size or num_examples, num_examples)
@@ -448,12 +470,12 @@ def scale_by_hessian_free(
     def evaluate(step):
       return _products.objective(
           predict_fn, loss, optax.tree.add(params, step), evaluation_batch,
-          l2_reg=l2_reg, targets_fn=targets_fn)
+          l2_reg=l2_reg, targets_fn=targets_fn, axis_name=axis_name)
 
     lin = _products.linearize(
         predict_fn, loss, params, curvature_batch, curvature=curvature,
         l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
-        num_samples=num_samples)
+        num_samples=num_samples, axis_name=axis_name)
     if num_curvature == num_evaluation == num_examples:
       value, extra_evaluations = lin.value, 0
     else:
@@ -468,7 +490,7 @@ def scale_by_hessian_free(
     if diagonal_preconditioner:
       preconditioner = _diagonal_preconditioner(
           predict_fn, loss, params, curvature_batch, damping, l2_reg,
-          preconditioner_exponent, targets_fn)
+          preconditioner_exponent, targets_fn, axis_name)
 
     x0 = optax.tree.scale(warm_start_decay, state.previous_solution)
     cg = _cg.conjugate_gradient(
@@ -570,6 +592,7 @@ def hessian_free(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     linesearch: Optional[optax.GradientTransformation] = None,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens' (2010) Hessian-free optimizer: damped Gauss-Newton solved by CG.
 
@@ -606,6 +629,9 @@ def hessian_free(
       Armijo search; it is chained after the learning rate, as in
       ``optax.lbfgs``, and needs ``value``, ``grad`` and ``value_fn`` extra
       arguments at ``update``.
+    axis_name: for ``jax.shard_map``: the mesh axis (str or tuple of str)
+      the batch is sharded over; objective values, gradient and curvature
+      products are ``pmean``-ed over it (see :func:`scale_by_hessian_free`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -632,13 +658,14 @@ def hessian_free(
       diagonal_preconditioner=diagonal_preconditioner,
       curvature_batch_size=curvature_batch_size,
       evaluation_batch_size=evaluation_batch_size,
-      num_samples=num_samples, targets_fn=targets_fn, seed=seed)
+      num_samples=num_samples, targets_fn=targets_fn, seed=seed,
+      axis_name=axis_name)
   return _with_learning_rate(transform, learning_rate, linesearch)
 
 
 def _full_solve(predict_fn, loss, *, curvature, damping, adapt, l2_reg,
                 max_cg_iterations, cg_tol, line_search, targets_fn,
-                max_line_search_steps=20, line_search_c=1e-2):
+                axis_name, max_line_search_steps=20, line_search_c=1e-2):
   """A damped Newton-type step with CG solved to a tolerance (no Martens devices)."""
   return scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=damping,
@@ -646,7 +673,8 @@ def _full_solve(predict_fn, loss, *, curvature, damping, adapt, l2_reg,
       max_cg_iterations=max_cg_iterations, cg_tol=cg_tol, progress_tol=None,
       warm_start_decay=0.0, backtracking=False, line_search=line_search,
       max_line_search_steps=max_line_search_steps,
-      line_search_c=line_search_c, targets_fn=targets_fn)
+      line_search_c=line_search_c, targets_fn=targets_fn,
+      axis_name=axis_name)
 
 
 def newton(
@@ -658,6 +686,7 @@ def newton(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton's method, ``θ ← θ − lr · H⁻¹ g``, with ``H⁻¹g`` solved by CG.
 
@@ -676,6 +705,8 @@ def newton(
     max_cg_iterations: CG cap.
     cg_tol: CG relative-residual tolerance.
     targets_fn: finds the targets in a batch.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_hessian_free`); ``None``: no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -687,7 +718,8 @@ def newton(
       _full_solve(predict_fn, loss, curvature="hessian", damping=0.0,
                   adapt=False, l2_reg=l2_reg,
                   max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
-                  line_search=False, targets_fn=targets_fn),
+                  line_search=False, targets_fn=targets_fn,
+                  axis_name=axis_name),
       learning_rate)
 
 
@@ -703,6 +735,7 @@ def damped_newton(
     cg_tol: float = 1e-8,
     line_search: bool = True,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Damped (regularized) Newton: ``θ ← θ − lr · α (H + λI)⁻¹ g``.
 
@@ -721,6 +754,8 @@ def damped_newton(
     cg_tol: CG relative-residual tolerance.
     line_search: Armijo line search on the objective.
     targets_fn: finds the targets in a batch.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_hessian_free`); ``None``: no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -733,7 +768,8 @@ def damped_newton(
       _full_solve(predict_fn, loss, curvature="hessian", damping=damping,
                   adapt=adapt_damping, l2_reg=l2_reg,
                   max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
-                  line_search=line_search, targets_fn=targets_fn),
+                  line_search=line_search, targets_fn=targets_fn,
+                  axis_name=axis_name),
       learning_rate)
 
 
@@ -747,6 +783,7 @@ def gauss_newton(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The (generalized) Gauss-Newton method: ``θ ← θ − lr · (G + λI)⁻¹ g``.
 
@@ -763,6 +800,8 @@ def gauss_newton(
     max_cg_iterations: CG cap.
     cg_tol: CG relative-residual tolerance.
     targets_fn: finds the targets in a batch.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_hessian_free`); ``None``: no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -774,7 +813,8 @@ def gauss_newton(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
                   adapt=False, l2_reg=l2_reg,
                   max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
-                  line_search=False, targets_fn=targets_fn),
+                  line_search=False, targets_fn=targets_fn,
+                  axis_name=axis_name),
       learning_rate)
 
 
@@ -788,6 +828,7 @@ def levenberg_marquardt(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Levenberg-Marquardt: Gauss-Newton with adapted damping and step rejection.
 
@@ -804,6 +845,8 @@ def levenberg_marquardt(
     max_cg_iterations: CG cap.
     cg_tol: CG relative-residual tolerance.
     targets_fn: finds the targets in a batch.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_hessian_free`); ``None``: no reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -817,5 +860,6 @@ def levenberg_marquardt(
                   adapt=True, l2_reg=l2_reg,
                   max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
                   line_search=True, max_line_search_steps=0,
-                  line_search_c=0.0, targets_fn=targets_fn),
+                  line_search_c=0.0, targets_fn=targets_fn,
+                  axis_name=axis_name),
       learning_rate)

@@ -306,10 +306,17 @@ def _factors(layer, inputs, output_grads, num_examples):
 
 
 def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
-                statistics, num_samples, targets_fn):
-  """Per-layer ``(Ā, G)`` and the diagonal of the other leaves, one batch."""
+                statistics, num_samples, targets_fn, axis_name):
+  """Per-layer ``(Ā, G)`` and the diagonal of the other leaves, one batch.
+
+  With ``axis_name`` the per-shard statistics are ``pmean``-ed (global
+  batch) and ``key`` is folded with the device index (independent targets).
+  """
   num_examples = jax.tree.leaves(batch)[0].shape[0]
+  params = _products.as_varying(params, axis_name)
+  key = _products.shard_key(key, axis_name)
   fn, zeros = _layers.tapped_forward(predict_fn, layers, params, batch)
+  zeros = _products.as_varying(zeros, axis_name)
   outputs, vjp_fn, inputs = jax.vjp(fn, zeros, has_aux=True)
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
@@ -336,7 +343,7 @@ def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
         lambda c: _curvature_diagonals.squared_vjp_mean(
             sub_predict, sub, batch, c), cots)
     diagonal = [jnp.mean(x, axis=0) for x in per_sample]
-  return factors, diagonal
+  return _products.batch_mean((factors, diagonal), axis_name)
 
 
 # Damping and inverses -------------------------------------------------------
@@ -400,23 +407,28 @@ def _precondition(layers, diag_leaves, grads, inv_a, inv_g, diagonal,
 
 
 def _quadratic_forms(predict_fn, loss, params, batch, vectors, l2_reg,
-                     targets_fn):
+                     targets_fn, axis_name):
   """``vᵢᵀ C vⱼ`` (C the GGN + ηI) and ``f(θ)`` from one linearization.
 
   Only Jacobian-vector products are needed: ``vᵢᵀ Jᵀ H J vⱼ = (J vᵢ)ᵀ H (J
-  vⱼ)`` with the loss's closed-form output Hessian ``H``.
+  vⱼ)`` with the loss's closed-form output Hessian ``H``. With
+  ``axis_name`` the batch means are ``pmean``-ed over it.
   """
   targets = targets_fn(batch)
-  outputs, jvp_fn = jax.linearize(lambda p: predict_fn(p, batch), params)
-  value = loss.value(outputs, targets) + 0.5 * l2_reg * optax.tree.norm(
-      params, squared=True)
-  tangents = [jvp_fn(v) for v in vectors]
+  outputs, jvp_fn = jax.linearize(
+      lambda p: predict_fn(p, batch), _products.as_varying(params, axis_name))
+  tangents = [jvp_fn(_products.as_varying(v, axis_name)) for v in vectors]
   h_tangents = [loss.hvp(outputs, targets, t) for t in tangents]
   n = len(vectors)
-  rows = [[jnp.vdot(tangents[i], h_tangents[j])
-           + l2_reg * optax.tree.vdot(vectors[i], vectors[j])
-           for j in range(n)] for i in range(n)]
-  return jnp.asarray(rows), value
+  rows, value = _products.batch_mean(
+      (jnp.asarray([[jnp.vdot(tangents[i], h_tangents[j]) for j in range(n)]
+                    for i in range(n)]), loss.value(outputs, targets)),
+      axis_name)
+  rows = rows + l2_reg * jnp.asarray(
+      [[optax.tree.vdot(vectors[i], vectors[j]) for j in range(n)]
+       for i in range(n)])
+  value = value + 0.5 * l2_reg * optax.tree.norm(params, squared=True)
+  return rows, value
 
 
 def _solve_step(quad, linear):
@@ -456,6 +468,7 @@ def scale_by_kfac(
     max_factor_dim: int = 4096,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC direction (Martens & Grosse 2015), layers found automatically.
 
@@ -501,6 +514,16 @@ def scale_by_kfac(
   direction gives a zero update, raises ``λ`` (when adapted) and counts in
   ``rejected_steps``.
 
+  **Data parallelism.** Under ``jit`` with a sharded batch the statistics
+  are already global. Inside ``jax.shard_map`` pass ``axis_name``, the mesh
+  axis the batch is sharded over (parameters and state replicated): the
+  ``Ā``/``G`` factors, the diagonal blocks, the quadratic model of the
+  adaptive mode and the objective behind ``ρ`` are ``jax.lax.pmean``-ed over
+  it, and so is the incoming gradient (pass the local or the global one; see
+  :func:`curvature.scale_by_hessian_free`). Targets sampled for the true
+  Fisher are drawn independently on every device. The ``*_batch_size``
+  arguments then count examples per shard.
+
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
@@ -525,6 +548,9 @@ def scale_by_kfac(
     max_factor_dim: layers with a larger factor get a diagonal block.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed (kept in the state).
+    axis_name: for ``jax.shard_map``: the mesh axis name (str or tuple of
+      str) the batch is sharded over; see *Data parallelism*. ``None``: no
+      cross-device reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -562,6 +588,7 @@ def scale_by_kfac(
     if value is not None:
       _validation.check_static_int(name, value, 1)
   _curvature_diagonals.check_model(predict_fn, loss)
+  axis_name = _validation.check_axis_name(axis_name)
   overrides = dict(layer_overrides or {})
   for path, kind in overrides.items():
     _validation.check_choice(f"layer_overrides[{path!r}]", kind, LAYER_KINDS)
@@ -627,7 +654,7 @@ def scale_by_kfac(
     # Statistics, EMA with bias correction, non-finite rejection.
     factors, diagonal = _statistics(
         predict_fn, loss, layers, diag_leaves, params, stats_batch,
-        sample_key, statistics, num_samples, targets_fn)
+        sample_key, statistics, num_samples, targets_fn, axis_name)
     new_a, new_g = list(state.factors_a), list(state.factors_g)
     for layer, (a, g) in zip(layers, factors):
       new_a[layer.kernel] = a.astype(new_a[layer.kernel].dtype)
@@ -677,7 +704,8 @@ def scale_by_kfac(
         lambda: (state.inverses_a, state.inverses_g))
 
     # Preconditioned gradient.
-    grad = optax.tree.add_scale(updates, l2_reg, params)
+    grad = optax.tree.add_scale(
+        _products.batch_mean(updates, axis_name), l2_reg, params)
     direction = _precondition(
         layers, diag_leaves, grad, inverses_a, inverses_g, d_hat,
         damping + l2_reg)
@@ -688,7 +716,7 @@ def scale_by_kfac(
       step_dir = optax.tree.scale(-1.0, direction)
       quad, value = _quadratic_forms(
           predict_fn, loss, params, q_batch, [step_dir, state.velocity],
-          l2_reg, targets_fn)
+          l2_reg, targets_fn, axis_name)
       quad = quad + damping * jnp.asarray(
           [[optax.tree.vdot(x, y) for y in (step_dir, state.velocity)]
            for x in (step_dir, state.velocity)])
@@ -701,7 +729,7 @@ def scale_by_kfac(
       def adapt():
         new_value = _products.objective(
             predict_fn, loss, optax.tree.add(params, step), q_batch,
-            l2_reg=l2_reg, targets_fn=targets_fn)
+            l2_reg=l2_reg, targets_fn=targets_fn, axis_name=axis_name)
         rho = (new_value - value) / jnp.where(model < 0, model, -1.0)
         rho = jnp.where(jnp.isfinite(rho) & (model < 0), rho, -jnp.inf)
         factor = jnp.where(rho > 0.75, omega,
@@ -770,6 +798,7 @@ def kfac(
     max_factor_dim: int = 4096,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC optimizer (Martens & Grosse 2015) as an ``optax.chain``.
 
@@ -803,6 +832,8 @@ def kfac(
     max_factor_dim: larger factors fall back to diagonal blocks.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_kfac`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -826,7 +857,7 @@ def kfac(
       inverse_every=inverse_every, adaptive=adaptive,
       damping_every=damping_every, quadratic_batch_size=quadratic_batch_size,
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,
-      targets_fn=targets_fn, seed=seed)]
+      targets_fn=targets_fn, seed=seed, axis_name=axis_name)]
   if not adaptive and not (isinstance(momentum, (int, float))
                            and momentum == 0):
     parts.append(_momentum.scale_by_momentum(momentum))

@@ -36,6 +36,7 @@ def scale_by_natural_gradient(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Natural-gradient direction ``(F + λI)⁻¹ g`` by CG (Amari 1998).
 
@@ -80,6 +81,12 @@ def scale_by_natural_gradient(
     num_samples: sampled targets per example for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed (kept in the state).
+    axis_name: for ``jax.shard_map``: the mesh axis (str or tuple of str)
+      the batch is sharded over. The gradient (local or global), the
+      objective values and the Fisher products are ``pmean``-ed over it; a
+      sampled Fisher draws independent targets on every device. ``None``:
+      no reduction (plain ``jit``). See
+      :func:`curvature.scale_by_hessian_free`, *Data parallelism*.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -105,7 +112,8 @@ def scale_by_natural_gradient(
       max_cg_iterations=max_cg_iterations, cg_tol=cg_tol, progress_tol=None,
       warm_start_decay=warm_start_decay, backtracking=False,
       line_search=line_search, curvature_batch_size=curvature_batch_size,
-      num_samples=num_samples, targets_fn=targets_fn, seed=seed)
+      num_samples=num_samples, targets_fn=targets_fn, seed=seed,
+      axis_name=axis_name)
 
 
 def natural_gradient(
@@ -123,6 +131,7 @@ def natural_gradient(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` (Amari 1998).
 
@@ -143,6 +152,8 @@ def natural_gradient(
     num_samples: samples for ``"sampled_fisher"``.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
+    axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
+      over (see :func:`scale_by_natural_gradient`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -161,5 +172,6 @@ def natural_gradient(
           adapt_damping=adapt_damping, l2_reg=l2_reg,
           max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
           curvature_batch_size=curvature_batch_size,
-          num_samples=num_samples, targets_fn=targets_fn, seed=seed),
+          num_samples=num_samples, targets_fn=targets_fn, seed=seed,
+          axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate))

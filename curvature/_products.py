@@ -117,10 +117,71 @@ def objective(
     *,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Batch], Any] = default_targets,
+    axis_name=None,
 ) -> Array:
-  """The objective ``loss.value(predict_fn(θ, batch), y) + ½ l2_reg ‖θ‖²``."""
+  """The objective ``loss.value(predict_fn(θ, batch), y) + ½ l2_reg ‖θ‖²``.
+
+  With ``axis_name`` (inside ``jax.shard_map``, the batch split over that
+  mesh axis) the mean loss is ``pmean``-ed into the global batch mean.
+  """
+  axis_name = _validation.check_axis_name(axis_name)
   outputs = predict_fn(params, batch)
-  return loss.value(outputs, targets_fn(batch)) + _l2_value(params, l2_reg)
+  value = batch_mean(loss.value(outputs, targets_fn(batch)), axis_name)
+  return value + _l2_value(params, l2_reg)
+
+
+def batch_mean(tree: Any, axis_name) -> Any:
+  """The mean over the devices of ``axis_name`` of per-shard batch means.
+
+  Inside ``jax.shard_map`` with the batch split evenly over ``axis_name``,
+  the mean of the per-shard means is the global batch mean. ``None`` (plain
+  ``jit``, where GSPMD already reduces over the global batch) returns
+  ``tree`` unchanged.
+  """
+  if axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name)
+
+
+def as_varying(tree: Any, axis_name) -> Any:
+  """Marks the leaves of ``tree`` as varying over ``axis_name``.
+
+  Under ``jax.shard_map`` (with its default ``check_vma=True``) the
+  derivative of a per-shard quantity with respect to a replicated value is
+  summed over the devices. Differentiating with respect to a varying copy
+  instead keeps derivatives per shard (per-example gradients, the model's
+  Jacobian), so they can be reduced explicitly by :func:`batch_mean`. A
+  no-op for ``None``, outside ``shard_map`` (``vmap``/``pmap`` axes) and
+  with ``check_vma=False``.
+  """
+  pcast = getattr(jax.lax, "pcast", None)
+  if axis_name is None or pcast is None:
+    return tree
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def one(x):
+    vma = getattr(jax.typeof(x), "vma", frozenset())
+    missing = tuple(a for a in axes if a not in vma)
+    if not missing:
+      return x
+    try:
+      return pcast(x, missing, to="varying")
+    except ValueError:  # Not a shard_map axis: nothing to mark.
+      return x
+
+  return jax.tree.map(one, tree)
+
+
+def shard_key(key: Optional[Array], axis_name) -> Optional[Array]:
+  """``key`` folded with the device's index along ``axis_name``.
+
+  Sampled quantities (targets drawn from the model) need independent draws
+  on every shard; the estimates then agree with a single-device run in
+  expectation.
+  """
+  if axis_name is None or key is None:
+    return key
+  return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
 def _l2_value(params: Params, l2_reg) -> Array:
@@ -192,6 +253,7 @@ def linearize(
     targets_fn: Callable[[Batch], Any] = default_targets,
     key: Optional[Array] = None,
     num_samples: int = 1,
+    axis_name=None,
 ) -> Linearization:
   r"""Linearizes the objective once, for many curvature-vector products.
 
@@ -218,6 +280,15 @@ def linearize(
     targets_fn: finds the targets in ``batch``; see :func:`default_targets`.
     key: PRNG key, required for ``"sampled_fisher"``.
     num_samples: targets sampled per example for ``"sampled_fisher"``.
+    axis_name: for ``jax.shard_map`` users: the mesh axis name (a str, or a
+      tuple of str) the batch is sharded over. ``value``, ``grad`` and every
+      ``matvec`` product are then ``jax.lax.pmean``-ed over it, so they are
+      the global-batch quantities (shards of equal size), identical on every
+      device; ``outputs`` stay the local shard's. ``"sampled_fisher"`` folds
+      the device index into ``key``, so every shard draws its own targets.
+      ``None`` (the default; right under plain ``jit`` with sharded inputs,
+      where the means are already global) reduces nothing. A ``vmap`` or
+      ``pmap`` ``axis_name`` over batch shards works the same way.
 
   Returns:
     A :class:`Linearization` with ``value``, ``grad``, ``matvec`` and
@@ -236,32 +307,46 @@ def linearize(
     ``shared/seeds/000_*`` (GGN, Fisher and empirical Fisher).
   """
   _check_curvature_args(curvature, key, num_samples)
+  axis_name = _validation.check_axis_name(axis_name)
   targets = targets_fn(batch)
+  # Per-shard derivatives (see `as_varying`), reduced by `batch_mean`; the
+  # L2 terms are added after the reduction.
+  local_params = as_varying(params, axis_name)
 
   if curvature == "hessian":
 
-    def objective_at(p):
-      return loss.value(predict_fn(p, batch), targets) + _l2_value(p, l2_reg)
+    def loss_at(p):
+      return loss.value(predict_fn(p, batch), targets)
 
     (value, grad), linear = jax.linearize(
-        jax.value_and_grad(objective_at), params
+        jax.value_and_grad(loss_at), local_params
     )
+    value, grad = batch_mean((value, grad), axis_name)
     outputs = predict_fn(params, batch)  # Dead code under jit unless used.
-    return Linearization(value, grad, lambda v: linear(v)[1], outputs)
 
-  outputs, jvp_fn = jax.linearize(lambda p: predict_fn(p, batch), params)
-  transpose_fn = jax.linear_transpose(jvp_fn, params)
+    def hessian_matvec(vector):
+      product = batch_mean(linear(as_varying(vector, axis_name))[1], axis_name)
+      return optax.tree.add_scale(product, l2_reg, vector)
+
+    return Linearization(
+        value + _l2_value(params, l2_reg),
+        optax.tree.add_scale(grad, l2_reg, params), hessian_matvec, outputs)
+
+  outputs, jvp_fn = jax.linearize(lambda p: predict_fn(p, batch), local_params)
+  transpose_fn = jax.linear_transpose(jvp_fn, local_params)
   value, output_grad = jax.value_and_grad(loss.value)(outputs, targets)
   (grad,) = transpose_fn(output_grad)
+  value, grad = batch_mean((value, grad), axis_name)
   grad = optax.tree.add_scale(grad, l2_reg, params)
   value = value + _l2_value(params, l2_reg)
   middle = _output_curvature(
-      curvature, loss, outputs, targets, key, num_samples
+      curvature, loss, outputs, targets, shard_key(key, axis_name),
+      num_samples
   )
 
   def matvec(vector):
-    (product,) = transpose_fn(middle(jvp_fn(vector)))
-    return optax.tree.add_scale(product, l2_reg, vector)
+    (product,) = transpose_fn(middle(jvp_fn(as_varying(vector, axis_name))))
+    return optax.tree.add_scale(batch_mean(product, axis_name), l2_reg, vector)
 
   return Linearization(value, grad, matvec, outputs)
 
@@ -351,6 +436,7 @@ def empirical_fisher_diagonal(
     *,
     targets_fn: Callable[[Batch], Any] = default_targets,
     chunk_size: int = 32,
+    axis_name=None,
 ) -> Params:
   r"""The exact empirical-Fisher diagonal ``(1/N) Σᵢ gᵢ ⊙ gᵢ``.
 
@@ -367,11 +453,16 @@ def empirical_fisher_diagonal(
     batch: the data, with a leading example axis on every leaf.
     targets_fn: finds the targets in ``batch``.
     chunk_size: examples per vectorized chunk.
+    axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes)
+      the batch is sharded over: the per-shard means are ``pmean``-ed into
+      the global one. ``None`` reduces nothing.
 
   Returns:
     A pytree like ``params``.
   """
   chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
+  axis_name = _validation.check_axis_name(axis_name)
+  params = as_varying(params, axis_name)
   num_examples = jax.tree.leaves(batch)[0].shape[0]
   chunk_size = min(chunk_size, num_examples)
   num_chunks = -(-num_examples // chunk_size)
@@ -403,4 +494,4 @@ def empirical_fisher_diagonal(
   total, _ = jax.lax.scan(
       accumulate, optax.tree.zeros_like(params), (chunks, weights)
   )
-  return optax.tree.scale(1.0 / num_examples, total)
+  return batch_mean(optax.tree.scale(1.0 / num_examples, total), axis_name)

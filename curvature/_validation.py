@@ -121,3 +121,24 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(
       jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
   )
+
+
+def check_axis_name(axis_name: Any):
+  """Returns ``axis_name`` (``None``, a str or a tuple of str) or raises.
+
+  ``axis_name`` names the mapped axes (``jax.shard_map`` mesh axes, or a
+  ``vmap``/``pmap`` ``axis_name``) the batch is split over; batch means are
+  then reduced with ``jax.lax.pmean`` over them.
+  """
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  if (isinstance(axis_name, tuple) and axis_name
+      and all(isinstance(a, str) for a in axis_name)):
+    return axis_name
+  raise TypeError(
+      "`axis_name` must be None, a str or a non-empty tuple of str naming the"
+      " mesh axes the batch is sharded over, got"
+      f" {type(axis_name).__name__} {axis_name!r}. Inside"
+      " `jax.shard_map(..., in_specs=P('batch'))` pass `axis_name='batch'`"
+      " (a tuple such as ('data', 'fsdp') for several axes); leave it None"
+      " under plain `jit`, where sharded batch means are already global.")

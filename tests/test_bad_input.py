@@ -17,6 +17,7 @@ Non-finite policies under test:
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +361,37 @@ def test_absurd_damping(name, damping):
     assert abs(end - start) < 1e-6 * start, "λ=1e12 must barely move"
   elif name in MONOTONE:
     assert end <= start * (1 + 1e-12), f"{start} -> {end}"
+
+
+# Curvature transforms that reduce over the batch take `axis_name` (for
+# jax.shard_map; tests/test_sharding.py checks the results).
+AXIS_NAME_TRANSFORMS = sorted(
+    name for name, (factory, _) in TRANSFORMS.items()
+    if "axis_name" in inspect.signature(factory).parameters)
+
+
+def test_every_curvature_transform_takes_axis_name():
+  first_order = FIRST_ORDER_ALIASES | {
+      "scale_by_momentum", "scale_by_ema", "scale_by_adadelta",
+      "scale_by_delta_bar_delta", "polyak_averaging"}
+  assert set(AXIS_NAME_TRANSFORMS) == set(TRANSFORMS) - first_order
+
+
+@pytest.mark.parametrize("axis_name", [0, ["batch"], ("batch", 1), (),
+                                       {"batch"}])
+@pytest.mark.parametrize("name", AXIS_NAME_TRANSFORMS)
+def test_bad_axis_name_type(name, axis_name):
+  """A bad `axis_name` fails at construction with a TypeError naming it."""
+  factory, kwargs = TRANSFORMS[name]
+  factory(**kwargs, axis_name=("data", "model"))  # Must not raise.
+  with pytest.raises(TypeError, match="axis_name"):
+    factory(**kwargs, axis_name=axis_name)
+
+
+@pytest.mark.parametrize("fn", [curvature.linearize, curvature.objective,
+                                curvature.empirical_fisher_diagonal,
+                                curvature.ggn_diagonal])
+def test_bad_axis_name_type_in_primitives(fn):
+  params, batch = regression_problem(n=4, sizes=(2, 3, 1))
+  with pytest.raises(TypeError, match="axis_name='batch'"):
+    fn(mlp_predict, LOSS, params, batch, axis_name=1)

@@ -216,3 +216,28 @@ def test_take_examples():
   head = curvature.take_examples(batch, 2)
   np.testing.assert_array_equal(head["targets"], [0, 1])
   assert head["inputs"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("curvature_name",
+                         ["ggn", "hessian", "fisher", "empirical_fisher"])
+def test_axis_name_reduces_over_mapped_shards(curvature_name):
+  """With ``axis_name``, per-shard values, gradients and products are
+  ``pmean``-ed: under ``vmap(axis_name=...)`` over 4 shards of the batch they
+  equal the global-batch ones (``shard_map``: tests/test_sharding.py)."""
+  loss, problem = PROBLEMS["softmax_cross_entropy"]
+  params, batch = problem(n=12)
+  vector = random_like(params, 5)
+  shards = jax.tree.map(lambda x: x.reshape(4, 3, *x.shape[1:]), batch)
+
+  def quantities(batch, axis_name=None):
+    lin = curvature.linearize(mlp_predict, loss, params, batch,
+                              curvature=curvature_name, l2_reg=0.1,
+                              axis_name=axis_name)
+    return lin.value, lin.grad, lin.matvec(vector)
+
+  expected = quantities(batch)
+  got = jax.vmap(functools.partial(quantities, axis_name="shards"),
+                 axis_name="shards")(shards)
+  for e, g in zip(expected, got):
+    g = jax.tree.map(lambda x: x[0], g)  # Identical on every shard.
+    np.testing.assert_allclose(flat(g), flat(e), rtol=1e-12, atol=1e-14)
