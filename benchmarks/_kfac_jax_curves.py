@@ -108,7 +108,7 @@ def main():
         continue
       value = float(evaluate(params))
       record.append((i, clock, value))
-      bar.set_postfix(loss=f"{value:.3f}")
+      bar.set_postfix(loss=f"{value:.3f}", refresh=False)
       if not np.isfinite(value) or (args.target is not None
                                     and value <= args.target):
         break

@@ -154,7 +154,7 @@ def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
       record.append((record[-1][0] + eval_every, record[-1][1] + elapsed,
                      value))
       bar.update(eval_every)
-      bar.set_postfix(loss=f"{value:.3f}")
+      bar.set_postfix(loss=f"{value:.3f}", refresh=False)
       if not np.isfinite(value) or (target is not None and value <= target):
         break
   return Trace(*map(np.asarray, zip(*record)))
@@ -193,7 +193,7 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
         continue
       value = evaluate(params)
       record.append((i, clock, value))
-      bar.set_postfix(loss=f"{value:.3f}", **describe(state))
+      bar.set_postfix(refresh=False, loss=f"{value:.3f}", **describe(state))
       if not np.isfinite(value) or (target is not None and value <= target):
         break
   return Trace(*map(np.asarray, zip(*record)))
