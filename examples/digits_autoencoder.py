@@ -19,6 +19,8 @@ Run: ``python examples/digits_autoencoder.py [--passes 300] [--plot out.png]``.
 """
 
 import argparse
+import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -30,6 +32,10 @@ from sklearn.datasets import load_digits
 from tqdm.auto import tqdm
 
 import curvature
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "benchmarks"))
+from _common import sparse_params  # noqa: E402  (benchmarks/_common.py)
 
 LOSS = curvature.losses.sigmoid_binary_cross_entropy
 LAYERS = (64, 48, 24, 6, 24, 48, 64)
@@ -48,18 +54,7 @@ def init_params(seed=0, layers=None, connections=15):
   Each unit gets ``connections`` incoming weights drawn from N(0, 1) (all of
   them if the fan-in is smaller); every other weight and every bias is 0.
   """
-  layers = layers or LAYERS
-  params = []
-  key = jax.random.key(seed)
-  for fan_in, fan_out in zip(layers[:-1], layers[1:]):
-    key, k_weights, k_mask = jax.random.split(key, 3)
-    weights = jax.random.normal(k_weights, (fan_in, fan_out))
-    if fan_in > connections:
-      scores = jax.random.uniform(k_mask, (fan_in, fan_out))
-      kth = jnp.sort(scores, axis=0)[-connections]
-      weights = jnp.where(scores >= kth, weights, 0.0)
-    params.append({"w": weights, "b": jnp.zeros(fan_out)})
-  return params
+  return sparse_params(seed, layers or LAYERS, connections)
 
 
 def predict(params, batch):
