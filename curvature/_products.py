@@ -143,6 +143,13 @@ def batch_mean(tree: Any, axis_name) -> Any:
   return jax.lax.pmean(tree, axis_name)
 
 
+def _to_varying():
+  """``(x, axes) -> x`` marked varying over ``axes``, or ``None``."""
+  if hasattr(jax.lax, "pcast"):
+    return lambda x, axes: jax.lax.pcast(x, axes, to="varying")
+  return getattr(jax.lax, "pvary", None)
+
+
 def as_varying(tree: Any, axis_name) -> Any:
   """Marks the leaves of ``tree`` as varying over ``axis_name``.
 
@@ -151,11 +158,13 @@ def as_varying(tree: Any, axis_name) -> Any:
   summed over the devices. Differentiating with respect to a varying copy
   instead keeps derivatives per shard (per-example gradients, the model's
   Jacobian), so they can be reduced explicitly by :func:`batch_mean`. A
-  no-op for ``None``, outside ``shard_map`` (``vmap``/``pmap`` axes) and
-  with ``check_vma=False``.
+  no-op for ``None``, outside ``shard_map`` (``vmap`` axes) and with
+  ``check_vma=False``. jax releases with ``jax.lax.pvary`` but no
+  ``jax.lax.pcast`` get ``pvary``; on releases with neither, ``tree`` is
+  returned unchanged (not tested there).
   """
-  pcast = getattr(jax.lax, "pcast", None)
-  if axis_name is None or pcast is None:
+  to_varying = _to_varying()
+  if axis_name is None or to_varying is None:
     return tree
   axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
@@ -165,8 +174,8 @@ def as_varying(tree: Any, axis_name) -> Any:
     if not missing:
       return x
     try:
-      return pcast(x, missing, to="varying")
-    except ValueError:  # Not a shard_map axis: nothing to mark.
+      return to_varying(x, missing)
+    except (ValueError, NameError):  # Not a shard_map axis: nothing to mark.
       return x
 
   return jax.tree.map(one, tree)
@@ -287,8 +296,8 @@ def linearize(
       device; ``outputs`` stay the local shard's. ``"sampled_fisher"`` folds
       the device index into ``key``, so every shard draws its own targets.
       ``None`` (the default; right under plain ``jit`` with sharded inputs,
-      where the means are already global) reduces nothing. A ``vmap`` or
-      ``pmap`` ``axis_name`` over batch shards works the same way.
+      where the means are already global) reduces nothing. A ``vmap``
+      ``axis_name`` over batch shards works the same way.
 
   Returns:
     A :class:`Linearization` with ``value``, ``grad``, ``matvec`` and

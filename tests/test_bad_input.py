@@ -388,9 +388,14 @@ def test_bad_axis_name_type(name, axis_name):
     factory(**kwargs, axis_name=axis_name)
 
 
-@pytest.mark.parametrize("fn", [curvature.linearize, curvature.objective,
-                                curvature.empirical_fisher_diagonal,
-                                curvature.ggn_diagonal])
+@pytest.mark.parametrize("fn", [
+    curvature.linearize, curvature.objective,
+    curvature.empirical_fisher_diagonal, curvature.ggn_diagonal,
+    functools.partial(curvature.sampled_fisher_diagonal,
+                      key=jax.random.key(0)),
+    functools.partial(curvature.hutchinson_hessian_diagonal,
+                      key=jax.random.key(0)),
+    curvature.block_diagonal_curvature])
 def test_bad_axis_name_type_in_primitives(fn):
   params, batch = regression_problem(n=4, sizes=(2, 3, 1))
   with pytest.raises(TypeError, match="axis_name='batch'"):

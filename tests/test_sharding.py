@@ -182,6 +182,9 @@ for name in optimizers(None):
     out["monitor_metrics"] = rel(multi_state.metrics, single_state.metrics)
   if name.endswith("_sampled"):
     out[name + "_finite"] = bool(np.all(np.isfinite(flat(multi))))
+    # The steps taken (not the parameters, which barely move in 3 steps).
+    moved = lambda p: jax.tree.map(jnp.subtract, p, params)
+    out[name + "_step"] = rel(moved(multi), moved(single))
 # The incoming gradient may be the local shard's: it is pmean-ed.
 out["hessian_free_local_grad"] = rel(
     run("hessian_free", "batch", sharded=True, local_grad=True,
@@ -272,9 +275,12 @@ def test_shard_map_with_axis_name_matches_single_device():
   mismatched = {n: results[n] for n in SHARD_MAP_EXACT if results[n] >= 1e-10}
   assert not mismatched, f"relative differences: {mismatched}"
   # Sampled targets are drawn per device: equal only in expectation.
+  # Compared on the steps taken (0.19 and 0.23 measured, Monte-Carlo noise of
+  # 2 and 1 samples on 32 examples); a 4x scale error in the sampled path
+  # would give a relative step difference of 0.75 or more.
   for name in ("natural_gradient_sampled", "kfac_sampled"):
     assert results[name + "_finite"], name
-    assert 0 < results[name] < 0.5, (name, results[name])
+    assert 0 < results[name + "_step"] < 0.5, (name, results[name + "_step"])
   # Without axis_name every device steps on its own shard: the test would
   # notice a missing reduction.
   assert results["control_without_axis_name"] > 1e-3
