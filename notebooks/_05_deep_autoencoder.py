@@ -71,10 +71,11 @@ plt.show()
     ("md", r"""
 ## The race
 
-Every row starts from the same sparse initialization and sees batches drawn
-by the same PRNG sequence. K-FAC, Hessian-free and kfac-jax stop at Adam's
-best loss `L` (or after their step budget); the momentum rows run all `N`
-steps.
+Every row starts from the same sparse initialization; the batches are random
+draws of 1000 images (the first-order rows share one sequence of batches, the
+curvature rows and kfac-jax draw their own). K-FAC, Hessian-free and kfac-jax
+stop at Adam's best loss `L` (or after their step budget); the momentum rows
+run all `N` steps.
 """),
     ("code", r"""
 traces, rows, target, adam_name = convergence.run(
@@ -115,15 +116,16 @@ steps) on a 2-core CPU; the steps are deterministic, the seconds are not.*
 * **Per iteration**, the curvature methods win, as the literature says:
   Hessian-free reaches Adam's best loss in 59 outer iterations (8.5× fewer
   than Adam's 500 steps), our K-FAC in 230 steps (2.2× fewer) and kfac-jax in
-  175. Most of Adam's and momentum's steps go into the long plateau near loss
-  ≈ 123; the curvature methods leave it far sooner (see the left panel).
-* **Per second, at this size, Adam wins**: K-FAC and Hessian-free need about
-  2–2.5× Adam's time. A K-FAC step costs several gradient evaluations
-  (statistics, periodic inverses, the exact-quadratic α/μ solve), a
-  Hessian-free iteration tens of GGN products (its CG iterations), and with
-  only 500 Adam steps the target is set right at the end of the plateau. On
+  175. All methods first sit on a plateau near loss ≈ 123: Adam at 3e-3
+  leaves it after about 150 steps, momentum at 1e-2 never does within 500,
+  and Hessian-free leaves it within a few tens of iterations (left panel).
+* **Per second, at this size, Adam wins**: K-FAC, Hessian-free and kfac-jax
+  all need about 2× Adam's time. A K-FAC step costs several gradient
+  evaluations (statistics, periodic inverses, the exact-quadratic α/μ solve), a
+  Hessian-free iteration tens of GGN products (its CG iterations), and
+  with only 500 Adam steps the target (L ≈ 88) is still a loose one. On
   the full benchmark (20,000 images, 2000 Adam steps, a lower target) our
-  adaptive K-FAC reaches Adam's best in 305 steps and 0.57× Adam's time,
+  adaptive K-FAC reaches Adam's best in 305 steps and 0.52–0.57× Adam's time,
   while Hessian-free stays slower than Adam in seconds (`benchmarks/README.md`).
 * **The peer takes fewer steps than ours** with the same λ₀, inverse and
   damping periods (175 against 230 here, 275 against 305 at 20,000 images);
