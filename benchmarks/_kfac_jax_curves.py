@@ -8,8 +8,8 @@ same CURVES autoencoder (``_common.autoencoder_predict``, the same sparse
 initialization and L2 term) with kfac-jax's adaptive K-FAC (α, μ from the
 exact quadratic model, Levenberg-Marquardt damping from λ₀ = 150, Fisher
 from sampled targets, inverses every 20 steps and damping updates every 5,
-as ours; EMA 0.95) on batches of 1000 drawn the same way, and writes the
-trace as JSON.
+as ours; EMA 0.95) on random batches of 1000 (the same seed, but not the
+same batches as our rows), and writes the trace as JSON.
 
     python _kfac_jax_curves.py DATA.npz OUT.json --steps 2000 --target L
 """
@@ -76,7 +76,8 @@ def main():
       value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=L2_REG,
       use_adaptive_learning_rate=True, use_adaptive_momentum=True,
       use_adaptive_damping=True, initial_damping=150.0,
-      inverse_update_period=20, curvature_ema=0.95, num_burnin_steps=0,
+      inverse_update_period=20, damping_adaptation_interval=5,
+      curvature_ema=0.95, num_burnin_steps=0,
       multi_device=False, batch_process_func=lambda b: b)
 
   def fresh():

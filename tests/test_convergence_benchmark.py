@@ -1,6 +1,7 @@
 """CI tier of ``benchmarks/convergence.py`` and the README's main job.
 
-5000 CURVES-like training images and a few steps per row. Correctness facts
+5000 CURVES-like training images and a few steps per row (2000 images for
+the end-to-end run of the main job). Correctness facts
 only (every optimizer's loss decreases and stays finite, the table and plot
 are written); no timing assertions.
 """
