@@ -1,16 +1,33 @@
-"""The model and machine description shared by the benchmark scripts.
+"""The model, machine description and timing checks shared by the benchmarks.
 
 The MNIST deep autoencoder of Hinton & Salakhutdinov (2006) and Martens
 (2010): 784-1000-500-250-30-250-500-1000-784, sigmoid hidden units, a linear
 30-unit code layer, logits out (2,837,314 parameters). Nothing here imports
 ``curvature``, so the kfac-jax peer environment can import it too.
+
+:func:`warm_up` and :class:`TimedLoop` keep compilation out of the clock:
+every timed row first runs its step on a throwaway state until every program
+it will use is compiled, then times its steps from a fresh state and fails
+(:class:`CompilationInTimedLoop`) if anything still compiles while the clock
+runs.
 """
 
+import contextlib
 import os
 import platform
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# jax.monitoring events (jax 0.9 and 0.10): an XLA compilation, and a jit
+# cache miss (tracing to a jaxpr, which precedes every compilation and also
+# happens when the persistent compilation cache spares the compilation).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+# Exit code of a peer script whose timed loop compiled.
+COMPILED_EXIT_CODE = 3
 
 
 LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -81,3 +98,152 @@ def machine() -> str:
     pass
   return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
           f" ({jax.default_backend()})")
+
+
+class CompilationInTimedLoop(RuntimeError):
+  """Something compiled (or, by its step time, probably did) while timed."""
+
+
+class _CompileCounter:
+  """Counts jax.monitoring compile and trace events while ``active``."""
+
+  def __init__(self, active=True):
+    self.active = active
+    self.events = []  # (event, seconds)
+
+  def __call__(self, event, duration, **kwargs):
+    del kwargs  # Newer jax passes event tags.
+    if self.active and event in (COMPILE_EVENT, TRACE_EVENT):
+      self.events.append((event, duration))
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+  def count(self, event=COMPILE_EVENT):
+    return sum(e == event for e, _ in self.events)
+
+
+def warm_up(step_fn, state, num_steps):
+  """Compiles every program a timed loop will run, on a throwaway run.
+
+  Runs ``state = step_fn(state, i)`` for ``i`` in ``range(num_steps)``, waits
+  for the result and throws it away: the caller then times its loop from a
+  fresh state. ``num_steps`` must reach every program the loop will run: a
+  step that is compiled separately every ``period`` steps (kfac-jax's
+  damping-adaptation steps), or that first runs with a state a few steps old,
+  needs ``2 * max(periods) + 1``; a single jitted step with ``lax.cond``
+  branches needs two (the second sees the step's own output state).
+
+  Args:
+    step_fn: ``(state, i) -> state``, one timed call of the loop (``i`` is
+      the step index, a Python int).
+    state: the throwaway initial state (donated buffers are fine: it is not
+      used again).
+    num_steps: the number of throwaway calls.
+
+  Returns:
+    The number of XLA compilations during the warm-up.
+  """
+  with _CompileCounter() as counter:
+    for i in range(num_steps):
+      state = step_fn(state, i)
+    jax.block_until_ready(state)
+  return counter.count()
+
+
+class TimedLoop:
+  """The clock of one row's timed loop, and a check that nothing compiles.
+
+  Use it as a context manager around the loop and wrap each timed call (and
+  only it) in :meth:`timed`; the call must end with ``block_until_ready``.
+  The clock (``seconds``) sums the timed calls. :meth:`check` then raises
+  :class:`CompilationInTimedLoop` if jax.monitoring saw an XLA compilation or
+  a jit cache miss inside a timed call or, when ``outlier_factor`` is given,
+  if a timed call took more than ``outlier_factor`` times the median (a
+  probable compilation that jax.monitoring cannot see, in a program that is
+  not jax's).
+
+  Args:
+    name: the row, for the messages.
+    outlier_factor: flag timed calls slower than this multiple of the median;
+      ``None`` reports the slowest call's ratio without failing on it.
+  """
+
+  def __init__(self, name, outlier_factor=None):
+    self.name = name
+    self.outlier_factor = outlier_factor
+    self.seconds = 0.0
+    self.call_seconds = []
+    self.warm_up_steps = self.warm_up_compilations = None
+    self._counter = _CompileCounter(active=False)
+    self._compiled_at = []  # (timed call index, event)
+
+  def __enter__(self):
+    self._counter.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._counter.__exit__(*exc)
+
+  def warm_up(self, step_fn, state, num_steps):
+    """:func:`warm_up`, remembering its compilation count for the summary."""
+    self.warm_up_compilations = warm_up(step_fn, state, num_steps)
+    self.warm_up_steps = num_steps
+
+  @contextlib.contextmanager
+  def timed(self):
+    """Times the enclosed call and watches it for compilations."""
+    seen = len(self._counter.events)
+    self._counter.active = True
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      elapsed = time.perf_counter() - start
+      self._counter.active = False
+      self.seconds += elapsed
+      self.call_seconds.append(elapsed)
+      self._compiled_at += [(len(self.call_seconds) - 1, event) for event, _
+                            in self._counter.events[seen:]]
+
+  def outliers(self):
+    """Indices of the timed calls slower than ``outlier_factor`` × median."""
+    if self.outlier_factor is None or len(self.call_seconds) < 2:
+      return []
+    limit = self.outlier_factor * np.median(self.call_seconds)
+    return [i for i, t in enumerate(self.call_seconds) if t > limit]
+
+  def check(self):
+    """Raises :class:`CompilationInTimedLoop`, or returns a one-line summary."""
+    n = len(self.call_seconds)
+    compiles = sorted({i for i, e in self._compiled_at if e == COMPILE_EVENT})
+    traces = sorted({i for i, e in self._compiled_at if e == TRACE_EVENT})
+    problems = []
+    if compiles or traces:
+      problems.append(
+          f"jax.monitoring saw {len(compiles)} timed call(s) with an XLA "
+          f"compilation {compiles[:10]} and {len(traces)} with a jit cache "
+          f"miss {traces[:10]}")
+    slow = self.outliers()
+    if slow:
+      median = np.median(self.call_seconds)
+      problems.append(
+          f"{len(slow)} timed call(s) took over {self.outlier_factor:g}x the "
+          f"median {median * 1e3:.1f} ms, probably compiling: " + ", ".join(
+              f"call {i} {self.call_seconds[i]:.2f} s" for i in slow[:10]))
+    if problems:
+      raise CompilationInTimedLoop(
+          f"{self.name}: compilation inside the timed loop ({n} timed "
+          f"calls): " + "; ".join(problems) + ". Warm every compiled program "
+          "up before timing (benchmarks/_common.warm_up).")
+    ratio = (max(self.call_seconds) / np.median(self.call_seconds)
+             if n else float("nan"))
+    warm = ("" if self.warm_up_compilations is None else
+            f"warm-up of {self.warm_up_steps} calls compiled "
+            f"{self.warm_up_compilations} program(s), then ")
+    return (f"{self.name}: {warm}no compilation in {n} timed calls "
+            f"(slowest {ratio:.1f}x the median)")

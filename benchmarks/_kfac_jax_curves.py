@@ -11,12 +11,21 @@ from sampled targets, inverses every 20 steps and damping updates every 5,
 as ours; EMA 0.95) on random batches of 1000 (the same seed, but not the
 same batches as our rows), and writes the trace as JSON.
 
+kfac-jax compiles a separate program for the steps that adapt the damping
+(every 5, from step 4 on: a two-step warm-up left its ~10 s compilation in
+the timed loop), so the timed run is preceded by a throwaway run of
+``2 * 20 + 1`` steps (past the first inverse refresh and damping update,
+with every batch drawn as in the timed run) on its own fresh state. The timed loop then fails, exit code
+``_common.COMPILED_EXIT_CODE`` with the reason in the JSON's
+``compile_check``, if jax.monitoring sees a compilation in a timed step or a
+timed step takes over ``--outlier-factor`` (5) times the median step.
+
     python _kfac_jax_curves.py DATA.npz OUT.json --steps 2000 --target L
 """
 
 import argparse
 import json
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +35,14 @@ import optax
 from tqdm.auto import tqdm
 
 from _common import autoencoder_predict as predict
+from _common import COMPILED_EXIT_CODE
+from _common import CompilationInTimedLoop
 from _common import sparse_params
+from _common import TimedLoop
 
 L2_REG = 1e-5
+INVERSE_PERIOD = 20
+DAMPING_PERIOD = 5
 
 
 def data_loss(params, batch):
@@ -54,6 +68,9 @@ def main():
   parser.add_argument("--eval-every", type=int, default=5)
   parser.add_argument("--layers", default="")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--warm-up-steps", type=int,
+                      default=2 * max(INVERSE_PERIOD, DAMPING_PERIOD) + 1)
+  parser.add_argument("--outlier-factor", type=float, default=5.0)
   args = parser.parse_args()
   images = jnp.asarray(np.load(args.data)["images"])
   data = {"inputs": images, "targets": images}
@@ -76,7 +93,8 @@ def main():
       value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=L2_REG,
       use_adaptive_learning_rate=True, use_adaptive_momentum=True,
       use_adaptive_damping=True, initial_damping=150.0,
-      inverse_update_period=20, damping_adaptation_interval=5,
+      inverse_update_period=INVERSE_PERIOD,
+      damping_adaptation_interval=DAMPING_PERIOD,
       curvature_ema=0.95, num_burnin_steps=0,
       multi_device=False, batch_process_func=lambda b: b)
 
@@ -85,38 +103,49 @@ def main():
     return params, opt.init(params, jax.random.key(args.seed),
                             batch_at(jax.random.key(0)))
 
-  # Compile with a throwaway run (kfac-jax donates its inputs).
-  params, state = fresh()
-  for i in range(2):
-    params, state, _ = opt.step(params, state, jax.random.key(i),
-                                batch=batch_at(jax.random.key(0)),
+  def throwaway_step(carry, i):
+    params, state, key = carry
+    key, sub, rng = jax.random.split(key, 3)
+    params, state, _ = opt.step(params, state, rng, batch=batch_at(sub),
                                 global_step_int=i)
-  jax.block_until_ready(params)
-  params, state = fresh()
-  key = jax.random.key(args.seed + 1)
-  record = [(0, 0.0, float(evaluate(params)))]
-  clock = 0.0
-  with tqdm(total=args.steps, desc="kfac-jax", leave=False) as bar:
-    for i in range(1, args.steps + 1):
-      key, sub, rng = jax.random.split(key, 3)
-      start = time.perf_counter()
-      params, state, _ = opt.step(params, state, rng, batch=batch_at(sub),
-                                  global_step_int=i - 1)
-      jax.block_until_ready(params)
-      clock += time.perf_counter() - start
-      bar.update(1)
-      if i % args.eval_every and i != args.steps:
-        continue
-      value = float(evaluate(params))
-      record.append((i, clock, value))
-      bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-      if not np.isfinite(value) or (args.target is not None
-                                    and value <= args.target):
-        break
+    return params, state, key
+
+  loop = TimedLoop("kfac-jax (adaptive)", outlier_factor=args.outlier_factor)
+  with loop:
+    # A throwaway run on its own state (kfac-jax donates its inputs).
+    loop.warm_up(throwaway_step, fresh() + (jax.random.key(args.seed + 1),),
+                 args.warm_up_steps)
+    params, state = fresh()
+    key = jax.random.key(args.seed + 1)
+    record = [(0, 0.0, float(evaluate(params)))]
+    with tqdm(total=args.steps, desc="kfac-jax", leave=False) as bar:
+      for i in range(1, args.steps + 1):
+        key, sub, rng = jax.random.split(key, 3)
+        with loop.timed():
+          params, state, _ = opt.step(params, state, rng, batch=batch_at(sub),
+                                      global_step_int=i - 1)
+          jax.block_until_ready(params)
+        bar.update(1)
+        if i % args.eval_every and i != args.steps:
+          continue
+        value = float(evaluate(params))
+        record.append((i, loop.seconds, value))
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        if not np.isfinite(value) or (args.target is not None
+                                      and value <= args.target):
+          break
+  try:
+    check, failed = loop.check(), False
+  except CompilationInTimedLoop as e:
+    check, failed = str(e), True
   steps, seconds, loss = zip(*record)
   with open(args.out, "w") as f:
     json.dump(dict(steps=steps, seconds=seconds, loss=loss,
-                   jax=jax.__version__), f)
+                   jax=jax.__version__, compile_check=check,
+                   step_seconds=loop.call_seconds), f)
+  if failed:
+    print(check, file=sys.stderr)
+    sys.exit(COMPILED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,17 @@ and an L2 term ½·1e-5·‖θ‖².
 
 Every row reports the outer iterations and the wall-clock seconds to reach
 ``L`` (training loss, whole training set, data term only), and its final
-loss. The clock covers only the jitted optimizer steps (compilation and the
-loss evaluations are excluded; each timed call ends with
-``block_until_ready``). The full training loss is evaluated every
-``--eval-every`` steps for the first-order rows and K-FAC, and after every
+loss. The clock covers only the jitted optimizer steps (the loss evaluations
+are excluded; each timed call ends with ``block_until_ready``). Compilation
+is kept out of it: every row first runs its step on a throwaway run long
+enough to compile every program it will use (``_common.warm_up``: two calls,
+or ``2 * max(periods) + 1`` steps for the K-FAC rows, whose inverse and
+damping updates are periodic), then times from a fresh state, and fails
+(``CompilationInTimedLoop``) if jax.monitoring sees an XLA compilation or a
+jit cache miss inside a timed call; the kfac-jax peer does the same in its
+process and also fails on a step over 5x its median step time (a probable
+compilation). Each row prints its check. The full training loss is evaluated
+every ``--eval-every`` steps for the first-order rows and K-FAC, and after every
 outer iteration for Hessian-free, so "steps to L" has that resolution.
 
 The rows that only need to reach ``L`` (K-FAC, Hessian-free) stop there, to
@@ -40,12 +47,12 @@ Run: ``python benchmarks/convergence.py [--train-size 20000] [--steps 2000]
 """
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from typing import NamedTuple, Optional
 
 import jax
@@ -58,6 +65,9 @@ import curvature
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine  # noqa: E402  (benchmarks/ is not a package)
+from _common import COMPILED_EXIT_CODE  # noqa: E402
+from _common import CompilationInTimedLoop  # noqa: E402
+from _common import TimedLoop  # noqa: E402
 from _common import sparse_params  # noqa: E402
 from _common import autoencoder_predict as predict  # noqa: E402
 
@@ -69,6 +79,7 @@ MOMENTUM_LR = 1e-2  # Stable here (3e-2 is too); not tuned further.
 OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum", "kfac_jax")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_PYTHON = os.path.join(HERE, ".venv-kfac-jax", "bin", "python")
+PEER_OUTLIER_FACTOR = 5.0  # A peer step this much slower than the median fails.
 
 
 def init_params(seed=0, layers=LAYERS, connections=15):
@@ -120,11 +131,28 @@ def _evaluator(data, eval_batch=5000):
   return lambda params: float(evaluate(params))
 
 
+def _advance(step):
+  """``step(params, state, key)`` as a :func:`_common.warm_up` step function.
+
+  The carry ``(params, state, key)`` draws its keys as the timed loops do.
+  """
+  def step_fn(carry, i):
+    del i
+    params, state, key = carry
+    key, sub = jax.random.split(key)
+    return step(params, state, sub) + (key,)
+  return step_fn
+
+
 def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
-                      seed=0, target=None, desc="", evaluate=None):
+                      seed=0, target=None, desc="", evaluate=None,
+                      warm_up_steps=2):
   """``opt`` on gradients of :func:`objective`, ``eval_every`` steps per call.
 
-  Stops early once the loss is at or below ``target`` (when given).
+  Stops early once the loss is at or below ``target`` (when given). The
+  jitted call is first warmed up (``warm_up_steps`` throwaway calls), and
+  the run fails with :class:`CompilationInTimedLoop` if a timed call
+  compiles.
   """
   evaluate = evaluate or _evaluator(data)
   params = init_params(seed)
@@ -141,31 +169,34 @@ def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
         step, (params, state), jax.random.split(key, eval_every))
     return params, state
 
-  jax.block_until_ready(chunk(params, state, jax.random.key(0)))  # Compile.
   key = jax.random.key(seed + 1)
-  record = [(0, 0.0, evaluate(params))]
-  with tqdm(total=steps, desc=desc, leave=False) as bar:
-    while record[-1][0] < steps:
-      key, sub = jax.random.split(key)
-      start = time.perf_counter()
-      params, state = jax.block_until_ready(chunk(params, state, sub))
-      elapsed = time.perf_counter() - start
-      value = evaluate(params)
-      record.append((record[-1][0] + eval_every, record[-1][1] + elapsed,
-                     value))
-      bar.update(eval_every)
-      bar.set_postfix(loss=f"{value:.3f}", refresh=False)
-      if not np.isfinite(value) or (target is not None and value <= target):
-        break
+  with TimedLoop(desc or "first-order") as loop:
+    loop.warm_up(_advance(chunk), (params, state, key), warm_up_steps)
+    record = [(0, 0.0, evaluate(params))]  # From the fresh params and state.
+    with tqdm(total=steps, desc=desc, leave=False) as bar:
+      while record[-1][0] < steps:
+        key, sub = jax.random.split(key)
+        with loop.timed():
+          params, state = jax.block_until_ready(chunk(params, state, sub))
+        value = evaluate(params)
+        record.append((record[-1][0] + eval_every, loop.seconds, value))
+        bar.update(eval_every)
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+        if not np.isfinite(value) or (target is not None and value <= target):
+          break
+  print(loop.check())
   return Trace(*map(np.asarray, zip(*record)))
 
 
 def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
-                     target, evaluate, describe=lambda state: {}):
+                     target, evaluate, describe=lambda state: {},
+                     warm_up_steps=2):
   """A curvature-aware ``opt``, one jitted outer iteration per call.
 
   The loss on the whole training set is evaluated every ``eval_every``
-  iterations (and at the last); the run stops early at ``target``.
+  iterations (and at the last); the run stops early at ``target``. The step
+  is first warmed up (``warm_up_steps`` throwaway iterations), and the run
+  fails with :class:`CompilationInTimedLoop` if a timed iteration compiles.
   """
   evaluate = evaluate or _evaluator(data)
   params = init_params(seed)
@@ -178,25 +209,33 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
     updates, state = opt.update(grads, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
-  jax.block_until_ready(step(params, state, jax.random.key(0)))  # Compile.
   key = jax.random.key(seed + 1)
-  record = [(0, 0.0, evaluate(params))]
-  clock = 0.0
-  with tqdm(total=steps, desc=desc, leave=False) as bar:
-    for i in range(1, steps + 1):
-      key, sub = jax.random.split(key)
-      start = time.perf_counter()
-      params, state = jax.block_until_ready(step(params, state, sub))
-      clock += time.perf_counter() - start
-      bar.update(1)
-      if i % eval_every and i != steps:
-        continue
-      value = evaluate(params)
-      record.append((i, clock, value))
-      bar.set_postfix(refresh=False, loss=f"{value:.3f}", **describe(state))
-      if not np.isfinite(value) or (target is not None and value <= target):
-        break
+  with TimedLoop(desc) as loop:
+    loop.warm_up(_advance(step), (params, state, key), warm_up_steps)
+    record = [(0, 0.0, evaluate(params))]  # From the fresh params and state.
+    with tqdm(total=steps, desc=desc, leave=False) as bar:
+      for i in range(1, steps + 1):
+        key, sub = jax.random.split(key)
+        with loop.timed():
+          params, state = jax.block_until_ready(step(params, state, sub))
+        bar.update(1)
+        if i % eval_every and i != steps:
+          continue
+        value = evaluate(params)
+        record.append((i, loop.seconds, value))
+        bar.set_postfix(refresh=False, loss=f"{value:.3f}", **describe(state))
+        if not np.isfinite(value) or (target is not None and value <= target):
+          break
+  print(loop.check())
   return Trace(*map(np.asarray, zip(*record)))
+
+
+def _kfac_warm_up_steps(kfac_kwargs):
+  """``2 * max(periods) + 1``: past the first inverse and damping updates."""
+  defaults = inspect.signature(curvature.kfac).parameters
+  periods = [kfac_kwargs.get(name, defaults[name].default)
+             for name in ("inverse_every", "damping_every") if name in defaults]
+  return 2 * max(periods, default=20) + 1
 
 
 def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
@@ -208,7 +247,8 @@ def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
                        **kwargs)
   return _train_curvature(opt, data, steps, desc="kfac",
                           batch_size=batch_size, eval_every=eval_every,
-                          seed=seed, target=target, evaluate=evaluate)
+                          seed=seed, target=target, evaluate=evaluate,
+                          warm_up_steps=_kfac_warm_up_steps(kwargs))
 
 
 def train_hessian_free(data, steps, *, batch_size=1000,
@@ -227,10 +267,13 @@ def train_hessian_free(data, steps, *, batch_size=1000,
 
 
 def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
-                   target=None):
+                   target=None, outlier_factor=PEER_OUTLIER_FACTOR):
   """kfac-jax's adaptive K-FAC in its own venv (see ``_kfac_jax_curves.py``).
 
   Returns ``None`` (and says why) when the venv is missing or the run fails.
+  Raises :class:`CompilationInTimedLoop` when the peer's own check (after
+  its warm-up: jax.monitoring, and no timed step over ``outlier_factor``
+  times the median) fails.
   """
   if not os.path.exists(PEER_PYTHON):
     print("kfac-jax peer skipped: no venv at", PEER_PYTHON,
@@ -242,16 +285,21 @@ def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
     command = [PEER_PYTHON, os.path.join(HERE, "_kfac_jax_curves.py"), images,
                out, "--steps", str(steps), "--batch-size", str(batch_size),
                "--eval-every", str(eval_every), "--seed", str(seed),
-               "--layers", ",".join(map(str, LAYERS))]
+               "--layers", ",".join(map(str, LAYERS)),
+               "--outlier-factor", repr(outlier_factor)]
     if target is not None:
       command += ["--target", repr(target)]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True,
                           cwd=HERE)  # stderr (the progress bar) passes through
+    if proc.returncode == COMPILED_EXIT_CODE:
+      with open(out) as f:
+        raise CompilationInTimedLoop(json.load(f)["compile_check"])
     if proc.returncode:
       print("kfac-jax peer failed with exit code", proc.returncode)
       return None
     with open(out) as f:
       result = json.load(f)
+  print(result["compile_check"])
   return Trace(*(np.asarray(result[k]) for k in Trace._fields))
 
 
@@ -311,6 +359,8 @@ def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
           opt, data, steps, batch_size=batch_size, eval_every=eval_every,
           seed=seed, desc=name, evaluate=evaluate)
 
+  print(f"compile check: no compilation inside the timed loops of the "
+        f"{len(traces)} rows (each warmed up first; see the lines above)")
   rows = []
   for name, trace in traces.items():
     s, t = to_target(trace, target) if target is not None else (None, None)

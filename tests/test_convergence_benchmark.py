@@ -3,12 +3,18 @@
 5000 CURVES-like training images and a few steps per row (2000 images for
 the end-to-end run of the main job). Correctness facts
 only (every optimizer's loss decreases and stays finite, the table and plot
-are written); no timing assertions.
+are written, every row's timed loop is checked for compilations and that
+check fires when something compiles while timed); no timing assertions.
 """
 
 import importlib.util
+import json
 import pathlib
+import subprocess
+import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -54,10 +60,14 @@ def test_first_order_rows_decrease(bench, setup, name):
                                  evaluate=evaluate))
 
 
-def test_kfac_row_decreases(bench, setup):
+def test_kfac_row_decreases(bench, setup, capsys):
   data, evaluate = setup
   _check(bench.train_kfac(data, 10, batch_size=100, eval_every=5,
                           evaluate=evaluate))
+  # Warmed up past the first inverse (every 20) and damping (every 5) updates.
+  out = capsys.readouterr().out
+  assert "kfac: warm-up of 41 calls" in out, out
+  assert "no compilation in 10 timed calls" in out, out
 
 
 def test_hessian_free_row_decreases(bench, setup):
@@ -65,6 +75,59 @@ def test_hessian_free_row_decreases(bench, setup):
   _check(bench.train_hessian_free(data, 3, batch_size=100,
                                   curvature_batch_size=50,
                                   evaluation_batch_size=50, evaluate=evaluate))
+
+
+def test_compile_check_fires_when_a_timed_call_compiles(bench):
+  x = jnp.ones(3)
+  fresh = jax.jit(lambda x: 2 * x + 1)  # Its first call compiles.
+  with bench.TimedLoop("cold") as loop:
+    for _ in range(3):
+      with loop.timed():
+        jax.block_until_ready(fresh(x))
+  with pytest.raises(bench.CompilationInTimedLoop,
+                     match=r"cold: compilation inside the timed loop \(3 timed "
+                     r"calls\): jax.monitoring saw 1 timed call\(s\) with an "
+                     r"XLA compilation \[0\]"):
+    loop.check()
+
+
+def test_compile_check_is_quiet_after_warm_up(bench):
+  x = jnp.ones(3)
+  step = jax.jit(lambda x: 0.5 * x)
+  with bench.TimedLoop("warm") as loop:
+    loop.warm_up(lambda x, i: step(x), x, 2)
+    for _ in range(3):
+      with loop.timed():
+        x = jax.block_until_ready(step(x))
+  assert loop.warm_up_compilations == 1
+  assert loop.check().startswith(
+      "warm: warm-up of 2 calls compiled 1 program(s), then no compilation "
+      "in 3 timed calls")
+  assert loop.seconds == pytest.approx(sum(loop.call_seconds))
+
+
+def test_compile_check_flags_step_time_outliers(bench):
+  loop = bench.TimedLoop("peer", outlier_factor=5.0)
+  loop.call_seconds = [0.1, 0.11, 0.09, 0.1, 0.6, 0.1]
+  assert loop.outliers() == [4]
+  with pytest.raises(bench.CompilationInTimedLoop, match="call 4 0.60 s"):
+    loop.check()
+  loop.call_seconds[4] = 0.4
+  assert "slowest 4.0x the median" in loop.check()
+
+
+def test_kfac_jax_compilation_fails_the_run(bench, setup, monkeypatch):
+  """The peer's exit code for a compiled timed step raises here."""
+  def fake_peer(command, **kwargs):
+    del kwargs
+    with open(command[3], "w") as f:  # The OUT.json argument.
+      json.dump({"compile_check": "kfac-jax (adaptive): compilation inside "
+                                  "the timed loop"}, f)
+    return subprocess.CompletedProcess(command, bench.COMPILED_EXIT_CODE)
+  monkeypatch.setattr(bench, "PEER_PYTHON", sys.executable)
+  monkeypatch.setattr(bench.subprocess, "run", fake_peer)
+  with pytest.raises(bench.CompilationInTimedLoop, match="kfac-jax"):
+    bench.train_kfac_jax(setup[0], 5)
 
 
 def test_target_bookkeeping(bench):
