@@ -28,10 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvature import _blocks
 from curvature import _curvature_diagonals
-from curvature import _kfac
 from curvature import _losses
-from curvature import _moments
 from curvature import _momentum
 from curvature import _products
 from curvature import _validation
@@ -46,27 +45,7 @@ GROUPINGS = ("leaf", "layer")
 """How leaves are grouped into blocks: one per leaf, or one per layer."""
 
 
-class CurvatureBlock(NamedTuple):
-  """One row of :func:`block_diagonal_blocks`: the block a leaf belongs to.
-
-  Attributes:
-    path: the leaf's path, e.g. ``"0/w"`` or ``"params/Dense_0/kernel"``.
-    shape: the leaf's shape.
-    block: ``"dense"`` or ``"diagonal"``.
-    index: position of the leaf's dense block in
-      :attr:`BlockDiagonalCurvature.blocks` (``None`` for a diagonal leaf).
-    size: the side of the dense block (the leaf's size for a diagonal leaf).
-    members: paths of the leaves sharing the dense block, in block order.
-    reason: why the leaf got this block.
-  """
-
-  path: str
-  shape: tuple
-  block: str
-  index: Optional[int]
-  size: int
-  members: tuple
-  reason: str
+CurvatureBlock = _blocks.BlockRow
 
 
 class BlockDiagonalCurvature(NamedTuple):
@@ -91,23 +70,27 @@ class ScaleByBlockDiagonalState(NamedTuple):
     count: number of ``update`` calls.
     statistics_count: accepted (finite) statistics, for the bias correction.
     key: PRNG key for the sampled targets.
-    blocks: raw EMA of each dense block.
-    diagonal: per leaf, raw EMA of the diagonal of a fallback leaf (``None``
-      for a leaf inside a dense block).
-    inverses: ``(Ĉ_b + λI)⁻¹`` of each dense block, from the last refresh.
+    blocks: one :class:`curvature._blocks.BlockState` per dense group, in
+      the order of :func:`block_diagonal_blocks`'s ``index``: the raw EMA of
+      the block (``statistics``) and ``(Ĉ_b + λI)⁻¹`` from the last refresh
+      (``preconditioner``).
+    diagonal: the diagonal block of the fallback leaves: raw EMA of their
+      curvature diagonal, one array per fallback leaf.
     rejected_steps: steps with a non-finite gradient or direction (zero
       update).
     rejected_statistics: statistics discarded because they were not finite.
+    rejected_refreshes: inverses discarded because they were not finite (the
+      previous ones were kept).
   """
 
   count: Array
   statistics_count: Array
   key: Array
   blocks: tuple
-  diagonal: tuple
-  inverses: tuple
+  diagonal: _blocks.BlockState
   rejected_steps: Array
   rejected_statistics: Array
+  rejected_refreshes: Array
 
 
 # Plan: which leaves share a dense block ------------------------------------
@@ -131,7 +114,7 @@ def _candidate_groups(paths, grouping):
 def _plan(params, max_block_size, grouping) -> _Plan:
   """Dense groups and diagonal leaves; depends on shapes and paths only."""
   leaves = jax.tree.leaves(params)
-  paths = _kfac.leaf_paths(params)
+  paths = _blocks.leaf_paths(params)
   sizes = [int(np.size(x)) for x in leaves]
   groups, diagonal, reasons = [], [], {}
   for group in _candidate_groups(paths, grouping):
@@ -169,7 +152,7 @@ def block_diagonal_blocks(
     grouping: as in :func:`scale_by_block_diagonal`.
 
   Returns:
-    A tuple of :class:`CurvatureBlock`, one per leaf, in ``jax.tree.leaves``
+    A tuple of :class:`curvature.BlockRow`, one per leaf, in ``jax.tree.leaves``
     order.
   """
   max_block_size = _validation.check_static_int(
@@ -177,7 +160,7 @@ def block_diagonal_blocks(
   _validation.check_choice("grouping", grouping, GROUPINGS)
   plan = _plan(params, max_block_size, grouping)
   leaves = jax.tree.leaves(params)
-  paths = _kfac.leaf_paths(params)
+  paths = _blocks.leaf_paths(params)
   rows = {}
   for index, group in enumerate(plan.groups):
     size = sum(int(np.size(leaves[i])) for i in group)
@@ -187,8 +170,8 @@ def block_diagonal_blocks(
   for i, leaf in enumerate(leaves):
     block, index, size, members = rows.get(
         i, ("diagonal", None, int(np.size(leaf)), (paths[i],)))
-    out.append(CurvatureBlock(paths[i], tuple(np.shape(leaf)), block, index,
-                              size, members, plan.reasons[i]))
+    out.append(_blocks.BlockRow(paths[i], tuple(np.shape(leaf)), block,
+                                None, plan.reasons[i], index, size, members))
   return tuple(out)
 
 
@@ -223,7 +206,9 @@ def block_diagonal_summary(
 
 
 def _group_dtype(leaves, group):
-  return jnp.result_type(*[leaves[i] for i in group])
+  """Blocks and their inverses are kept in at least float32."""
+  return _blocks.accumulation_dtype(
+      jnp.result_type(*[leaves[i] for i in group]))
 
 
 def _dense_block(matvec, leaves, treedef, group, chunk_size):
@@ -377,23 +362,21 @@ def block_diagonal_curvature(
   return BlockDiagonalCurvature(blocks, tuple(diagonal))
 
 
-# Preconditioning ------------------------------------------------------------
+# Blocks -----------------------------------------------------------------------
 
 
-def _precondition(plan, grads, inverses, diagonal, damping):
-  """``(Ĉ_b + λI)⁻¹ g_b`` per dense group, ``g / (d + λ)`` elsewhere."""
-  leaves, treedef = jax.tree.flatten(grads)
-  out = list(leaves)
-  for group, inverse in zip(plan.groups, inverses):
-    flat = jnp.concatenate([leaves[i].reshape(-1) for i in group])
-    solved = inverse.astype(flat.dtype) @ flat
-    offsets = np.cumsum([leaves[i].size for i in group])[:-1]
-    for i, part in zip(group, jnp.split(solved, offsets)):
-      out[i] = part.reshape(leaves[i].shape)
-  for i in plan.diagonal:
-    out[i] = leaves[i] / (diagonal[i].astype(leaves[i].dtype)
-                          + jnp.asarray(damping, leaves[i].dtype))
-  return treedef.unflatten(out)
+def _core_blocks(plan, params):
+  """``{"index": dense Block}`` and the fallback diagonal Block of ``plan``."""
+  leaves = jax.tree.leaves(params)
+  dense = {
+      str(index): _blocks.dense_block(
+          group, sum(leaves[i].size for i in group),
+          _group_dtype(leaves, group))
+      for index, group in enumerate(plan.groups)}
+  diagonal = _blocks.diagonal_block(
+      plan.diagonal, tuple(leaves[i].shape for i in plan.diagonal),
+      tuple(leaves[i].dtype for i in plan.diagonal))
+  return dense, diagonal
 
 
 def scale_by_block_diagonal(
@@ -505,7 +488,7 @@ def scale_by_block_diagonal(
       "damping", damping,
       "A block may be singular (fewer examples than parameters); use e.g."
       " 1e-3.")
-  _moments.check_decay("decay", decay)
+  _blocks.check_averaging("ema", decay)
   max_block_size = _validation.check_static_int(
       "max_block_size", max_block_size, 1)
   inverse_every = _validation.check_static_int(
@@ -520,18 +503,14 @@ def scale_by_block_diagonal(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_block_diagonal")
-    plan = _plan(params, max_block_size, grouping)
-    leaves = jax.tree.leaves(params)
-    blocks = tuple(
-        jnp.zeros((sum(leaves[i].size for i in g),) * 2,
-                  _group_dtype(leaves, g)) for g in plan.groups)
-    diagonal = tuple(jnp.zeros_like(x) if i in plan.diagonal else None
-                     for i, x in enumerate(leaves))
+    dense, diagonal = _core_blocks(_plan(params, max_block_size, grouping),
+                                   params)
     zero = jnp.zeros((), jnp.int32)
     return ScaleByBlockDiagonalState(
         count=zero, statistics_count=zero, key=jax.random.key(seed),
-        blocks=blocks, diagonal=diagonal, inverses=blocks,
-        rejected_steps=zero, rejected_statistics=zero)
+        blocks=tuple(b.init() for b in dense.values()),
+        diagonal=diagonal.init(), rejected_steps=zero,
+        rejected_statistics=zero, rejected_refreshes=zero)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -543,6 +522,10 @@ def scale_by_block_diagonal(
           " of the loss with respect to exactly the `params` given to"
           " `update`.")
     plan = _plan(params, max_block_size, grouping)
+    dense, diagonal = _core_blocks(plan, params)
+    blocks = dict(dense, diagonal=diagonal)
+    states = {str(i): s for i, s in enumerate(state.blocks)}
+    states["diagonal"] = state.diagonal
     updates = _products.batch_mean(updates, axis_name)
     if statistics_batch_size is not None:
       batch = _products.take_examples(batch, statistics_batch_size)
@@ -552,29 +535,20 @@ def scale_by_block_diagonal(
         max_block_size=max_block_size, grouping=grouping, key=sample_key,
         num_samples=num_samples, targets_fn=targets_fn, chunk_size=chunk_size,
         axis_name=axis_name)
-    new = (tuple(b.astype(s.dtype) for b, s in zip(estimate.blocks,
-                                                     state.blocks)),
-           estimate.diagonal)
-    old = (state.blocks, state.diagonal)
-    finite = _validation.all_finite(new)
-    blocks, diagonal = optax.tree.where(
-        finite, _moments.ema_update(old, new, decay), old)
-    statistics_count = state.statistics_count + finite.astype(jnp.int32)
-    blocks_hat, diagonal_hat = _moments.debias(
-        (blocks, diagonal), decay, jnp.maximum(statistics_count, 1))
-
-    def refresh():
-      out = []
-      for block, previous in zip(blocks_hat, state.inverses):
-        inverse = _kfac._damped_inverse(  # pylint: disable=protected-access
-            block, jnp.asarray(damping, block.dtype))
-        out.append(jnp.where(jnp.all(jnp.isfinite(inverse)), inverse,
-                             previous))
-      return tuple(out)
-
-    inverses = jax.lax.cond(state.count % inverse_every == 0, refresh,
-                            lambda: state.inverses)
-    direction = _precondition(plan, updates, inverses, diagonal_hat, damping)
+    evidence = {str(i): b for i, b in enumerate(estimate.blocks)}
+    evidence["diagonal"] = tuple(
+        estimate.diagonal[i] for i in plan.diagonal)
+    states, statistics_count, finite = _blocks.accumulate(
+        blocks, states, evidence, state.statistics_count, decay, "ema")
+    hats = _blocks.estimates(blocks, states, statistics_count, decay, "ema")
+    states, rejected_refreshes = _blocks.refresh(
+        blocks, states, {n: h.statistics for n, h in hats.items()},
+        _blocks.refresh_due(state.count, inverse_every, warmup=False),
+        damping, statistics_count)
+    hats = _blocks.estimates(blocks, states, statistics_count, decay, "ema")
+    treedef = jax.tree.structure(params)
+    direction = treedef.unflatten(_blocks.precondition(
+        blocks, hats, jax.tree.leaves(updates), damping))
     ok = (_validation.all_finite(updates)
           & _validation.all_finite(direction))
     output = optax.tree.cast_like(
@@ -582,11 +556,12 @@ def scale_by_block_diagonal(
         params)
     return output, ScaleByBlockDiagonalState(
         count=optax.safe_increment(state.count),
-        statistics_count=statistics_count, key=key, blocks=blocks,
-        diagonal=diagonal, inverses=inverses,
+        statistics_count=statistics_count, key=key,
+        blocks=tuple(states[i] for i in dense), diagonal=states["diagonal"],
         rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
         rejected_statistics=state.rejected_statistics
-        + (~finite).astype(jnp.int32))
+        + (~finite).astype(jnp.int32),
+        rejected_refreshes=state.rejected_refreshes + rejected_refreshes)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

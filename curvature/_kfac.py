@@ -1,4 +1,4 @@
-r"""K-FAC: Kronecker-factored approximate curvature (Martens & Grosse 2015).
+r"""K-FAC and EKFAC: Kronecker-factored curvature, as configurations of the core.
 
 For a dense layer ``s = a W + b`` (``W`` of shape ``[in, out]``) the Fisher
 block of ``[W; b]`` is approximated by a Kronecker product
@@ -23,12 +23,18 @@ Layers are found automatically (:mod:`curvature._layers`); every other
 parameter gets a diagonal block (Monte-Carlo Fisher diagonal). Use
 :func:`kfac_summary` to see which parameter got which block and why.
 
+The optimizer is a sequence of named stages over the blocks of
+:mod:`curvature._blocks`: observe (record layer inputs and output
+gradients) → accumulate → refresh → refit (EKFAC) → γ search → precondition
+→ adaptive step → guard.
+
 Dtypes: the factors, their inverses, the diagonal blocks and the
 preconditioning run in at least float32; for bfloat16 parameters only the
 forward pass is bfloat16 and the update is cast back to the parameters'
 dtype.
 """
 
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -36,10 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvature import _blocks
 from curvature import _curvature_diagonals
 from curvature import _layers
 from curvature import _losses
-from curvature import _moments
 from curvature import _momentum
 from curvature import _products
 from curvature import _validation
@@ -53,24 +59,12 @@ LAYER_KINDS = ("dense", "conv", "diagonal")
 STATISTICS = ("true_fisher", "empirical_fisher")
 """Targets used for the statistics: sampled from the model, or the labels."""
 
+STRUCTURES = ("kronecker", "eigen_kronecker")
+"""K-FAC's ``Ā⁻¹ ⊗ G⁻¹``, or EKFAC's eigenbasis with a re-fitted diagonal."""
 
-class KfacBlock(NamedTuple):
-  """One row of :func:`kfac_blocks`: the block a parameter leaf gets.
 
-  Attributes:
-    path: the leaf's path, e.g. ``"params/Dense_0/kernel"``.
-    shape: the leaf's shape.
-    block: ``"dense"``, ``"conv"``, ``"bias of <kernel path>"`` or
-      ``"diagonal"``.
-    factors: ``(dim A, dim G)`` for a kernel, else ``None``.
-    reason: why a ``"diagonal"`` leaf is not part of a Kronecker block.
-  """
-
-  path: str
-  shape: tuple
-  block: str
-  factors: Optional[tuple]
-  reason: str
+BlockRow = _blocks.BlockRow
+KfacBlock = _blocks.BlockRow
 
 
 class ScaleByKfacState(NamedTuple):
@@ -78,18 +72,22 @@ class ScaleByKfacState(NamedTuple):
 
   Attributes:
     count: number of ``update`` calls.
-    statistics_count: accepted (finite) statistics, for the bias correction.
+    statistics_count: accepted (finite) statistics, for the averages.
     key: PRNG key for the sampled targets.
-    factors_a: per parameter leaf, the raw EMA of ``Ā`` (``None`` if the
-      leaf has no Kronecker factors).
-    factors_g: per leaf, the raw EMA of ``G``.
-    inverses_a: per leaf, ``(Ā + πγI)⁻¹`` from the last refresh.
-    inverses_g: per leaf, ``(G + γ/π I)⁻¹`` from the last refresh.
-    diagonal: raw EMA of the Fisher diagonal of the diagonal-block leaves.
+    blocks: ``{kernel path: BlockState}``: one entry per leaf that can hold
+      a Kronecker block (a kernel of rank ≥ 2 within ``max_factor_dim``),
+      reserved at ``init``; its ``statistics`` are the raw averages
+      :class:`curvature._blocks.KroneckerFactors` ``(Ā, G)``.
+    diagonal: the diagonal block of the leaves not in a layer: raw average
+      of their Fisher diagonal, one array per leaf.
     damping: the Levenberg-Marquardt ``λ``.
+    gamma: the preconditioner's damping ``γ`` (``√(λ + η)`` unless the γ
+      search is on).
     velocity: the previous step ``δ`` (adaptive mode), else zeros.
     rejected_steps: steps rejected because a value was not finite.
     rejected_statistics: statistics discarded because they were not finite.
+    rejected_refreshes: inverses or eigenbases discarded because they were
+      not finite (the previous ones were kept).
     learning_rate: the ``α`` of the last step (1 in fixed mode).
     momentum: the ``μ`` of the last step (0 in fixed mode).
     reduction_ratio: ``ρ`` at the last damping adaptation.
@@ -98,31 +96,20 @@ class ScaleByKfacState(NamedTuple):
   count: Array
   statistics_count: Array
   key: Array
-  factors_a: tuple
-  factors_g: tuple
-  inverses_a: tuple
-  inverses_g: tuple
-  diagonal: Params
+  blocks: dict
+  diagonal: _blocks.BlockState
   damping: Array
+  gamma: Array
   velocity: Params
   rejected_steps: Array
   rejected_statistics: Array
+  rejected_refreshes: Array
   learning_rate: Array
   momentum: Array
   reduction_ratio: Array
 
 
-def leaf_paths(params: Params) -> list:
-  """``"a/b/0/kernel"``-style names of the leaves of ``params``."""
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return ["/".join(_key_name(k) for k in path) for path, _ in paths]
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+leaf_paths = _blocks.leaf_paths
 
 
 def _allocated_dims(shape, max_factor_dim):
@@ -213,7 +200,7 @@ def kfac_blocks(
     max_factor_dim: as in :func:`scale_by_kfac`.
 
   Returns:
-    A tuple of :class:`KfacBlock`, one per leaf, in ``jax.tree.leaves``
+    A tuple of :class:`BlockRow`, one per leaf, in ``jax.tree.leaves``
     order.
   """
   layers, reasons = _plan(predict_fn, params, batch,
@@ -221,15 +208,20 @@ def kfac_blocks(
   paths = leaf_paths(params)
   rows = {}
   for layer in layers:
+    members = (paths[layer.kernel],) + (
+        () if layer.bias is None else (paths[layer.bias],))
     rows[layer.kernel] = (layer.kind, (layer.input_dim + 1,
-                                       layer.output_dim), "")
+                                       layer.output_dim), "", members)
     if layer.bias is not None:
-      rows[layer.bias] = (f"bias of {paths[layer.kernel]}", None, "")
+      rows[layer.bias] = (f"bias of {paths[layer.kernel]}", None, "",
+                          members)
   out = []
   for i, leaf in enumerate(jax.tree.leaves(params)):
-    block, factors, reason = rows.get(
-        i, ("diagonal", None, reasons.get(i, "not a layer parameter")))
-    out.append(KfacBlock(paths[i], tuple(leaf.shape), block, factors, reason))
+    block, factors, reason, members = rows.get(
+        i, ("diagonal", None, reasons.get(i, "not a layer parameter"),
+            (paths[i],)))
+    out.append(BlockRow(paths[i], tuple(leaf.shape), block, factors, reason,
+                        size=int(np.size(leaf)), members=members))
   return tuple(out)
 
 
@@ -244,10 +236,13 @@ def kfac_summary(
   """A printable table of :func:`kfac_blocks`.
 
   Example:
-    >>> print(curvature.kfac_summary(model.apply, variables, batch))
-    params/Dense_0/bias    (5,)    bias of params/Dense_0/kernel
-    params/Dense_0/kernel  (4, 5)  dense  A 5x5, G 5x5
-    ...
+    >>> import jax.numpy as jnp, curvature
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jnp.ones((5, 4)), "targets": jnp.zeros(5, int)}
+    >>> predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+    >>> print(curvature.kfac_summary(predict, params, batch))
+    b  (3,)            bias of w
+    w  (4, 3)          dense       A 5x5, G 3x3
   """
   rows = kfac_blocks(predict_fn, params, batch,
                      layer_overrides=layer_overrides,
@@ -265,59 +260,144 @@ def kfac_summary(
 # Kernel <-> matrix ----------------------------------------------------------
 
 
-def _to_matrix(layer, kernel):
-  """The kernel (or its gradient) as ``[input_dim, output_dim]``."""
-  if layer.kind == "conv":
-    rhs_spec = layer.conv[5]
-    moved = jnp.transpose(kernel, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))
-    return moved.reshape(layer.input_dim, layer.output_dim)
-  return kernel if layer.in_axis == 0 else kernel.T
+def _layer_view(layer):
+  """The kernel (and bias) as the ``[in + 1, out]`` matrix ``[W; b]``.
 
-
-def _from_matrix(layer, matrix, shape):
-  if layer.kind == "conv":
-    rhs_spec = layer.conv[5]
-    order = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
-    moved = matrix.reshape(tuple(shape[d] for d in order))
-    return jnp.transpose(moved, np.argsort(order))
-  return matrix if layer.in_axis == 0 else matrix.T
-
-
-# Statistics -----------------------------------------------------------------
-
-
-def _accumulation_dtype(dtype):
-  """Statistics, inverses and preconditioning run in at least float32."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _factors(layer, inputs, output_grads, num_examples):
-  """``(Ā, G)`` of one layer from its inputs and ``[S, ...]`` output gradients."""
-  rows = _layers.layer_inputs(layer, inputs)
-  rows = rows.astype(_accumulation_dtype(rows.dtype))
-  rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
-  a = rows.T @ rows / num_examples
-  grads = jax.vmap(lambda g: _layers.layer_output_grads(layer, g))(
-      output_grads)
-  grads = grads.reshape(-1, grads.shape[-1])
-  grads = grads.astype(_accumulation_dtype(grads.dtype))
-  g = grads.T @ grads / grads.shape[0]
-  return a, g
-
-
-def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
-                statistics, num_samples, targets_fn, axis_name):
-  """Per-layer ``(Ā, G)`` and the diagonal of the other leaves, one batch.
-
-  With ``axis_name`` the per-shard statistics are ``pmean``-ed (global
-  batch) and ``key`` is folded with the device index (independent targets).
+  The last row is the bias (zeros for a layer without one), the homogeneous
+  coordinate reserved in ``Ā``.
   """
-  num_examples = jax.tree.leaves(batch)[0].shape[0]
+
+  def to_matrix(leaves):
+    kernel = leaves[0]
+    if layer.kind == "conv":
+      rhs_spec = layer.conv[5]
+      moved = jnp.transpose(kernel,
+                            (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))
+      matrix = moved.reshape(layer.input_dim, layer.output_dim)
+    else:
+      matrix = kernel if layer.in_axis == 0 else kernel.T
+    last = (leaves[1].reshape(1, -1) if layer.bias is not None
+            else jnp.zeros((1, layer.output_dim), matrix.dtype))
+    return jnp.concatenate([matrix, last.astype(matrix.dtype)], axis=0)
+
+  def from_matrix(matrix, leaves):
+    kernel = matrix[:layer.input_dim]
+    shape = leaves[0].shape
+    if layer.kind == "conv":
+      rhs_spec = layer.conv[5]
+      order = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
+      moved = kernel.reshape(tuple(shape[d] for d in order))
+      kernel = jnp.transpose(moved, np.argsort(order))
+    elif layer.in_axis != 0:
+      kernel = kernel.T
+    if layer.bias is None:
+      return (kernel,)
+    return kernel, matrix[layer.input_dim].reshape(leaves[1].shape)
+
+  return _blocks.MatrixView(to_matrix, from_matrix)
+
+
+# Observe: layer inputs, output gradients, diagonal statistics ---------------
+
+
+class LayerEvidence(NamedTuple):
+  """What one batch says about one layer.
+
+  Attributes:
+    inputs: the layer's input rows ``[rows, in]`` (patches for a conv).
+    output_grads: ``[samples, rows', out]`` back-propagated output
+      gradients, one set per sampled target.
+    num_examples: the batch size ``N``.
+  """
+
+  inputs: Array
+  output_grads: Array
+  num_examples: int
+
+
+def _layer_factors(layer, axis_name):
+  """``evidence -> (Ā, G)``: the statistics of a K-FAC Kronecker block."""
+
+  def statistics(evidence):
+    rows = evidence.inputs
+    rows = rows.astype(_blocks.accumulation_dtype(rows.dtype))
+    ones = jnp.ones_like(rows[:, :1])
+    homogeneous = ones if layer.bias is not None else jnp.zeros_like(ones)
+    rows = jnp.concatenate([rows, homogeneous], axis=1)
+    a = rows.T @ rows / evidence.num_examples
+    grads = evidence.output_grads.reshape(-1, evidence.output_grads.shape[-1])
+    grads = grads.astype(_blocks.accumulation_dtype(grads.dtype))
+    g = grads.T @ grads / grads.shape[0]
+    return _products.batch_mean(_blocks.KroneckerFactors(a, g), axis_name)
+
+  return statistics
+
+
+def _per_example_projection(layer, axis_name):
+  r"""EKFAC's re-fit: ``(1/NS) Σ_{i,s} (Q_Aᵀ ∇W̄_{is} Q_G)²`` (George et al.).
+
+  ``∇W̄_{is} = Σ_t ā_{it} g_{ist}ᵀ`` is example ``i``'s gradient (sample
+  ``s``), summed over the ``T`` rows it has (one for a dense layer on
+  ``[batch, in]`` inputs, the output locations of a convolution). With one
+  row per example the square of the rank-one projection is the outer
+  product of the squared projections, a single matmul.
+  """
+
+  def refit(evidence, basis):
+    rows = evidence.inputs
+    dtype = _blocks.accumulation_dtype(rows.dtype)
+    ones = jnp.ones_like(rows[:, :1])
+    homogeneous = ones if layer.bias is not None else jnp.zeros_like(ones)
+    rows = jnp.concatenate([rows, homogeneous], axis=1).astype(dtype)
+    grads = evidence.output_grads.astype(dtype)
+    samples, n = grads.shape[0], evidence.num_examples
+    pa = rows @ basis.basis_a  # [N·T, a]
+    pg = grads @ basis.basis_g  # [S, N·T', g]
+    if pa.shape[0] == n and pg.shape[1] == n:
+      out = (pa ** 2).T @ jnp.sum(pg ** 2, axis=0) / (n * samples)
+    else:
+      pa = pa.reshape(n, -1, pa.shape[-1])
+      pg = pg.reshape(samples, n, -1, pg.shape[-1])
+
+      def one_example(args):
+        a_i, g_i = args  # [T, a], [S, T, g]
+        return jnp.sum(jnp.einsum("ta,stg->sag", a_i, g_i) ** 2, axis=0)
+
+      per_example = jax.lax.map(one_example, (pa, jnp.moveaxis(pg, 1, 0)))
+      out = jnp.sum(per_example, axis=0) / (n * samples)
+    return _products.batch_mean(out, axis_name)
+
+  return refit
+
+
+def _check_outputs(outputs, num_examples):
+  if not isinstance(outputs, jax.Array):
+    raise TypeError(
+        "predict_fn must return one array of outputs with a leading batch"
+        f" axis, got {type(outputs).__name__}. If your model returns"
+        " (outputs, aux), pass `predict_fn=lambda p, b: model(p, b)[0]`.")
+  if outputs.ndim == 0 or outputs.shape[0] != num_examples:
+    raise ValueError(
+        f"predict_fn returned outputs of shape {outputs.shape} for a batch"
+        f" of {num_examples} examples: the outputs need a leading batch axis"
+        " of that size (one row per example). Do not reduce over the batch"
+        " inside predict_fn.")
+
+
+def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
+             statistics, num_samples, targets_fn, axis_name):
+  """One forward and one vectorized backward pass: the evidence per block.
+
+  Returns:
+    ``(layer evidence list, diagonal estimates of diag_leaves)``.
+  """
+  num_examples = _products.batch_size(batch, targets_fn)
   params = _products.as_varying(params, axis_name)
   key = _products.shard_key(key, axis_name)
   fn, zeros = _layers.tapped_forward(predict_fn, layers, params, batch)
   zeros = _products.as_varying(zeros, axis_name)
   outputs, vjp_fn, inputs = jax.vjp(fn, zeros, has_aux=True)
+  _check_outputs(outputs, num_examples)
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
     cots = _losses.output_gradients(loss, outputs, targets_fn(batch))[None]
@@ -326,9 +406,13 @@ def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
     cots = jax.vmap(lambda k: _losses.output_gradients(
         loss, outputs, loss.sample(k, outputs)))(keys)
   output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
-  factors = [_factors(layer, inputs[k], output_grads[k], num_examples)
-             for k, layer in enumerate(layers)]
-  diagonal = None
+  evidence = []
+  for k, layer in enumerate(layers):
+    grads = jax.vmap(lambda g: _layers.layer_output_grads(layer, g))(
+        output_grads[k])
+    evidence.append(LayerEvidence(_layers.layer_inputs(layer, inputs[k]),
+                                  grads, num_examples))
+  diagonal = ()
   if diag_leaves:
     leaves, treedef = jax.tree.flatten(params)
 
@@ -342,73 +426,86 @@ def _statistics(predict_fn, loss, layers, diag_leaves, params, batch, key,
     per_sample = jax.lax.map(
         lambda c: _curvature_diagonals.squared_vjp_mean(
             sub_predict, sub, batch, c), cots)
-    diagonal = [jnp.mean(x, axis=0) for x in per_sample]
-  return _products.batch_mean((factors, diagonal), axis_name)
+    diagonal = tuple(jnp.mean(x, axis=0) for x in per_sample)
+  return evidence, diagonal
 
 
-# Damping and inverses -------------------------------------------------------
+# Blocks -----------------------------------------------------------------------
 
 
-def _damped_inverse(matrix, damping):
-  eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-  sym = 0.5 * (matrix + matrix.T) + damping * eye
-  factor = jax.scipy.linalg.cho_factor(sym)
-  return jax.scipy.linalg.cho_solve(factor, eye)
+def _candidates(params, max_factor_dim):
+  """``{path: (leaf index, a_dim, g_dim)}`` of the leaves that can be kernels."""
+  out = {}
+  for i, (path, leaf) in enumerate(zip(leaf_paths(params),
+                                       jax.tree.leaves(params))):
+    dims = _allocated_dims(leaf.shape, max_factor_dim)
+    if dims is not None:
+      out[path] = (i, *dims)
+  return out
 
 
-def _pi(a, g):
-  """π = sqrt((tr Ā / dim Ā) / (tr G / dim G)), 1 where undefined."""
-  ta = jnp.trace(a) / a.shape[0]
-  tg = jnp.trace(g) / g.shape[0]
-  ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
-  return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / tg, 1.0)), 1.0)
+def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name):
+  leaves = (layer.kernel,) + (() if layer.bias is None else (layer.bias,))
+  view = _layer_view(layer)
+  statistics = _layer_factors(layer, axis_name)
+  if structure == "eigen_kronecker":
+    return _blocks.eigen_kronecker_block(
+        leaves, a_dim, g_dim, dtype, statistics=statistics,
+        refit=_per_example_projection(layer, axis_name), view=view,
+        power=1.0, damping_in_root=True)
+  a_used = a_dim if layer.bias is not None else a_dim - 1
+  return _blocks.kronecker_block(
+      leaves, a_dim, g_dim, dtype, statistics=statistics,
+      spectrum=_blocks.factored_inverse_spectrum(a_used), view=view)
 
 
-def _layer_inverses(layer, a, g, gamma):
-  """π-adjusted factored Tikhonov damping: (Ā + πγI)⁻¹, (G + γ/π I)⁻¹."""
-  size = a.shape[0] if layer.bias is not None else a.shape[0] - 1
-  used = a[:size, :size]
-  pi = _pi(used, g)
-  inv_a = _damped_inverse(used, pi * gamma)
-  inv_a = jnp.zeros_like(a).at[:size, :size].set(inv_a)
-  return inv_a, _damped_inverse(g, gamma / pi)
-
-
-def _precondition(layers, diag_leaves, grads, inv_a, inv_g, diagonal,
-                  diag_damping):
-  """``Ā⁻¹ ∇W̄ G⁻¹`` for each layer, ``g / (d + λ + η)`` for the rest."""
-  leaves, treedef = jax.tree.flatten(grads)
-  out = list(leaves)
+def _blocks_for(layers, params, max_factor_dim, structure, axis_name):
+  """``{kernel path: Block}`` for the discovered layers."""
+  paths = leaf_paths(params)
+  candidates = _candidates(params, max_factor_dim)
+  leaves = jax.tree.leaves(params)
+  out = {}
   for layer in layers:
-    k = layer.kernel
-    matrix = _to_matrix(layer, leaves[k])
-    size = matrix.shape[0]
-    if layer.bias is not None:
-      matrix = jnp.concatenate(
-          [matrix, leaves[layer.bias].reshape(1, -1)], axis=0)
-      size += 1
-    dtype = jnp.promote_types(matrix.dtype, inv_a[k].dtype)
-    product = (inv_a[k][:size, :size].astype(dtype) @ matrix.astype(dtype)
-               @ inv_g[k].astype(dtype))
-    out[k] = _from_matrix(layer, product[:layer.input_dim], leaves[k].shape
-                          ).astype(leaves[k].dtype)
-    if layer.bias is not None:
-      out[layer.bias] = product[-1].reshape(leaves[layer.bias].shape).astype(
-          leaves[layer.bias].dtype)
-  for i in diag_leaves:
-    dtype = _accumulation_dtype(leaves[i].dtype)
-    out[i] = (leaves[i].astype(dtype)
-              / (diagonal[i].astype(dtype) + diag_damping.astype(dtype))
-              ).astype(leaves[i].dtype)
-  return treedef.unflatten(out)
+    path = paths[layer.kernel]
+    _, a_dim, g_dim = candidates[path]
+    dtype = _blocks.accumulation_dtype(leaves[layer.kernel].dtype)
+    out[path] = _layer_block(layer, a_dim, g_dim, dtype, structure,
+                             axis_name)
+  return out
+
+
+def _diagonal_block(params, diag_leaves, axis_name):
+  """The diagonal block of ``diag_leaves``; its state spans every leaf.
+
+  The state is reserved for every leaf at ``init`` (which leaves end up
+  diagonal is known only once a batch is traced); entries of the other
+  leaves stay zero.
+  """
+  leaves = jax.tree.leaves(params)
+  shapes = tuple(x.shape for x in leaves)
+  dtypes = tuple(_blocks.accumulation_dtype(x.dtype) for x in leaves)
+  block = _blocks.diagonal_block(tuple(diag_leaves), shapes, dtypes)
+
+  def statistics(estimates):
+    full = [jnp.zeros(s, d) for s, d in zip(shapes, dtypes)]
+    for i, d in zip(diag_leaves, estimates):
+      full[i] = d.astype(dtypes[i])
+    return _products.batch_mean(tuple(full), axis_name)
+
+  def apply(state, vectors, damping):
+    used = state._replace(statistics=tuple(state.statistics[i]
+                                           for i in diag_leaves))
+    return block.apply(used, vectors, damping)
+
+  return block._replace(statistics=statistics, apply=apply)
 
 
 # Exact quadratic model ------------------------------------------------------
 
 
-def _quadratic_forms(predict_fn, loss, params, batch, vectors, l2_reg,
-                     targets_fn, axis_name):
-  """``vᵢᵀ C vⱼ`` (C the GGN + ηI) and ``f(θ)`` from one linearization.
+def _quadratic_model(predict_fn, loss, params, batch, l2_reg, targets_fn,
+                     axis_name):
+  """``vectors ↦ [vᵢᵀ C vⱼ]`` (C the GGN + ηI) and ``f(θ)``, one linearization.
 
   Only Jacobian-vector products are needed: ``vᵢᵀ Jᵀ H J vⱼ = (J vᵢ)ᵀ H (J
   vⱼ)`` with the loss's closed-form output Hessian ``H``. With
@@ -417,18 +514,24 @@ def _quadratic_forms(predict_fn, loss, params, batch, vectors, l2_reg,
   targets = targets_fn(batch)
   outputs, jvp_fn = jax.linearize(
       lambda p: predict_fn(p, batch), _products.as_varying(params, axis_name))
-  tangents = [jvp_fn(_products.as_varying(v, axis_name)) for v in vectors]
-  h_tangents = [loss.hvp(outputs, targets, t) for t in tangents]
-  n = len(vectors)
-  rows, value = _products.batch_mean(
-      (jnp.asarray([[jnp.vdot(tangents[i], h_tangents[j]) for j in range(n)]
-                    for i in range(n)]), loss.value(outputs, targets)),
-      axis_name)
-  rows = rows + l2_reg * jnp.asarray(
-      [[optax.tree.vdot(vectors[i], vectors[j]) for j in range(n)]
-       for i in range(n)])
+  value = _products.batch_mean(loss.value(outputs, targets), axis_name)
   value = value + 0.5 * l2_reg * optax.tree.norm(params, squared=True)
-  return rows, value
+
+  def forms(vectors):
+    tangents = [jvp_fn(_products.as_varying(v, axis_name)) for v in vectors]
+    h_tangents = [loss.hvp(outputs, targets, t) for t in tangents]
+    n = len(vectors)
+    rows = _products.batch_mean(
+        jnp.asarray([[jnp.vdot(tangents[i], h_tangents[j]) for j in range(n)]
+                     for i in range(n)]), axis_name)
+    return rows + l2_reg * _gram(vectors)
+
+  return forms, value
+
+
+def _gram(vectors):
+  return jnp.asarray([[optax.tree.vdot(x, y) for y in vectors]
+                      for x in vectors])
 
 
 def _solve_step(quad, linear):
@@ -447,20 +550,55 @@ def _solve_step(quad, linear):
   return alpha, mu, model
 
 
+class _Step(NamedTuple):
+  step: Params  # δ = αΔ_neg + μ δ₋₁ (the parameter change)
+  alpha: Array
+  mu: Array
+  model: Array  # M(δ) − M(0)
+
+
+def _adaptive_step(forms, grad, direction, velocity, damping):
+  """δ = −αΔ + μδ₋₁ minimising the exact damped quadratic model (M&G §7)."""
+  step_dir = optax.tree.scale(-1.0, direction)
+  vectors = [step_dir, velocity]
+  quad = forms(vectors) + damping * _gram(vectors)
+  linear = (optax.tree.vdot(grad, step_dir), optax.tree.vdot(grad, velocity))
+  alpha, mu, model = _solve_step(quad, linear)
+  step = optax.tree.add_scale(optax.tree.scale(alpha, step_dir), mu, velocity)
+  return _Step(step, alpha, mu, model)
+
+
+# The transform ------------------------------------------------------------------
+
+
+def _check_damping_arg(name, value):
+  if callable(value):
+    raise TypeError(
+        f"`{name}` must be a number, got a callable. K-FAC adapts its own"
+        " damping (adaptive=True) or keeps it fixed; for a schedule use"
+        " `curvature.inject_hyperparams(curvature.kfac)(..., "
+        f"{name}=schedule)`, which re-creates the transform each step.")
+
+
 def scale_by_kfac(
     predict_fn: Callable[[Params, Any], Any],
     loss: _losses.Loss,
     *,
     statistics: str = "true_fisher",
+    structure: str = "kronecker",
     num_samples: int = 1,
     statistics_batch_size: Optional[int] = None,
     decay: float = 0.95,
+    averaging: str = "ema",
     initial_damping: float = 150.0,
     l2_reg: float = 0.0,
     inverse_every: int = 20,
+    inverse_warmup: bool = True,
     adaptive: bool = False,
     adapt_damping: Optional[bool] = None,
     damping_every: int = 5,
+    gamma_search: Optional[bool] = None,
+    gamma_every: int = 20,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     quadratic_batch_size: Optional[int] = None,
@@ -472,8 +610,7 @@ def scale_by_kfac(
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC direction (Martens & Grosse 2015), layers found automatically.
 
-  With ``γ = √(λ + η)`` and ``π`` the trace ratio of the two factors, each
-  discovered dense or convolution layer gets
+  Each discovered dense or convolution layer gets
 
   .. math::
     \Delta_\ell = (\bar A_\ell + \pi_\ell\gamma I)^{-1}\,
@@ -481,23 +618,51 @@ def scale_by_kfac(
     \qquad \pi_\ell = \sqrt{\frac{\operatorname{tr}\bar A_\ell/\dim\bar A_\ell}
         {\operatorname{tr} G_\ell/\dim G_\ell}}
 
-  and every other leaf ``Δ = ∇h / (d + λ + η)`` with ``d`` its Monte-Carlo
-  Fisher diagonal. ``Ā, G, d`` are EMAs (``decay``, 0.95) with the shared
-  bias correction (:func:`curvature.debias`), from the first
-  ``statistics_batch_size`` examples of each batch; the damped inverses are
-  refreshed every ``inverse_every`` steps under ``lax.cond``.
+  and every other leaf ``Δ = ∇h / (d + γ²)`` with ``d`` its Monte-Carlo
+  Fisher diagonal. With ``structure="eigen_kronecker"`` (EKFAC, George et
+  al. 2018) a layer gets instead
 
-  * ``adaptive=False`` (default): the output is ``Δ``; chain a learning rate
-    and momentum (:func:`kfac` does).
+  .. math::
+    \Delta_\ell = Q_A\Big[\frac{Q_A^\top \nabla_{\bar W} h\, Q_G}
+        {s + \gamma^2}\Big] Q_G^\top, \qquad
+    s = \tfrac{1}{NS}\textstyle\sum_{i,s}
+        \big(Q_A^\top \nabla_{\bar W} \ell_{is}\, Q_G\big)^{2}
+
+  with ``Q_A, Q_G`` the eigenvectors of ``Ā`` and ``G`` (refreshed with the
+  inverses) and ``s`` the diagonal re-fitted every step from per-example
+  gradients projected into that basis (averaged like the factors, carried
+  across refreshes).
+
+  ``Ā, G, d`` (and ``s``) are averaged over steps (``averaging``): a
+  bias-corrected EMA with ``decay`` (0.95, kfac-jax's constant), or
+  ``"schedule"``, the paper's ``ε = min(1 − 1/k, decay)``. The statistics
+  come from the first ``statistics_batch_size`` examples of each batch. The
+  damped inverses are refreshed every ``inverse_every`` steps under
+  ``lax.cond`` (``T₃``), and with ``inverse_warmup`` also at steps 1, 2, 4,
+  8, … before the first period ends, so the early steps do not precondition
+  with one batch's factors for ``T₃`` steps. A refresh takes one ``eigh`` of
+  each factor and keeps it, so re-damping needs no new factorization.
+
+  * ``adaptive=False`` (default): the output is ``Δ`` with ``γ = √(λ + η)``
+    and ``λ = initial_damping`` fixed; chain a learning rate and momentum
+    (:func:`kfac` does).
   * ``adaptive=True`` (M&G §7): the step is ``δ = −αΔ + μδ₋₁`` with ``(α, μ)``
     minimising the exact quadratic model
     ``M(δ) = ½δᵀ(C + λI)δ + ∇hᵀδ`` (``C`` the GGN + ηI, which equals the
     Fisher for the losses of :mod:`curvature.losses`) from two exact
     GGN-vector products; the output is ``−δ``, so chain
     ``scale_by_learning_rate(1.0)``. ``λ`` is adapted every
-    ``damping_every`` steps by Levenberg-Marquardt on
-    ``ρ = (h(θ+δ) − h(θ)) / M(δ)``: ``ρ > ¾ → λ ← ω λ``, ``ρ < ¼ → λ ← λ/ω``,
-    ``ω = (19/20)^damping_every``.
+    ``damping_every`` steps (``T₁``) by Levenberg-Marquardt on
+    ``ρ = (h(θ+δ) − h(θ)) / M(δ)``: ``ρ > ¾ → λ ← ω₁λ``, ``ρ < ¼ → λ ← λ/ω₁``,
+    ``ω₁ = (19/20)^T₁``.
+  * ``gamma_search`` (default: on in adaptive mode; M&G §6.6): ``γ`` is its
+    own hyperparameter, ``γ₀ = √(λ₀ + η)``; every ``gamma_every`` steps
+    (``T₂``) the step is computed for ``γ ∈ {ω₂γ, γ, γ/ω₂}``,
+    ``ω₂ = (√(19/20))^T₂``, each with its own optimal ``(α, μ)``, and the
+    ``γ`` whose step has the lowest quadratic model ``M(δ)`` is kept. The
+    candidates reuse the eigendecompositions of the last refresh. ``γ`` is
+    kept in ``[√(min_damping + η), √(max_damping + η)]`` (the paper puts no
+    other bound on it). Off, ``γ = √(λ + η)`` follows ``λ``.
 
   **Layers** are discovered by tracing ``predict_fn`` (see
   :mod:`curvature._layers`): Flax linen ``model.apply``, Flax nnx (with
@@ -509,37 +674,40 @@ def scale_by_kfac(
   a kernel in another layout falls back to a diagonal block, as reported by
   the summary.
 
-  **Non-finite values.** Non-finite statistics are discarded (the EMAs keep
-  their value, ``rejected_statistics`` counts them). A non-finite gradient or
-  direction gives a zero update, raises ``λ`` (when adapted) and counts in
-  ``rejected_steps``.
+  **Non-finite values.** Non-finite statistics are discarded (the averages
+  keep their value, ``rejected_statistics`` counts them); an inverse or
+  eigenbasis that is not finite is discarded and the previous one kept
+  (``rejected_refreshes``); nothing is refreshed from statistics that hold
+  no accepted sample. A non-finite gradient or direction gives a zero
+  update, raises ``λ`` (when adapted) and counts in ``rejected_steps``.
 
-  **Data parallelism.** Under ``jit`` with a sharded batch the statistics
-  are already global. Inside ``jax.shard_map`` pass ``axis_name``, the mesh
-  axis the batch is sharded over (parameters and state replicated): the
-  ``Ā``/``G`` factors, the diagonal blocks, the quadratic model of the
-  adaptive mode and the objective behind ``ρ`` are ``jax.lax.pmean``-ed over
-  it, and so is the incoming gradient (pass the local or the global one; see
-  :func:`curvature.scale_by_hessian_free`). Targets sampled for the true
-  Fisher are drawn independently on every device. The ``*_batch_size``
-  arguments then count examples per shard.
+  **Data parallelism.** Inside ``jax.shard_map`` pass ``axis_name``; see
+  the README's "Data parallelism" section. The ``*_batch_size`` arguments
+  then count examples per shard.
 
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
     statistics: ``"true_fisher"`` (targets sampled from the model) or
       ``"empirical_fisher"`` (the batch's targets).
+    structure: ``"kronecker"`` (K-FAC) or ``"eigen_kronecker"`` (EKFAC).
     num_samples: sampled targets per example for the true Fisher (1).
     statistics_batch_size: leading examples of each batch for the
       statistics (``None``: all; the MNIST benchmark uses 1/8 of the batch).
-    decay: EMA decay of the factors (0.95).
+    decay: decay of the factor averages (0.95).
+    averaging: ``"ema"`` (bias-corrected) or ``"schedule"`` (M&G's
+      ``min(1 − 1/k, decay)``).
     initial_damping: ``λ₀`` (150 in M&G's autoencoder runs).
     l2_reg: L2 coefficient ``η`` added to the objective and the curvature.
     inverse_every: ``T₃``, steps between refreshes of the inverses (20).
+    inverse_warmup: also refresh at steps 1, 2, 4, … below ``T₃``.
     adaptive: automatic learning rate and momentum (M&G §7).
     adapt_damping: Levenberg-Marquardt ``λ``; defaults to ``adaptive`` and
       needs it (the transform must know the step it takes).
     damping_every: ``T₁`` (5).
+    gamma_search: the γ search of M&G §6.6; defaults to ``adaptive`` and
+      needs it.
+    gamma_every: ``T₂`` (20).
     min_damping: floor of ``λ``.
     max_damping: ceiling of ``λ``.
     quadratic_batch_size: leading examples used by the exact quadratic model
@@ -549,38 +717,62 @@ def scale_by_kfac(
     targets_fn: finds the targets in a batch.
     seed: PRNG seed (kept in the state).
     axis_name: for ``jax.shard_map``: the mesh axis name (str or tuple of
-      str) the batch is sharded over; see *Data parallelism*. ``None``: no
-      cross-device reduction.
+      str) the batch is sharded over. ``None``: no cross-device reduction.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`ScaleByKfacState`.
 
   Example:
-    >>> model = MLP()  # a flax.linen module
+    >>> import jax, jax.numpy as jnp, optax, curvature
+    >>> predict = lambda p, b: jnp.tanh(b["inputs"] @ p["w"]) @ p["v"]
+    >>> params = {"w": jnp.ones((4, 8)) / 4, "v": jnp.ones((8, 3)) / 8}
+    >>> batch = {"inputs": jnp.ones((16, 4)), "targets": jnp.zeros(16, int)}
     >>> opt = optax.chain(
-    ...     curvature.scale_by_kfac(model.apply, losses.softmax_cross_entropy),
-    ...     optax.trace(0.9), optax.scale_by_learning_rate(1e-3))
+    ...     curvature.scale_by_kfac(predict,
+    ...                             curvature.losses.softmax_cross_entropy,
+    ...                             initial_damping=1e-2),
+    ...     optax.scale_by_learning_rate(0.1))
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
 
   References:
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored
-    approximate Fisher matrix for convolution layers", ICML 2016. Amari 1998.
-    Kunstner et al. 2019 (empirical Fisher). ``shared/seeds/000_*`` and
-    ``002_*`` (K-FAC, (A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹).
+    approximate Fisher matrix for convolution layers", ICML 2016. George,
+    Laurent, Bouthillier, Ballas & Vincent, "Fast approximate natural gradient
+    descent in a Kronecker-factored eigenbasis", NeurIPS 2018 (EKFAC).
+    Amari, "Natural gradient works efficiently in learning", 1998. Kunstner,
+    Balles & Hennig, "Limitations of the empirical Fisher approximation for
+    natural gradient descent", NeurIPS 2019.
   """
   _validation.check_choice("statistics", statistics, STATISTICS)
-  _moments.check_decay("decay", decay)
+  _validation.check_choice("structure", structure, STRUCTURES)
+  _blocks.check_averaging(averaging, decay)
+  if averaging == "sum":
+    raise ValueError("K-FAC averages its factors: use averaging='ema' or"
+                     " 'schedule'.")
+  for name, value in (("initial_damping", initial_damping),
+                      ("min_damping", min_damping),
+                      ("max_damping", max_damping)):
+    _check_damping_arg(name, value)
   _validation.check_nonnegative("initial_damping", initial_damping,
                                 "K-FAC uses 150 on the autoencoders.")
   _validation.check_nonnegative("l2_reg", l2_reg)
   _validation.check_positive("max_damping", max_damping)
   _validation.check_nonnegative("min_damping", min_damping)
+  if (isinstance(min_damping, (int, float))
+      and isinstance(max_damping, (int, float)) and min_damping > max_damping):
+    raise ValueError(
+        f"min_damping={min_damping} exceeds max_damping={max_damping}: the"
+        " damping would have no admissible value. Swap them.")
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   inverse_every = _validation.check_static_int(
       "inverse_every", inverse_every, 1)
   damping_every = _validation.check_static_int(
       "damping_every", damping_every, 1)
+  gamma_every = _validation.check_static_int("gamma_every", gamma_every, 1)
   max_factor_dim = _validation.check_static_int(
       "max_factor_dim", max_factor_dim, 1)
   for name, value in (("statistics_batch_size", statistics_batch_size),
@@ -594,41 +786,43 @@ def scale_by_kfac(
     _validation.check_choice(f"layer_overrides[{path!r}]", kind, LAYER_KINDS)
   if adapt_damping is None:
     adapt_damping = adaptive
-  if adapt_damping and not adaptive:
-    raise ValueError(
-        "adapt_damping=True needs adaptive=True: the Levenberg-Marquardt rule"
-        " compares the step taken with its quadratic model, and with"
-        " adaptive=False the step is set by the learning rate outside this"
-        " transform. Use adaptive=True, or keep the damping fixed.")
-  omega = (19.0 / 20.0) ** damping_every
+  if gamma_search is None:
+    gamma_search = adaptive
+  for name, flag in (("adapt_damping", adapt_damping),
+                     ("gamma_search", gamma_search)):
+    if flag and not adaptive:
+      raise ValueError(
+          f"{name}=True needs adaptive=True: it compares steps through their"
+          " quadratic model, and with adaptive=False the step is set by the"
+          " learning rate outside this transform. Use adaptive=True, or keep"
+          " the damping fixed.")
+  omega1 = (19.0 / 20.0) ** damping_every
+  omega2 = math.sqrt(19.0 / 20.0) ** gamma_every
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_kfac")
-    leaves = jax.tree.leaves(params)
     _check_overrides(overrides, leaf_paths(params))
-    a, g = [], []
-    for leaf in leaves:
-      dims = _allocated_dims(leaf.shape, max_factor_dim)
-      factor_dtype = _accumulation_dtype(leaf.dtype)
-      a.append(None if dims is None else jnp.zeros((dims[0],) * 2,
-                                                   factor_dtype))
-      g.append(None if dims is None else jnp.zeros((dims[1],) * 2,
-                                                   factor_dtype))
+    leaves = jax.tree.leaves(params)
+    blocks = {}
+    for path, (i, a_dim, g_dim) in _candidates(params,
+                                               max_factor_dim).items():
+      dtype = _blocks.accumulation_dtype(leaves[i].dtype)
+      fake = _layers.Layer("dense", i, 0, 0, False, 0, None, (), a_dim - 1,
+                           g_dim)
+      blocks[path] = _layer_block(fake, a_dim, g_dim, dtype, structure,
+                                  axis_name).init()
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
     zero = jnp.zeros((), dtype)
+    damping = jnp.asarray(initial_damping, dtype)
+    count = jnp.zeros((), jnp.int32)
     return ScaleByKfacState(
-        count=jnp.zeros((), jnp.int32),
-        statistics_count=jnp.zeros((), jnp.int32),
-        key=jax.random.key(seed),
-        factors_a=tuple(a), factors_g=tuple(g),
-        inverses_a=tuple(a), inverses_g=tuple(g),
-        diagonal=jax.tree.map(
-            lambda x: jnp.zeros(x.shape, _accumulation_dtype(x.dtype)),
-            params),
-        damping=jnp.asarray(initial_damping, dtype),
+        count=count, statistics_count=count, key=jax.random.key(seed),
+        blocks=blocks,
+        diagonal=_diagonal_block(params, (), axis_name).init(),
+        damping=damping, gamma=jnp.sqrt(damping + l2_reg),
         velocity=optax.tree.zeros_like(params),
-        rejected_steps=jnp.zeros((), jnp.int32),
-        rejected_statistics=jnp.zeros((), jnp.int32),
+        rejected_steps=count, rejected_statistics=count,
+        rejected_refreshes=count,
         learning_rate=jnp.ones((), dtype), momentum=zero,
         reduction_ratio=zero)
 
@@ -640,100 +834,83 @@ def scale_by_kfac(
           "The gradients do not match the parameter tree: pass the gradient"
           " of the loss with respect to exactly the `params` given to"
           " `update`.")
-    num_examples = jax.tree.leaves(batch)[0].shape[0]
+    # 1. Split the batch and plan the blocks (static: shapes only).
+    num_examples = _products.batch_size(batch, targets_fn)
     stats_batch = _products.take_examples(
         batch, min(statistics_batch_size or num_examples, num_examples))
     layers, _ = _plan(predict_fn, params, stats_batch, overrides,
                       max_factor_dim)
     in_layer = {l.kernel for l in layers} | {
         l.bias for l in layers if l.bias is not None}
-    num_leaves = len(jax.tree.leaves(params))
-    diag_leaves = [i for i in range(num_leaves) if i not in in_layer]
+    diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
+                        if i not in in_layer)
+    blocks = _blocks_for(layers, params, max_factor_dim, structure,
+                         axis_name)
+    blocks["diagonal"] = _diagonal_block(params, diag_leaves, axis_name)
+    states = dict(state.blocks, diagonal=state.diagonal)
     key, sample_key = jax.random.split(state.key)
 
-    # Statistics, EMA with bias correction, non-finite rejection.
-    factors, diagonal = _statistics(
+    # 2. Observe and accumulate the statistics.
+    layer_evidence, diagonal = _observe(
         predict_fn, loss, layers, diag_leaves, params, stats_batch,
         sample_key, statistics, num_samples, targets_fn, axis_name)
-    new_a, new_g = list(state.factors_a), list(state.factors_g)
-    for layer, (a, g) in zip(layers, factors):
-      new_a[layer.kernel] = a.astype(new_a[layer.kernel].dtype)
-      new_g[layer.kernel] = g.astype(new_g[layer.kernel].dtype)
-    diag_leaves_state = jax.tree.leaves(state.diagonal)
-    new_d = list(diag_leaves_state)
-    for i, d in zip(diag_leaves, diagonal or ()):
-      new_d[i] = d.astype(new_d[i].dtype)
-    observed = [(i, new_a[i], new_g[i]) for i in {l.kernel for l in layers}]
-    finite = _validation.all_finite(
-        (observed, [new_d[i] for i in diag_leaves]))
-    old = (state.factors_a, state.factors_g, diag_leaves_state)
-    new = (tuple(new_a), tuple(new_g), new_d)
-    used = [l.kernel for l in layers]
-    mixed = _moments.ema_update(old, new, decay)
-    # Only the observed blocks move; the others keep their (unused) values.
-    mixed = (
-        tuple(mixed[0][i] if i in used else old[0][i]
-              for i in range(num_leaves)),
-        tuple(mixed[1][i] if i in used else old[1][i]
-              for i in range(num_leaves)),
-        [mixed[2][i] if i in diag_leaves else old[2][i]
-         for i in range(num_leaves)])
-    ema_a, ema_g, ema_d = optax.tree.where(finite, mixed, old)
-    statistics_count = state.statistics_count + finite.astype(jnp.int32)
-    debias_count = jnp.maximum(statistics_count, 1)
-    a_hat, g_hat, d_hat = _moments.debias(
-        (ema_a, ema_g, ema_d), decay, debias_count)
+    paths = leaf_paths(params)
+    evidence = {paths[l.kernel]: e for l, e in zip(layers, layer_evidence)}
+    evidence["diagonal"] = diagonal
+    states, statistics_count, finite = _blocks.accumulate(
+        blocks, states, evidence, state.statistics_count, decay, averaging)
 
-    # Damped inverses, refreshed every `inverse_every` steps.
+    # 3. Refresh the inverses (or eigenbases) and re-fit EKFAC's diagonal.
     damping = state.damping
-    gamma = jnp.sqrt(damping + l2_reg)
+    gamma = state.gamma if gamma_search else jnp.sqrt(damping + l2_reg)
+    hats = _blocks.estimates(blocks, states, statistics_count, decay,
+                             averaging)
+    states, rejected_refreshes = _blocks.refresh(
+        blocks, states, {n: h.statistics for n, h in hats.items()},
+        _blocks.refresh_due(state.count, inverse_every, inverse_warmup),
+        gamma, statistics_count)
+    states = _blocks.refit(blocks, states, evidence, statistics_count, decay,
+                           averaging, finite)
+    hats = _blocks.estimates(blocks, states, statistics_count, decay,
+                             averaging)
 
-    def refresh():
-      inv_a, inv_g = list(state.inverses_a), list(state.inverses_g)
-      for layer in layers:
-        k = layer.kernel
-        ia, ig = _layer_inverses(layer, a_hat[k], g_hat[k],
-                                 gamma.astype(a_hat[k].dtype))
-        ok = jnp.all(jnp.isfinite(ia)) & jnp.all(jnp.isfinite(ig))
-        inv_a[k] = jnp.where(ok, ia, state.inverses_a[k])
-        inv_g[k] = jnp.where(ok, ig, state.inverses_g[k])
-      return tuple(inv_a), tuple(inv_g)
-
-    inverses_a, inverses_g = jax.lax.cond(
-        state.count % inverse_every == 0, refresh,
-        lambda: (state.inverses_a, state.inverses_g))
-
-    # Preconditioned gradient.
+    # 4. Precondition the gradient (after the γ search, in adaptive mode).
     grad = optax.tree.add_scale(
         _products.batch_mean(updates, axis_name), l2_reg, params)
-    direction = _precondition(
-        layers, diag_leaves, grad, inverses_a, inverses_g, d_hat,
-        damping + l2_reg)
+    treedef = jax.tree.structure(params)
+
+    def direction_for(hats, gamma):
+      return treedef.unflatten(_blocks.precondition(
+          blocks, hats, jax.tree.leaves(grad), gamma ** 2))
+
     dtype = state.learning_rate.dtype
     if adaptive:
       q_batch = _products.take_examples(
           batch, min(quadratic_batch_size or num_examples, num_examples))
-      step_dir = optax.tree.scale(-1.0, direction)
-      quad, value = _quadratic_forms(
-          predict_fn, loss, params, q_batch, [step_dir, state.velocity],
-          l2_reg, targets_fn, axis_name)
-      quad = quad + damping * jnp.asarray(
-          [[optax.tree.vdot(x, y) for y in (step_dir, state.velocity)]
-           for x in (step_dir, state.velocity)])
-      linear = (optax.tree.vdot(grad, step_dir),
-                optax.tree.vdot(grad, state.velocity))
-      alpha, mu, model = _solve_step(quad, linear)
-      step = optax.tree.add_scale(optax.tree.scale(alpha, step_dir), mu,
-                                  state.velocity)
+      forms, value = _quadratic_model(predict_fn, loss, params, q_batch,
+                                      l2_reg, targets_fn, axis_name)
+      if gamma_search:
+        gamma, hats = _search_gamma(
+            blocks, hats, gamma, forms, grad, state.velocity, damping,
+            direction_for, omega2,
+            (jnp.sqrt(min_damping + l2_reg), jnp.sqrt(max_damping + l2_reg)),
+            state.count % gamma_every == 0)
+        states = {n: s._replace(preconditioner=hats[n].preconditioner)
+                  if n in hats else s for n, s in states.items()}
+      direction = direction_for(hats, gamma)
+      chosen = _adaptive_step(forms, grad, direction, state.velocity,
+                              damping)
 
+      # 5. Levenberg-Marquardt on ρ every T₁ steps.
       def adapt():
         new_value = _products.objective(
-            predict_fn, loss, optax.tree.add(params, step), q_batch,
+            predict_fn, loss, optax.tree.add(params, chosen.step), q_batch,
             l2_reg=l2_reg, targets_fn=targets_fn, axis_name=axis_name)
-        rho = (new_value - value) / jnp.where(model < 0, model, -1.0)
-        rho = jnp.where(jnp.isfinite(rho) & (model < 0), rho, -jnp.inf)
-        factor = jnp.where(rho > 0.75, omega,
-                           jnp.where(rho < 0.25, 1.0 / omega, 1.0))
+        rho = (new_value - value) / jnp.where(chosen.model < 0, chosen.model,
+                                              -1.0)
+        rho = jnp.where(jnp.isfinite(rho) & (chosen.model < 0), rho, -jnp.inf)
+        factor = jnp.where(rho > 0.75, omega1,
+                           jnp.where(rho < 0.25, 1.0 / omega1, 1.0))
         return (jnp.clip(damping * factor, min_damping, max_damping),
                 rho.astype(dtype))
 
@@ -743,39 +920,72 @@ def scale_by_kfac(
             lambda: (damping, state.reduction_ratio))
       else:
         new_damping, rho = damping, state.reduction_ratio
+      alpha, mu, step = chosen.alpha, chosen.mu, chosen.step
       output = optax.tree.scale(-1.0, step)
     else:
+      output = direction_for(hats, gamma)
       alpha, mu = jnp.ones((), dtype), jnp.zeros((), dtype)
       new_damping, rho = damping, state.reduction_ratio
-      output = direction
       step = state.velocity
 
-    ok = (_validation.all_finite(grad)
-          & _validation.all_finite(output))
+    # 6. Guard: a non-finite gradient or step never reaches the parameters.
+    ok = _validation.all_finite(grad) & _validation.all_finite(output)
     zeros = optax.tree.zeros_like(params)
     output = optax.tree.cast_like(optax.tree.where(ok, output, zeros), params)
-    raised = jnp.clip(damping / omega, min_damping, max_damping)
+    raised = jnp.clip(damping / omega1, min_damping, max_damping)
     new_damping = jnp.where(
         ok, new_damping, raised if adapt_damping else damping)
-    new_state = ScaleByKfacState(
+    new_gamma = gamma if gamma_search else jnp.sqrt(new_damping + l2_reg)
+    diagonal_state = states.pop("diagonal")
+    return output, ScaleByKfacState(
         count=optax.safe_increment(state.count),
-        statistics_count=statistics_count,
-        key=key,
-        factors_a=ema_a, factors_g=ema_g,
-        inverses_a=inverses_a, inverses_g=inverses_g,
-        diagonal=jax.tree.unflatten(jax.tree.structure(params), ema_d),
+        statistics_count=statistics_count, key=key,
+        blocks={**state.blocks, **states}, diagonal=diagonal_state,
         damping=new_damping.astype(damping.dtype),
+        gamma=jnp.asarray(new_gamma, state.gamma.dtype),
         velocity=optax.tree.cast_like(
             optax.tree.where(ok, step, zeros), params),
         rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
         rejected_statistics=state.rejected_statistics
         + (~finite).astype(jnp.int32),
+        rejected_refreshes=state.rejected_refreshes + rejected_refreshes,
         learning_rate=jnp.where(ok, alpha, 0.0).astype(dtype),
         momentum=jnp.where(ok, mu, 0.0).astype(dtype),
         reduction_ratio=jnp.asarray(rho, dtype))
-    return output, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _redamped(blocks, hats, gamma):
+  """Kronecker blocks' inverses re-formed from their eigendecomposition."""
+  return {name: hats[name]._replace(
+      preconditioner=block.redamp(hats[name].preconditioner, gamma))
+          if block.redamp is not None else hats[name]
+          for name, block in blocks.items()}
+
+
+def _search_gamma(blocks, hats, gamma, forms, grad, velocity, damping,
+                  direction_for, omega2, bounds, due):
+  """M&G §6.6: keep the γ of {ω₂γ, γ, γ/ω₂} whose step has the lowest M(δ).
+
+  Returns:
+    ``(γ, hats)`` with the Kronecker inverses re-formed at the chosen γ.
+  """
+
+  def search():
+    candidates = [jnp.clip(gamma * f, *bounds)
+                  for f in (omega2, 1.0, 1.0 / omega2)]
+    models = []
+    for candidate in candidates:
+      trial = _redamped(blocks, hats, candidate)
+      step = _adaptive_step(forms, grad, direction_for(trial, candidate),
+                            velocity, damping)
+      models.append(jnp.where(jnp.isfinite(step.model), step.model, jnp.inf))
+    best = jnp.argmin(jnp.asarray(models))
+    chosen = jnp.asarray(candidates)[best].astype(gamma.dtype)
+    return chosen, _redamped(blocks, hats, chosen)
+
+  return jax.lax.cond(due, search, lambda: (gamma, hats))
 
 
 def kfac(
@@ -786,13 +996,18 @@ def kfac(
     momentum: float = 0.9,
     adaptive: bool = False,
     statistics: str = "true_fisher",
+    structure: str = "kronecker",
     num_samples: int = 1,
     statistics_batch_size: Optional[int] = None,
     decay: float = 0.95,
+    averaging: str = "ema",
     initial_damping: Optional[float] = None,
     l2_reg: float = 0.0,
     inverse_every: int = 20,
+    inverse_warmup: bool = True,
     damping_every: int = 5,
+    gamma_search: Optional[bool] = None,
+    gamma_every: int = 20,
     quadratic_batch_size: Optional[int] = None,
     layer_overrides: Optional[Mapping[str, str]] = None,
     max_factor_dim: int = 4096,
@@ -806,9 +1021,10 @@ def kfac(
     ``Δ`` the K-FAC direction of :func:`scale_by_kfac` at fixed damping
     ``λ = initial_damping``.
   * ``adaptive=True``: the step ``δ = −αΔ + μδ₋₁`` with ``α, μ`` from the
-    exact quadratic model and Levenberg-Marquardt damping (M&G §7); then
-    ``learning_rate`` multiplies that step (keep it 1; ``momentum`` is not
-    used) and ``initial_damping`` is ``λ₀`` (use ~150 as M&G).
+    exact quadratic model, Levenberg-Marquardt damping and the γ search
+    (M&G §6–7); then ``learning_rate`` multiplies that step (keep it 1;
+    ``momentum`` is not used) and ``initial_damping`` is ``λ₀`` (M&G use
+    150).
 
   See :func:`scale_by_kfac` for every argument.
 
@@ -817,45 +1033,58 @@ def kfac(
     predict_fn: ``(params, batch) -> outputs``.
     loss: a loss from :mod:`curvature.losses`.
     momentum: heavy-ball momentum of the fixed mode (0 disables it).
-    adaptive: automatic learning rate and momentum.
+    adaptive: automatic learning rate, momentum and damping.
     statistics: ``"true_fisher"`` or ``"empirical_fisher"``.
+    structure: ``"kronecker"`` (K-FAC) or ``"eigen_kronecker"`` (EKFAC).
     num_samples: sampled targets per example.
     statistics_batch_size: leading examples used for the statistics.
-    decay: factor EMA decay.
+    decay: factor average decay.
+    averaging: ``"ema"`` or ``"schedule"``.
     initial_damping: ``λ`` (fixed mode, default 1e-3) or ``λ₀`` (adaptive,
       default 150).
     l2_reg: L2 coefficient.
     inverse_every: steps between inverse refreshes.
+    inverse_warmup: geometric extra refreshes before the first period ends.
     damping_every: steps between damping adaptations.
+    gamma_search: the γ search (default: ``adaptive``).
+    gamma_every: steps between γ searches.
     quadratic_batch_size: examples for the exact quadratic model.
     layer_overrides: ``{path: kind}``.
     max_factor_dim: larger factors fall back to diagonal blocks.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed.
     axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
-      over (see :func:`scale_by_kfac`).
+      over.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> opt = curvature.kfac(1e-2, predict_fn=model.apply,
+    >>> import jax, jax.numpy as jnp, curvature
+    >>> predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jnp.ones((8, 4)), "targets": jnp.zeros(8, int)}
+    >>> opt = curvature.kfac(1e-2, predict_fn=predict,
     ...                      loss=curvature.losses.softmax_cross_entropy)
-    >>> state = opt.init(variables)
-    >>> updates, state = opt.update(grads, state, variables, batch=batch)
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
 
   References:
-    Martens & Grosse 2015; Grosse & Martens 2016; ``shared/seeds/000_*``,
-    ``002_*``.
+    Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored
+    approximate Fisher matrix for convolution layers", ICML 2016.
   """
   if initial_damping is None:
     initial_damping = 150.0 if adaptive else 1e-3
   parts = [scale_by_kfac(
-      predict_fn, loss, statistics=statistics, num_samples=num_samples,
-      statistics_batch_size=statistics_batch_size, decay=decay,
-      initial_damping=initial_damping, l2_reg=l2_reg,
-      inverse_every=inverse_every, adaptive=adaptive,
-      damping_every=damping_every, quadratic_batch_size=quadratic_batch_size,
+      predict_fn, loss, statistics=statistics, structure=structure,
+      num_samples=num_samples, statistics_batch_size=statistics_batch_size,
+      decay=decay, averaging=averaging, initial_damping=initial_damping,
+      l2_reg=l2_reg, inverse_every=inverse_every,
+      inverse_warmup=inverse_warmup, adaptive=adaptive,
+      damping_every=damping_every, gamma_search=gamma_search,
+      gamma_every=gamma_every, quadratic_batch_size=quadratic_batch_size,
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,
       targets_fn=targets_fn, seed=seed, axis_name=axis_name)]
   if not adaptive and not (isinstance(momentum, (int, float))

@@ -178,7 +178,8 @@ class _Walk:
     out_l = {v: env_l[v] for v in jaxpr.outvars if _is_var(v) and v in env_l}
     for v in jaxpr.outvars:  # Returned raw layer outputs are read.
       if _is_var(v) and v in env_l and not path:
-        self.output_reads[env_l[v]] += 1
+        lay = env_l[v]
+        self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
     return out_o, out_l
 
   def _dense(self, eqn, ins, here):

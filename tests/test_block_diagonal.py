@@ -192,7 +192,7 @@ def test_inverses_refresh_every_t_steps_and_are_stale_between():
   for k in range(4):
     shifted = dict(batch, inputs=batch["inputs"] * (1 + 0.3 * k))
     out, state = update(grads, state, params, batch=shifted)
-    inverses.append([np.asarray(x) for x in state.inverses])
+    inverses.append([np.asarray(x.preconditioner) for x in state.blocks])
     outputs.append(out)
   for a, b, c in zip(*inverses[:3]):
     np.testing.assert_array_equal(a, b)
@@ -209,7 +209,7 @@ def test_inverses_refresh_every_t_steps_and_are_stale_between():
           np.ravel(step2[i]),
           inverses[0][row.index] @ np.ravel(leaves[i]), rtol=1e-10)
   # And the refreshed inverse is that of the damped, debiased EMA.
-  debiased = np.asarray(state.blocks[2]) / (1 - 0.95 ** 4)
+  debiased = np.asarray(state.blocks[2].statistics) / (1 - 0.95 ** 4)
   np.testing.assert_allclose(
       inverses[3][2], np.linalg.inv(debiased + damping * np.eye(15)),
       rtol=1e-8)

@@ -163,11 +163,9 @@ def test_bfloat16_kfac_accumulates_in_float32():
   out16, state16 = step(params16, grads16)
   out32, _ = step(params32, grads32)
   kfac_state = [s for s in jax.tree.leaves(
-      state16, is_leaf=lambda x: hasattr(x, "factors_a"))
-      if hasattr(s, "factors_a")][0]
-  statistics = jax.tree.leaves((kfac_state.factors_a, kfac_state.factors_g,
-                                kfac_state.inverses_a, kfac_state.inverses_g,
-                                kfac_state.diagonal))
+      state16, is_leaf=lambda x: hasattr(x, "rejected_refreshes"))
+      if hasattr(s, "rejected_refreshes")][0]
+  statistics = jax.tree.leaves((kfac_state.blocks, kfac_state.diagonal))
   assert statistics and {x.dtype for x in statistics} == {
       jnp.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(out16)} == {jnp.dtype("bfloat16")}

@@ -49,11 +49,9 @@ def test_factors_equal_explicit_computation():
   ones = jnp.ones((8, 1))
   for k, (a, g) in enumerate([(x, g1), (h, g2)]):
     a = jnp.concatenate([a, ones], 1)
-    leaf = 2 * k + 1  # leaves: [0/b, 0/w, 1/b, 1/w]
-    np.testing.assert_allclose(state.factors_a[leaf], a.T @ a / 8,
-                               rtol=1e-12)
-    np.testing.assert_allclose(state.factors_g[leaf], g.T @ g / 8,
-                               rtol=1e-12)
+    factors = state.blocks[f"{k}/w"].statistics
+    np.testing.assert_allclose(factors.a, a.T @ a / 8, rtol=1e-12)
+    np.testing.assert_allclose(factors.g, g.T @ g / 8, rtol=1e-12)
 
 
 def _kron_block_in_ravel_order(a, g, n_in, n_out):
@@ -79,7 +77,7 @@ def test_single_dense_layer_kronecker_block_is_exact():
   opt = curvature.scale_by_kfac(predict, CE, statistics="empirical_fisher",
                                 decay=0.0, initial_damping=1e-3)
   _, state = _one_update(opt, params, batch, predict)
-  a, g = state.factors_a[1], state.factors_g[1]
+  a, g = state.blocks["w"].statistics
   expected = dense_empirical_fisher(predict, CE, params, batch)
   np.testing.assert_allclose(
       _kron_block_in_ravel_order(np.asarray(a), np.asarray(g), n_in, n_out),
@@ -142,9 +140,8 @@ def test_conv_factors_match_patch_computation():
   locations = patches.shape[1]
   rows = np.concatenate([patches.reshape(-1, patches.shape[-1]),
                          np.ones((5 * locations, 1))], 1)
-  paths = _kfac.leaf_paths(variables)
-  kernel = paths.index("params/Conv_0/kernel")
-  np.testing.assert_allclose(state.factors_a[kernel], rows.T @ rows / 5,
+  factors = state.blocks["params/Conv_0/kernel"].statistics
+  np.testing.assert_allclose(factors.a, rows.T @ rows / 5,
                              rtol=1e-10)
   # G: per-example gradients of the loss w.r.t. the conv output.
   conv = lambda v, x: jax.lax.conv_general_dilated(
@@ -160,7 +157,7 @@ def test_conv_factors_match_patch_computation():
   logits, vjp_fn = jax.vjp(head, raw)
   (g,) = vjp_fn(losses.output_gradients(CE, logits, batch["targets"]))
   g = np.asarray(g).reshape(-1, 3)
-  np.testing.assert_allclose(state.factors_g[kernel],
+  np.testing.assert_allclose(factors.g,
                              g.T @ g / g.shape[0], rtol=1e-10)
   assert jax.tree.structure(updates) == jax.tree.structure(variables)
 
@@ -256,7 +253,8 @@ def test_summary_reports_fallbacks_and_overrides():
   opt = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2)
   updates, state = _one_update(opt, params, batch, predict)
   assert np.all(np.isfinite(flat(updates)))
-  assert float(jnp.sum(state.diagonal["w"])) > 0
+  w_index = _kfac.leaf_paths(params).index("w")
+  assert float(jnp.sum(state.diagonal.statistics[w_index])) > 0
 
 
 def test_bad_input():
@@ -290,8 +288,8 @@ def test_non_finite_statistics_are_rejected_and_singular_factors_damped():
   _, state = update(grads, state, params, batch=batch)
   poisoned = dict(batch, inputs=batch["inputs"].at[0, 0].set(jnp.nan))
   out, new_state = update(grads, state, params, batch=poisoned)
-  for old, new in zip(jax.tree.leaves(state.factors_a),
-                      jax.tree.leaves(new_state.factors_a)):
+  for old, new in zip(jax.tree.leaves(state.blocks),
+                      jax.tree.leaves(new_state.blocks)):
     np.testing.assert_array_equal(old, new)
   assert int(new_state.rejected_statistics) == 1
   assert np.all(np.isfinite(flat(out)))
@@ -307,7 +305,7 @@ def test_non_finite_statistics_are_rejected_and_singular_factors_damped():
 def test_inverses_refresh_every_t_steps_under_jit():
   params, batch = classification_problem(n=8, sizes=(4, 5, 3))
   opt = curvature.scale_by_kfac(mlp_predict, CE, inverse_every=3,
-                                initial_damping=1e-2)
+                                inverse_warmup=False, initial_damping=1e-2)
   state = opt.init(params)
   update = jax.jit(opt.update)
   grads = _grads(mlp_predict, params, batch)
@@ -315,7 +313,7 @@ def test_inverses_refresh_every_t_steps_under_jit():
   for k in range(4):
     shifted = dict(batch, inputs=batch["inputs"] * (1 + 0.3 * k))
     _, state = update(grads, state, params, batch=shifted)
-    history.append(np.asarray(state.inverses_a[1]))
+    history.append(np.asarray(state.blocks["0/w"].preconditioner.left))
   np.testing.assert_array_equal(history[0], history[1])
   np.testing.assert_array_equal(history[0], history[2])
   assert not np.allclose(history[2], history[3])
@@ -326,7 +324,8 @@ def test_adaptive_step_minimises_exact_quadratic_model():
   l2, damping = 1e-3, 0.5
   opt = curvature.scale_by_kfac(mlp_predict, CE, adaptive=True,
                                 initial_damping=damping, l2_reg=l2,
-                                adapt_damping=False, inverse_every=1)
+                                adapt_damping=False, gamma_search=False,
+                                inverse_every=1)
   state = opt.init(params)
   update = jax.jit(opt.update)
   grads = _grads(mlp_predict, params, batch)
@@ -349,3 +348,197 @@ def test_adaptive_step_minimises_exact_quadratic_model():
                              rtol=1e-6)
   np.testing.assert_allclose(flat(out), -(alpha * v1 + mu * v2), rtol=1e-6,
                              atol=1e-12)
+
+
+def _per_example_layer_gradients(params, batch):
+  """Per-example gradients of a single dense layer as [N, in + 1, out]."""
+
+  def one(x, y):
+    logits = x @ params["w"] + params["b"]
+    return jax.grad(lambda z: CE.value(z[None], y[None]))(logits)
+
+  g = jax.vmap(one)(batch["inputs"], batch["targets"])  # [N, out]
+  a = jnp.concatenate([batch["inputs"], jnp.ones((g.shape[0], 1))], 1)
+  return np.asarray(jnp.einsum("na,ng->nag", a, g))
+
+
+def test_ekfac_refit_is_the_fisher_diagonal_in_the_kronecker_eigenbasis():
+  key1, key2, key3 = jax.random.split(jax.random.key(5), 3)
+  n_in, n_out, n = 3, 4, 12
+  params = {"w": jax.random.normal(key1, (n_in, n_out), jnp.float64),
+            "b": 0.1 * jax.random.normal(key2, (n_out,), jnp.float64)}
+  batch = {"inputs": jax.random.normal(key3, (n, n_in), jnp.float64),
+           "targets": jnp.arange(n) % n_out}
+  predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+  opt = curvature.scale_by_kfac(predict, CE, structure="eigen_kronecker",
+                                statistics="empirical_fisher", decay=0.0,
+                                initial_damping=1e-3)
+  _, state = _one_update(opt, params, batch, predict)
+  block = state.blocks["w"]
+  per_example = _per_example_layer_gradients(params, batch)
+  vecs = per_example.reshape(n, -1)
+  fisher = vecs.T @ vecs / n  # Dense per-layer empirical Fisher of [W; b].
+  basis = np.kron(np.asarray(block.preconditioner.basis_a),
+                  np.asarray(block.preconditioner.basis_g))
+  expected = np.diag(basis.T @ fisher @ basis).reshape(n_in + 1, n_out)
+  np.testing.assert_allclose(block.refit, expected, rtol=1e-8, atol=1e-14)
+  # And the basis is the eigenbasis of the K-FAC factors.
+  a, g = block.statistics
+  for q, f in ((block.preconditioner.basis_a, a),
+               (block.preconditioner.basis_g, g)):
+    rotated = np.asarray(q).T @ np.asarray(f) @ np.asarray(q)
+    np.testing.assert_allclose(rotated, np.diag(np.diag(rotated)),
+                               atol=1e-12)
+
+
+def test_ekfac_alias_trains_and_matches_kfac_structure_argument():
+  params, batch = classification_problem(n=32, sizes=(4, 6, 3))
+  kwargs = dict(predict_fn=mlp_predict, loss=CE, initial_damping=1e-2)
+  a = curvature.ekfac(0.1, **kwargs)
+  b = curvature.kfac(0.1, structure="eigen_kronecker", **kwargs)
+  grads = _grads(mlp_predict, params, batch)
+  out_a, _ = a.update(grads, a.init(params), params, batch=batch)
+  out_b, _ = b.update(grads, b.init(params), params, batch=batch)
+  np.testing.assert_array_equal(flat(out_a), flat(out_b))
+  with pytest.raises(TypeError, match="structure"):
+    curvature.ekfac(0.1, structure="kronecker", **kwargs)
+
+
+def _dense_kfac_direction(state, params, grad, gamma):
+  """K-FAC's direction from the state's factors, in dense NumPy."""
+  out = []
+  for k, layer in enumerate(params):
+    a, g = (np.asarray(x) for x in state.blocks[f"{k}/w"].statistics)
+    pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    matrix = np.concatenate([np.asarray(grad[k]["w"]),
+                             np.asarray(grad[k]["b"])[None]], 0)
+    u = (np.linalg.inv(a + pi * gamma * np.eye(a.shape[0])) @ matrix
+         @ np.linalg.inv(g + gamma / pi * np.eye(g.shape[0])))
+    out.append({"b": u[-1], "w": u[:-1]})
+  return flat(out)
+
+
+def test_gamma_search_keeps_the_candidate_with_the_lowest_quadratic_model():
+  params, batch = classification_problem(key=2, n=16, sizes=(4, 5, 3))
+  l2, damping = 1e-3, 0.5
+  opt = curvature.scale_by_kfac(
+      mlp_predict, CE, adaptive=True, adapt_damping=False, gamma_search=True,
+      statistics="empirical_fisher", decay=0.0, initial_damping=damping,
+      l2_reg=l2, inverse_every=1)
+  grads = _grads(mlp_predict, params, batch)
+  out, state = _one_update(opt, params, batch)
+  grad = jax.tree.map(lambda g, p: g + l2 * p, grads, params)
+  c = dense_ggn(mlp_predict, CE, params, batch, l2) + damping * np.eye(
+      len(flat(params)))
+  g = flat(grad)
+  omega2 = np.sqrt(19 / 20) ** 20
+  gamma0 = np.sqrt(damping + l2)
+  models = {}
+  for gamma in (gamma0 * omega2, gamma0, gamma0 / omega2):
+    delta = _dense_kfac_direction(state, params, grad, gamma)
+    alpha = (g @ delta) / (delta @ c @ delta)
+    models[gamma] = (-0.5 * (g @ delta) ** 2 / (delta @ c @ delta),
+                     -alpha * delta)
+  best = min(models, key=lambda k: models[k][0])
+  assert len({round(m[0], 12) for m in models.values()}) == 3
+  np.testing.assert_allclose(float(state.gamma), best, rtol=1e-10)
+  np.testing.assert_allclose(flat(out), -models[best][1], rtol=1e-6,
+                             atol=1e-12)
+
+
+def test_gamma_search_is_off_in_fixed_mode_and_needs_adaptive():
+  opt = curvature.scale_by_kfac(mlp_predict, CE, initial_damping=0.25)
+  params, batch = classification_problem(n=8)
+  _, state = _one_update(opt, params, batch)
+  np.testing.assert_allclose(float(state.gamma), 0.5)
+  with pytest.raises(ValueError, match="gamma_search=True needs adaptive"):
+    curvature.scale_by_kfac(mlp_predict, CE, gamma_search=True)
+
+
+def test_inverse_warmup_refreshes_at_1_2_4_then_every_period():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  opt = curvature.scale_by_kfac(mlp_predict, CE, inverse_every=20,
+                                initial_damping=1e-2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  grads = _grads(mlp_predict, params, batch)
+  history = []
+  for k in range(6):
+    shifted = dict(batch, inputs=batch["inputs"] * (1 + 0.3 * k))
+    _, state = update(grads, state, params, batch=shifted)
+    history.append(np.asarray(state.blocks["0/w"].preconditioner.left))
+  changed = [k for k in range(1, 6)
+             if not np.allclose(history[k], history[k - 1])]
+  assert changed == [1, 2, 4]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: curvature.scale_by_kfac(mlp_predict, CE, initial_damping=1e-2,
+                                    statistics="empirical_fisher",
+                                    inverse_warmup=False),
+    lambda: curvature.scale_by_kfac(mlp_predict, CE, initial_damping=1e-2,
+                                    statistics="empirical_fisher",
+                                    structure="eigen_kronecker",
+                                    inverse_warmup=False),
+    lambda: curvature.scale_by_block_diagonal(mlp_predict, CE, damping=1e-2,
+                                              inverse_every=20),
+], ids=["kfac", "ekfac", "block_diagonal"])
+def test_a_nan_first_batch_does_not_poison_the_preconditioner(make):
+  # The first batch is rejected; the next accepted one refreshes at once, so
+  # its step equals a clean run's first step (same statistics, same count;
+  # the labels' Fisher, since sampled targets move on with the PRNG key).
+  opt = make()
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  grads = _grads(mlp_predict, params, batch)
+  update = jax.jit(opt.update)
+  poisoned = dict(batch, inputs=batch["inputs"].at[0, 0].set(jnp.nan))
+  out, state = update(grads, opt.init(params), params, batch=poisoned)
+  assert np.all(np.isfinite(flat(out)))
+  assert int(state.rejected_statistics) == 1
+  after, _ = update(grads, state, params, batch=batch)
+  clean, _ = update(grads, opt.init(params), params, batch=batch)
+  np.testing.assert_allclose(flat(after), flat(clean), rtol=1e-10)
+
+
+def test_new_arguments_are_validated_with_a_fix():
+  with pytest.raises(ValueError, match="structure"):
+    curvature.scale_by_kfac(mlp_predict, CE, structure="kron")
+  with pytest.raises(ValueError, match="averaging"):
+    curvature.scale_by_kfac(mlp_predict, CE, averaging="mean")
+  with pytest.raises(ValueError, match="'ema' or 'schedule'"):
+    curvature.scale_by_kfac(mlp_predict, CE, averaging="sum")
+  with pytest.raises(ValueError, match="gamma_every"):
+    curvature.scale_by_kfac(mlp_predict, CE, gamma_every=0)
+  with pytest.raises(ValueError, match="Swap them"):
+    curvature.scale_by_kfac(mlp_predict, CE, min_damping=10.0,
+                            max_damping=1.0)
+  with pytest.raises(TypeError, match="inject_hyperparams"):
+    curvature.scale_by_kfac(mlp_predict, CE,
+                            initial_damping=optax.constant_schedule(1.0))
+
+
+def test_model_outputs_are_checked():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  grads = _grads(mlp_predict, params, batch)
+  with_aux = lambda p, b: (mlp_predict(p, b), jnp.zeros(()))
+  opt = curvature.scale_by_kfac(with_aux, CE, initial_damping=1e-2)
+  with pytest.raises(TypeError, match=r"\[0\]"):
+    opt.update(grads, opt.init(params), params, batch=batch)
+  summed = lambda p, b: jnp.sum(mlp_predict(p, b), axis=0)
+  opt = curvature.scale_by_kfac(summed, CE, initial_damping=1e-2)
+  with pytest.raises(ValueError, match="leading batch axis"):
+    opt.update(grads, opt.init(params), params, batch=batch)
+
+
+def test_dense_readout_without_bias_gets_a_kronecker_block():
+  # x @ w as the model's last operation (a tied-embedding readout's shape).
+  params = {"e": jnp.ones((4, 6)) * 0.1, "w": jnp.ones((6, 3)) * 0.1}
+  predict = lambda p, b: jnp.tanh(b["inputs"] @ p["e"]) @ p["w"]
+  batch = {"inputs": jnp.ones((5, 4)), "targets": jnp.arange(5) % 3}
+  rows = {r.path: r for r in curvature.kfac_blocks(predict, params, batch)}
+  assert rows["w"].block == "dense" and rows["e"].block == "dense"
+  for adaptive in (False, True):
+    opt = curvature.kfac(1.0 if adaptive else 0.1, predict_fn=predict,
+                         loss=CE, adaptive=adaptive, initial_damping=1.0)
+    out, _ = _one_update(opt, params, batch, predict)
+    assert np.all(np.isfinite(flat(out)))

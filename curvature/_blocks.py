@@ -1,0 +1,719 @@
+r"""One preconditioner core: curvature blocks and the stages that run them.
+
+Every optimizer in the library preconditions a direction with a curvature
+matrix, a point in *statistic* × *structure* × *power*. This module is the
+*structure* axis for the methods that keep state per layer or per group of
+parameters. A :class:`Block` covers some parameter leaves and is a
+NamedTuple of pure functions:
+
+========== ============================================================
+stage      what it does
+========== ============================================================
+init       zero statistics and an identity preconditioner
+statistics one batch's statistic, from the evidence the optimizer gathered
+           (a layer's recorded inputs and output gradients, a leaf's
+           gradient, a dense curvature block, a diagonal estimate)
+refresh    the preconditioner from the averaged statistic: a damped inverse,
+           an inverse root, or an eigenbasis (every ``k`` steps, under
+           ``lax.cond``)
+refit      eigenbasis blocks only: the diagonal re-fitted in the current
+           eigenbasis (EKFAC, SOAP)
+apply      the block's leaves of the direction, preconditioned
+========== ============================================================
+
+Four kinds of block cover the library's second-order methods:
+
+* :func:`kronecker_block`: ``Ā ⊗ G`` (K-FAC) or ``L ⊗ R`` (Shampoo); the
+  refresh takes the eigendecomposition of both factors once and forms any
+  spectral function of them, ``Q f(Λ) Qᵀ`` (the π-damped inverse of K-FAC,
+  the ε-damped inverse fourth root of Shampoo);
+* :func:`eigen_kronecker_block`: the eigenbasis of both factors and a
+  diagonal re-fitted in it (EKFAC, SOAP);
+* :func:`dense_block`: a full block over a small group of leaves (TONGA);
+* :func:`diagonal_block`: a diagonal estimate over any leaves.
+
+The stages shared by every optimizer built on blocks are functions here too:
+:func:`accumulate` (average with rejection of non-finite statistics),
+:func:`refresh_due` and :func:`refresh` (periodic refreshes that keep the
+previous preconditioner when a new one is not finite, and never refresh from
+statistics that hold no accepted sample), :func:`refit` and
+:func:`precondition`.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvature import _diagonal
+from curvature import _validation
+
+Array = jax.Array
+
+AVERAGING = ("ema", "schedule", "sum", "uncorrected_ema")
+"""How statistics are averaged over steps (see :func:`average`)."""
+
+
+class BlockState(NamedTuple):
+  """The state of one block.
+
+  Attributes:
+    statistics: the running average of the block's statistic, raw (see
+      :func:`estimate` for the bias-corrected value).
+    preconditioner: what the last refresh computed (a damped inverse, inverse
+      roots, an eigenbasis).
+    refit: eigenbasis blocks: the running average of the diagonal re-fitted
+      in the eigenbasis; ``()`` for the other kinds.
+  """
+
+  statistics: Any
+  preconditioner: Any
+  refit: Any = ()
+
+
+class Block(NamedTuple):
+  """A curvature block: the leaves it covers and its pure functions.
+
+  Attributes:
+    kind: ``"kronecker"``, ``"eigen_kronecker"``, ``"dense"`` or
+      ``"diagonal"``.
+    leaves: indices (in ``jax.tree.leaves`` order) of the leaves it
+      preconditions.
+    init: ``() -> BlockState``.
+    statistics: ``evidence -> statistic`` for one batch.
+    refresh: ``(statistic estimate, damping) -> preconditioner``, or ``None``
+      when the block uses its statistic directly.
+    apply: ``(BlockState of estimates, vectors, damping) -> vectors``, with
+      ``vectors`` the block's leaves of the direction.
+    refit: ``(evidence, preconditioner) -> re-fitted diagonal``, or ``None``.
+    redamp: ``(preconditioner, damping) -> preconditioner`` re-formed at
+      another damping without a new factorization, or ``None``.
+  """
+
+  kind: str
+  leaves: tuple
+  init: Callable[[], BlockState]
+  statistics: Callable[[Any], Any]
+  refresh: Optional[Callable[[Any, Any], Any]]
+  apply: Callable[[BlockState, tuple, Any], tuple]
+  refit: Optional[Callable[[Any, Any], Any]] = None
+  redamp: Optional[Callable[[Any, Any], Any]] = None
+
+
+# Shared numerical helpers -----------------------------------------------------
+
+
+def accumulation_dtype(dtype):
+  """Statistics, inverses and preconditioning run in at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def symmetric_eigh(matrix: Array):
+  """``(eigenvectors, eigenvalues)`` of the symmetric part, ascending."""
+  sym = 0.5 * (matrix + matrix.T)
+  eigenvalues, eigenvectors = jnp.linalg.eigh(sym)
+  return eigenvectors, eigenvalues
+
+
+def spectral_function(eigenvectors: Array, values: Array) -> Array:
+  """``Q diag(values) Qᵀ``."""
+  return (eigenvectors * values) @ eigenvectors.T
+
+
+def damped_inverse(matrix: Array, damping: Any) -> Array:
+  """``(M + λI)⁻¹`` of a symmetric PSD ``M`` by a Cholesky factorization.
+
+  The inverse is formed by triangular solves against the identity (one
+  factorization, two ``trsm``), never by a general solve.
+  """
+  eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+  sym = 0.5 * (matrix + matrix.T) + damping * eye
+  factor = jax.scipy.linalg.cho_factor(sym, lower=True)
+  return jax.scipy.linalg.cho_solve(factor, eye)
+
+
+def trace_ratio(a: Array, g: Array, a_dim: int) -> Array:
+  r"""π = sqrt((tr Ā / dim Ā) / (tr G / dim G)), 1 where undefined.
+
+  ``a_dim`` is the used size of ``Ā`` (a layer without a bias leaves the
+  homogeneous coordinate of the reserved factor unused).
+  """
+  ta = jnp.trace(a) / a_dim
+  tg = jnp.trace(g) / g.shape[0]
+  ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / tg, 1.0)), 1.0)
+
+
+# Averaging ------------------------------------------------------------------
+
+
+def average(old: Any, new: Any, count: Array, decay: Any, mode: str) -> Any:
+  r"""One step of the running average of a statistic.
+
+  ``count`` is the number of samples in the average *after* this one.
+
+  * ``"ema"``: ``m ← β m + (1 − β) s``, read through :func:`estimate`'s
+    bias correction ``m / (1 − βᵏ)``;
+  * ``"schedule"``: ``m ← ε m + (1 − ε) s`` with ``ε = min(1 − 1/k, β)``
+    (Martens & Grosse 2015, §5): an equal-weight mean of the first
+    ``1/(1 − β)`` samples, an EMA after; no correction needed;
+  * ``"sum"``: ``m ← m + s`` (AdaGrad, Shampoo's Algorithm 1);
+  * ``"uncorrected_ema"``: the EMA without bias correction (Shampoo and
+    SOAP statistics).
+  """
+  if mode == "sum":
+    return jax.tree.map(lambda m, s: m + s.astype(m.dtype), old, new)
+
+  def mix(m, s):
+    weight = jnp.asarray(decay, m.dtype)
+    if mode == "schedule":
+      k = jnp.maximum(count, 1).astype(m.dtype)
+      weight = jnp.minimum(1.0 - 1.0 / k, weight)
+    return weight * m + (1.0 - weight) * s.astype(m.dtype)
+
+  return jax.tree.map(mix, old, new)
+
+
+def estimate(statistics: Any, count: Array, decay: Any, mode: str) -> Any:
+  """The statistic's estimate: bias-corrected for ``"ema"``, else as is."""
+  if mode != "ema":
+    return statistics
+  k = jnp.maximum(count, 1)
+
+  def debias(m):
+    return m / (1.0 - jnp.asarray(decay, m.dtype) ** k.astype(m.dtype))
+
+  return jax.tree.map(debias, statistics)
+
+
+def check_averaging(averaging: str, decay: Any) -> None:
+  """Validates an ``averaging`` mode and its decay at construction."""
+  _validation.check_choice("averaging", averaging, AVERAGING)
+  if averaging != "sum":
+    _validation.check_in_interval("decay", decay, 0.0, 1.0)
+
+
+# The stages -------------------------------------------------------------------
+
+
+def accumulate(blocks, states, evidence, count, decay, mode, accept=True):
+  """Statistics of every block from one batch, averaged, all or none.
+
+  Args:
+    blocks: ``{name: Block}``.
+    states: ``{name: BlockState}`` (may hold more names than ``blocks``).
+    evidence: ``{name: evidence}`` for every block.
+    count: accepted statistics before this batch.
+    decay: the average's decay.
+    mode: one of :data:`AVERAGING`.
+    accept: a traced bool that can veto the batch (e.g. a non-finite value
+      elsewhere in the step).
+
+  Returns:
+    ``(states, count, finite)``: a batch whose statistics are not all finite
+    is discarded whole (``finite`` is False and nothing moves).
+  """
+  new = {name: block.statistics(evidence[name])
+         for name, block in blocks.items()}
+  finite = _validation.all_finite(new) & accept
+  next_count = count + finite.astype(count.dtype)
+  out = dict(states)
+  for name, statistic in new.items():
+    old = states[name].statistics
+    mixed = average(old, statistic, next_count, decay, mode)
+    kept = jax.tree.map(lambda m, o: jnp.where(finite, m, o), mixed, old)
+    out[name] = states[name]._replace(statistics=kept)
+  return out, next_count, finite
+
+
+def refresh_due(count: Array, every: int, warmup: bool = True) -> Array:
+  """Whether step ``count`` (0-based) refreshes: ``count % every == 0``.
+
+  With ``warmup`` the first ``every`` steps also refresh at steps 1, 2, 4,
+  8, … (a geometric warm-up), so the early steps do not precondition with
+  the statistics of one batch for ``every`` steps.
+  """
+  periodic = count % every == 0
+  if not warmup:
+    return periodic
+  power_of_two = (count & (count - 1)) == 0
+  return periodic | ((count < every) & power_of_two)
+
+
+def refresh(blocks, states, estimates, due, damping, statistics_count):
+  """Refreshes every block's preconditioner under one ``lax.cond``.
+
+  A block whose new preconditioner is not finite keeps its previous one
+  (counted in the returned ``rejected``). Nothing is refreshed while the
+  statistics hold no accepted sample (``statistics_count`` 0): the
+  preconditioner stays the identity of ``init`` rather than being built
+  from empty statistics. The step that brings the first accepted sample
+  always refreshes, whatever the schedule, so a rejected first batch does
+  not leave the identity in place for a whole period.
+
+  Returns:
+    ``(states, rejected)``.
+  """
+  due = (due | (statistics_count == 1)) & (statistics_count > 0)
+  names = [n for n, b in blocks.items() if b.refresh is not None]
+  previous = {n: states[n].preconditioner for n in names}
+
+  def compute():
+    out, rejected = {}, jnp.zeros((), jnp.int32)
+    for name in names:
+      new = blocks[name].refresh(estimates[name], damping)
+      ok = _validation.all_finite(new)
+      out[name] = jax.tree.map(lambda x, y: jnp.where(ok, x, y), new,
+                               previous[name])
+      rejected = rejected + (~ok).astype(jnp.int32)
+    return out, rejected
+
+  def keep():
+    return previous, jnp.zeros((), jnp.int32)
+
+  if not names:
+    return states, jnp.zeros((), jnp.int32)
+  fresh, rejected = jax.lax.cond(due, compute, keep)
+  out = dict(states)
+  for name in names:
+    out[name] = states[name]._replace(preconditioner=fresh[name])
+  return out, rejected
+
+
+def refit(blocks, states, evidence, count, decay, mode, finite):
+  """Re-fits the diagonal of every eigenbasis block in its current basis.
+
+  Args:
+    blocks: ``{name: Block}``.
+    states: ``{name: BlockState}`` after the refresh.
+    evidence: ``{name: evidence}``.
+    count: accepted samples in the average after this one.
+    decay: the re-fit average's decay.
+    mode: its averaging mode (:data:`AVERAGING`).
+    finite: whether this batch's statistics were accepted.
+
+  Returns:
+    The states with their ``refit`` averages moved.
+  """
+  out = dict(states)
+  for name, block in blocks.items():
+    if block.refit is None:
+      continue
+    state = states[name]
+    new = block.refit(evidence[name], state.preconditioner)
+    ok = finite & _validation.all_finite(new)
+    mixed = average(state.refit, new, count, decay, mode)
+    out[name] = state._replace(refit=jnp.where(ok, mixed, state.refit))
+  return out
+
+
+def estimates(blocks, states, count, decay, mode, refit_decay=None,
+              refit_mode=None):
+  """``{name: BlockState}`` with the statistics' (and refits') estimates.
+
+  The re-fitted diagonals use ``refit_decay`` and ``refit_mode`` when given
+  (SOAP's second moment has its own decay), else the statistics' own.
+  """
+  refit_decay = decay if refit_decay is None else refit_decay
+  refit_mode = mode if refit_mode is None else refit_mode
+  return {
+      name: states[name]._replace(
+          statistics=estimate(states[name].statistics, count, decay, mode),
+          refit=estimate(states[name].refit, count, refit_decay, refit_mode))
+      for name in blocks}
+
+
+def precondition(blocks, states, vectors, damping):
+  """The direction with every block's leaves preconditioned.
+
+  Args:
+    blocks: ``{name: Block}``.
+    states: ``{name: BlockState}`` of estimates (see :func:`estimates`).
+    vectors: the direction's leaves, a list in ``jax.tree.leaves`` order.
+    damping: passed to each block's ``apply``.
+
+  Returns:
+    The list of leaves, preconditioned where a block covers them.
+  """
+  out = list(vectors)
+  for name, block in blocks.items():
+    parts = block.apply(states[name], tuple(vectors[i] for i in block.leaves),
+                        damping)
+    for i, part in zip(block.leaves, parts):
+      out[i] = part.astype(vectors[i].dtype)
+  return out
+
+
+# Matrix views of leaves -------------------------------------------------------
+
+
+class MatrixView(NamedTuple):
+  """How a block's leaves map to one ``[rows, cols]`` matrix and back.
+
+  Attributes:
+    to_matrix: ``leaves -> [rows, cols]`` (a kernel, with its bias as an
+      extra row when the layer has one).
+    from_matrix: ``([rows, cols], leaves) -> leaves`` (the second argument
+      gives the shapes).
+  """
+
+  to_matrix: Callable[[tuple], Array]
+  from_matrix: Callable[[Array, tuple], tuple]
+
+
+def reshape_view() -> MatrixView:
+  """One leaf of rank ≥ 2 viewed as ``[prod(shape[:-1]), shape[-1]]``."""
+
+  def to_matrix(leaves):
+    (x,) = leaves
+    return x.reshape(-1, x.shape[-1])
+
+  def from_matrix(matrix, leaves):
+    return (matrix.reshape(leaves[0].shape),)
+
+  return MatrixView(to_matrix, from_matrix)
+
+
+def matrix_shape(shape) -> Optional[tuple]:
+  """``(rows, cols)`` of :func:`reshape_view`, or ``None`` below rank 2."""
+  if len(shape) < 2:
+    return None
+  return int(np.prod(shape[:-1])), int(shape[-1])
+
+
+# Kronecker blocks -------------------------------------------------------------
+
+
+class KroneckerFactors(NamedTuple):
+  """The two factors of a Kronecker block: ``a`` (rows side), ``g`` (columns)."""
+
+  a: Array
+  g: Array
+
+
+class KroneckerPreconditioner(NamedTuple):
+  """A refreshed Kronecker block.
+
+  Attributes:
+    basis_a: eigenvectors of ``Ā`` (columns).
+    eigenvalues_a: eigenvalues of ``Ā``, ascending.
+    basis_g: eigenvectors of ``G``.
+    eigenvalues_g: eigenvalues of ``G``.
+    left: the spectral function of ``Ā`` applied on the left
+      (``(Ā + πγI)⁻¹`` for K-FAC, ``(L + εI)^p`` for Shampoo).
+    right: the spectral function of ``G`` applied on the right.
+  """
+
+  basis_a: Array
+  eigenvalues_a: Array
+  basis_g: Array
+  eigenvalues_g: Array
+  left: Array
+  right: Array
+
+
+def _zeros_factors(a_dim, g_dim, dtype):
+  return KroneckerFactors(jnp.zeros((a_dim, a_dim), dtype),
+                          jnp.zeros((g_dim, g_dim), dtype))
+
+
+def _identity_preconditioner(a_dim, g_dim, dtype):
+  eye_a, eye_g = jnp.eye(a_dim, dtype=dtype), jnp.eye(g_dim, dtype=dtype)
+  return KroneckerPreconditioner(eye_a, jnp.ones(a_dim, dtype), eye_g,
+                                 jnp.ones(g_dim, dtype), eye_a, eye_g)
+
+
+def eigen_factors(factors: KroneckerFactors):
+  """``(Q_A, Λ_A, Q_G, Λ_G)`` of a pair of factors."""
+  basis_a, eig_a = symmetric_eigh(factors.a)
+  basis_g, eig_g = symmetric_eigh(factors.g)
+  return basis_a, eig_a, basis_g, eig_g
+
+
+def kronecker_block(
+    leaves: tuple,
+    a_dim: int,
+    g_dim: int,
+    dtype,
+    *,
+    statistics: Callable[[Any], KroneckerFactors],
+    spectrum: Callable[[Array, Array, Any], tuple],
+    view: MatrixView,
+) -> Block:
+  r"""A Kronecker block ``Ā ⊗ G``: ``U = f_A(Ā) · M · f_G(G)``.
+
+  The refresh takes ``Ā = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` once
+  (``eigh``) and forms ``f_A(Ā) = Q_A f_A(Λ_A) Q_Aᵀ`` and likewise for
+  ``G``, with ``(f_A(Λ_A), f_G(Λ_G)) = spectrum(Λ_A, Λ_G, damping)``. The
+  eigendecomposition is kept, so another damping needs no new
+  factorization (:func:`kronecker_with_damping`).
+
+  Args:
+    leaves: the leaves covered (kernel, then bias if any).
+    a_dim: side of ``Ā`` (rows of the matrix view).
+    g_dim: side of ``G`` (columns).
+    dtype: dtype of the factors.
+    statistics: ``evidence -> KroneckerFactors`` of one batch.
+    spectrum: ``(Λ_A, Λ_G, damping) -> (f_A(Λ_A), f_G(Λ_G))``.
+    view: the leaves as one matrix.
+
+  Returns:
+    A :class:`Block` of kind ``"kronecker"``.
+  """
+
+  def init():
+    return BlockState(_zeros_factors(a_dim, g_dim, dtype),
+                      _identity_preconditioner(a_dim, g_dim, dtype))
+
+  def refresh_fn(factors, damping):
+    basis_a, eig_a, basis_g, eig_g = eigen_factors(factors)
+    return kronecker_with_damping(
+        KroneckerPreconditioner(basis_a, eig_a, basis_g, eig_g, basis_a,
+                                basis_g), spectrum, damping)
+
+  def apply(state, vectors, damping):
+    del damping
+    pre = state.preconditioner
+    matrix = view.to_matrix(vectors)
+    dtype = jnp.promote_types(matrix.dtype, pre.left.dtype)
+    product = (pre.left.astype(dtype) @ matrix.astype(dtype)
+               @ pre.right.astype(dtype))
+    return view.from_matrix(product, vectors)
+
+  def redamp(pre, damping):
+    return kronecker_with_damping(pre, spectrum, damping)
+
+  return Block("kronecker", tuple(leaves), init, statistics, refresh_fn, apply,
+               redamp=redamp)
+
+
+def kronecker_with_damping(pre: KroneckerPreconditioner, spectrum, damping):
+  """The preconditioner re-formed from its eigendecomposition at ``damping``."""
+  f_a, f_g = spectrum(pre.eigenvalues_a, pre.eigenvalues_g, damping)
+  return pre._replace(left=spectral_function(pre.basis_a, f_a),
+                      right=spectral_function(pre.basis_g, f_g))
+
+
+def factored_inverse_spectrum(a_used: int):
+  r"""K-FAC's π-adjusted factored Tikhonov damping (Martens & Grosse, §6.3).
+
+  ``(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹`` with ``π² = (tr Ā/dim Ā)/(tr G/dim G)``,
+  from the eigenvalues: ``tr`` is the sum of the eigenvalues, and ``dim Ā``
+  is ``a_used`` (a bias-less layer leaves one reserved row unused).
+  """
+
+  def spectrum(eig_a, eig_g, gamma):
+    ta = jnp.sum(eig_a) / a_used
+    tg = jnp.mean(eig_g)
+    ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
+    pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / tg, 1.0)), 1.0)
+    gamma = jnp.asarray(gamma, eig_a.dtype)
+    return (1.0 / (jnp.maximum(eig_a, 0.0) + pi * gamma),
+            1.0 / (jnp.maximum(eig_g, 0.0) + gamma / pi))
+
+  return spectrum
+
+
+def root_spectrum(power: float):
+  """Shampoo's ``(L + εI)^p`` and ``(R + εI)^p`` (``p = −1/4``)."""
+
+  def spectrum(eig_a, eig_g, epsilon):
+    epsilon = jnp.asarray(epsilon, eig_a.dtype)
+    return (jnp.power(jnp.maximum(eig_a, 0.0) + epsilon, power),
+            jnp.power(jnp.maximum(eig_g, 0.0) + epsilon, power))
+
+  return spectrum
+
+
+# Eigenbasis blocks ------------------------------------------------------------
+
+
+class Eigenbasis(NamedTuple):
+  """A refreshed eigenbasis block: ``Q_A`` and ``Q_G`` (columns)."""
+
+  basis_a: Array
+  basis_g: Array
+
+
+def rotate(basis: Eigenbasis, matrix: Array) -> Array:
+  """``Q_Aᵀ M Q_G``: a matrix in the eigenbasis."""
+  return basis.basis_a.T @ matrix @ basis.basis_g
+
+
+def rotate_back(basis: Eigenbasis, matrix: Array) -> Array:
+  """``Q_A M Q_Gᵀ``."""
+  return basis.basis_a @ matrix @ basis.basis_g.T
+
+
+def eigen_kronecker_block(
+    leaves: tuple,
+    a_dim: int,
+    g_dim: int,
+    dtype,
+    *,
+    statistics: Callable[[Any], KroneckerFactors],
+    refit: Callable[[Any, Eigenbasis], Array],
+    view: MatrixView,
+    power: Any = 1.0,
+    damping_in_root: bool = True,
+) -> Block:
+  r"""Kronecker eigenbasis with a re-fitted diagonal (EKFAC, SOAP).
+
+  .. math::
+    U = Q_A\,\Big[\frac{Q_A^\top M Q_G}{(s + \lambda_{in})^{p} +
+        \lambda_{out}}\Big]\,Q_G^\top
+
+  with ``Q_A, Q_G`` the eigenvectors of ``Ā`` and ``G`` (refreshed every
+  ``k`` steps) and ``s`` the running average of the diagonal re-fitted in
+  that basis every step (EKFAC: per-example projected gradients squared;
+  SOAP: the projected batch gradient squared, Adam's second moment). The
+  re-fitted average is carried unchanged across refreshes of the basis, as
+  both papers do.
+
+  Args:
+    leaves: the leaves covered.
+    a_dim: side of ``Ā``.
+    g_dim: side of ``G``.
+    dtype: dtype of the statistics.
+    statistics: ``evidence -> KroneckerFactors``.
+    refit: ``(evidence, Eigenbasis) -> [a_dim, g_dim]`` diagonal statistic.
+    view: the leaves as one matrix.
+    power: ``p`` (1: EKFAC; 1/2: SOAP).
+    damping_in_root: where the damping goes: ``λ_in`` (EKFAC) or
+      ``λ_out`` (SOAP, Adam's ε).
+
+  Returns:
+    A :class:`Block` of kind ``"eigen_kronecker"``.
+  """
+
+  def init():
+    eye = Eigenbasis(jnp.eye(a_dim, dtype=dtype), jnp.eye(g_dim, dtype=dtype))
+    return BlockState(_zeros_factors(a_dim, g_dim, dtype), eye,
+                      jnp.zeros((a_dim, g_dim), dtype))
+
+  def refresh_fn(factors, damping):
+    del damping
+    basis_a, _, basis_g, _ = eigen_factors(factors)
+    return Eigenbasis(basis_a, basis_g)
+
+  def apply(state, vectors, damping):
+    basis = state.preconditioner
+    matrix = view.to_matrix(vectors)
+    dtype = jnp.promote_types(matrix.dtype, basis.basis_a.dtype)
+    rotated = rotate(basis, matrix.astype(dtype))
+    damping = jnp.asarray(damping, dtype)
+    scaled = _diagonal.precondition(
+        rotated, jnp.maximum(state.refit.astype(dtype), 0.0), power=power,
+        damping=0.0 if damping_in_root else damping,
+        damping_in_root=damping if damping_in_root else 0.0)
+    return view.from_matrix(rotate_back(basis, scaled), vectors)
+
+  return Block("eigen_kronecker", tuple(leaves), init, statistics, refresh_fn,
+               apply, refit)
+
+
+# Dense and diagonal blocks ----------------------------------------------------
+
+
+def split_flat(flat: Array, vectors: tuple) -> tuple:
+  """A flat vector split and reshaped like ``vectors`` (C order)."""
+  offsets = np.cumsum([v.size for v in vectors])[:-1]
+  return tuple(part.reshape(v.shape)
+               for part, v in zip(jnp.split(flat, offsets), vectors))
+
+
+def dense_block(leaves: tuple, size: int, dtype) -> Block:
+  r"""A full block ``(Ĉ_b + λI)⁻¹ g_b`` over a small group of leaves.
+
+  The evidence is the group's ``[b, b]`` curvature block itself; the
+  refresh is its damped inverse by Cholesky (:func:`damped_inverse`).
+  """
+
+  def init():
+    return BlockState(jnp.zeros((size, size), dtype),
+                      jnp.eye(size, dtype=dtype))
+
+  def refresh_fn(block, damping):
+    return damped_inverse(block, jnp.asarray(damping, block.dtype))
+
+  def apply(state, vectors, damping):
+    del damping
+    flat = jnp.concatenate([v.reshape(-1) for v in vectors])
+    solved = state.preconditioner.astype(flat.dtype) @ flat
+    return split_flat(solved, vectors)
+
+  return Block("dense", tuple(leaves), init, lambda block: block, refresh_fn,
+               apply)
+
+
+def diagonal_block(leaves: tuple, shapes: tuple, dtypes: tuple, *,
+                   power: Any = 1.0, damping_in_root: bool = True) -> Block:
+  r"""A diagonal block ``x / ((d̂ + λ_in)^p + λ_out)``, ``d̂`` the average.
+
+  The evidence is the tuple of the leaves' diagonal estimates; there is no
+  refresh (the current estimate is used every step). ``p = 1`` with the
+  damping inside is a diagonal natural gradient; ``p = 1/2`` with it outside
+  is Adam's denominator (:func:`curvature.precondition`).
+  """
+
+  def init():
+    return BlockState(tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes)),
+                      ())
+
+  def apply(state, vectors, damping):
+    out = []
+    for v, d in zip(vectors, state.statistics):
+      dtype = accumulation_dtype(v.dtype)
+      damp = jnp.asarray(damping, dtype)
+      out.append(_diagonal.precondition(
+          v.astype(dtype), jnp.maximum(d.astype(dtype), 0.0), power=power,
+          damping=0.0 if damping_in_root else damp,
+          damping_in_root=damp if damping_in_root else 0.0))
+    return tuple(out)
+
+  return Block("diagonal", tuple(leaves), init, lambda d: tuple(d), None,
+               apply)
+
+
+# Summaries -------------------------------------------------------------------
+
+
+def leaf_paths(params: Any) -> list:
+  """``"a/b/0/kernel"``-style names of the leaves of ``params``."""
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  return ["/".join(_key_name(k) for k in path) for path, _ in paths]
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+class BlockRow(NamedTuple):
+  """One row of a block summary: the block a parameter leaf gets, and why.
+
+  Shared by :func:`kfac_blocks` and :func:`curvature.block_diagonal_blocks`.
+
+  Attributes:
+    path: the leaf's path, e.g. ``"params/Dense_0/kernel"``.
+    shape: the leaf's shape.
+    block: ``"dense"``, ``"conv"``, ``"bias of <kernel path>"`` (K-FAC) or
+      ``"dense"`` (a full block), or ``"diagonal"``.
+    factors: ``(dim A, dim G)`` for a Kronecker kernel, else ``None``.
+    reason: why the leaf got this block.
+    index: position of a full dense block (block-diagonal), else ``None``.
+    size: side of the full dense block, or the leaf's size.
+    members: paths of the leaves sharing the block, in block order.
+  """
+
+  path: str
+  shape: tuple
+  block: str
+  factors: Optional[tuple]
+  reason: str
+  index: Optional[int] = None
+  size: int = 0
+  members: tuple = ()
