@@ -48,6 +48,7 @@ from curvature import _layers
 from curvature import _losses
 from curvature import _momentum
 from curvature import _products
+from curvature import _taylor
 from curvature import _validation
 
 Array = jax.Array
@@ -796,9 +797,6 @@ def scale_by_kfac(
           " quadratic model, and with adaptive=False the step is set by the"
           " learning rate outside this transform. Use adaptive=True, or keep"
           " the damping fixed.")
-  omega1 = (19.0 / 20.0) ** damping_every
-  omega2 = math.sqrt(19.0 / 20.0) ** gamma_every
-
   def init_fn(params):
     _validation.check_params(params, "scale_by_kfac")
     _check_overrides(overrides, leaf_paths(params))
@@ -826,6 +824,14 @@ def scale_by_kfac(
         learning_rate=jnp.ones((), dtype), momentum=zero,
         reduction_ratio=zero)
 
+  config = _Config(
+      predict_fn, loss, statistics, structure, num_samples,
+      statistics_batch_size, decay, averaging, l2_reg, inverse_every,
+      inverse_warmup, adaptive, adapt_damping, damping_every, gamma_search,
+      gamma_every, min_damping, max_damping, quadratic_batch_size, overrides,
+      max_factor_dim, targets_fn, axis_name,
+      (19.0 / 20.0) ** damping_every, math.sqrt(19.0 / 20.0) ** gamma_every)
+
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
     _curvature_diagonals.check_update_args("scale_by_kfac", params, batch)
@@ -834,126 +840,219 @@ def scale_by_kfac(
           "The gradients do not match the parameter tree: pass the gradient"
           " of the loss with respect to exactly the `params` given to"
           " `update`.")
-    # 1. Split the batch and plan the blocks (static: shapes only).
-    num_examples = _products.batch_size(batch, targets_fn)
-    stats_batch = _products.take_examples(
-        batch, min(statistics_batch_size or num_examples, num_examples))
-    layers, _ = _plan(predict_fn, params, stats_batch, overrides,
-                      max_factor_dim)
-    in_layer = {l.kernel for l in layers} | {
-        l.bias for l in layers if l.bias is not None}
-    diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
-                        if i not in in_layer)
-    blocks = _blocks_for(layers, params, max_factor_dim, structure,
-                         axis_name)
-    blocks["diagonal"] = _diagonal_block(params, diag_leaves, axis_name)
-    states = dict(state.blocks, diagonal=state.diagonal)
+    plan = _plan_step(config, params, batch)
     key, sample_key = jax.random.split(state.key)
-
-    # 2. Observe and accumulate the statistics.
-    layer_evidence, diagonal = _observe(
-        predict_fn, loss, layers, diag_leaves, params, stats_batch,
-        sample_key, statistics, num_samples, targets_fn, axis_name)
-    paths = leaf_paths(params)
-    evidence = {paths[l.kernel]: e for l, e in zip(layers, layer_evidence)}
-    evidence["diagonal"] = diagonal
-    states, statistics_count, finite = _blocks.accumulate(
-        blocks, states, evidence, state.statistics_count, decay, averaging)
-
-    # 3. Refresh the inverses (or eigenbases) and re-fit EKFAC's diagonal.
-    damping = state.damping
-    gamma = state.gamma if gamma_search else jnp.sqrt(damping + l2_reg)
-    hats = _blocks.estimates(blocks, states, statistics_count, decay,
-                             averaging)
-    states, rejected_refreshes = _blocks.refresh(
-        blocks, states, {n: h.statistics for n, h in hats.items()},
-        _blocks.refresh_due(state.count, inverse_every, inverse_warmup),
-        gamma, statistics_count)
-    states = _blocks.refit(blocks, states, evidence, statistics_count, decay,
-                           averaging, finite)
-    hats = _blocks.estimates(blocks, states, statistics_count, decay,
-                             averaging)
-
-    # 4. Precondition the gradient (after the γ search, in adaptive mode).
+    states, statistics_count, finite, rejected = _statistics_stage(
+        config, plan, state, params, sample_key)
     grad = optax.tree.add_scale(
         _products.batch_mean(updates, axis_name), l2_reg, params)
-    treedef = jax.tree.structure(params)
-
-    def direction_for(hats, gamma):
-      return treedef.unflatten(_blocks.precondition(
-          blocks, hats, jax.tree.leaves(grad), gamma ** 2))
-
-    dtype = state.learning_rate.dtype
     if adaptive:
-      q_batch = _products.take_examples(
-          batch, min(quadratic_batch_size or num_examples, num_examples))
-      forms, value = _quadratic_model(predict_fn, loss, params, q_batch,
-                                      l2_reg, targets_fn, axis_name)
-      if gamma_search:
-        gamma, hats = _search_gamma(
-            blocks, hats, gamma, forms, grad, state.velocity, damping,
-            direction_for, omega2,
-            (jnp.sqrt(min_damping + l2_reg), jnp.sqrt(max_damping + l2_reg)),
-            state.count % gamma_every == 0)
-        states = {n: s._replace(preconditioner=hats[n].preconditioner)
-                  if n in hats else s for n, s in states.items()}
-      direction = direction_for(hats, gamma)
-      chosen = _adaptive_step(forms, grad, direction, state.velocity,
-                              damping)
-
-      # 5. Levenberg-Marquardt on ρ every T₁ steps.
-      def adapt():
-        new_value = _products.objective(
-            predict_fn, loss, optax.tree.add(params, chosen.step), q_batch,
-            l2_reg=l2_reg, targets_fn=targets_fn, axis_name=axis_name)
-        rho = (new_value - value) / jnp.where(chosen.model < 0, chosen.model,
-                                              -1.0)
-        rho = jnp.where(jnp.isfinite(rho) & (chosen.model < 0), rho, -jnp.inf)
-        factor = jnp.where(rho > 0.75, omega1,
-                           jnp.where(rho < 0.25, 1.0 / omega1, 1.0))
-        return (jnp.clip(damping * factor, min_damping, max_damping),
-                rho.astype(dtype))
-
-      if adapt_damping:
-        new_damping, rho = jax.lax.cond(
-            state.count % damping_every == 0, adapt,
-            lambda: (damping, state.reduction_ratio))
-      else:
-        new_damping, rho = damping, state.reduction_ratio
-      alpha, mu, step = chosen.alpha, chosen.mu, chosen.step
-      output = optax.tree.scale(-1.0, step)
+      step, states = _adaptive_stage(config, plan, state, states,
+                                     statistics_count, params, batch, grad)
     else:
-      output = direction_for(hats, gamma)
-      alpha, mu = jnp.ones((), dtype), jnp.zeros((), dtype)
-      new_damping, rho = damping, state.reduction_ratio
-      step = state.velocity
-
-    # 6. Guard: a non-finite gradient or step never reaches the parameters.
-    ok = _validation.all_finite(grad) & _validation.all_finite(output)
-    zeros = optax.tree.zeros_like(params)
-    output = optax.tree.cast_like(optax.tree.where(ok, output, zeros), params)
-    raised = jnp.clip(damping / omega1, min_damping, max_damping)
-    new_damping = jnp.where(
-        ok, new_damping, raised if adapt_damping else damping)
-    new_gamma = gamma if gamma_search else jnp.sqrt(new_damping + l2_reg)
-    diagonal_state = states.pop("diagonal")
-    return output, ScaleByKfacState(
-        count=optax.safe_increment(state.count),
-        statistics_count=statistics_count, key=key,
-        blocks={**state.blocks, **states}, diagonal=diagonal_state,
-        damping=new_damping.astype(damping.dtype),
-        gamma=jnp.asarray(new_gamma, state.gamma.dtype),
-        velocity=optax.tree.cast_like(
-            optax.tree.where(ok, step, zeros), params),
-        rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
-        rejected_statistics=state.rejected_statistics
-        + (~finite).astype(jnp.int32),
-        rejected_refreshes=state.rejected_refreshes + rejected_refreshes,
-        learning_rate=jnp.where(ok, alpha, 0.0).astype(dtype),
-        momentum=jnp.where(ok, mu, 0.0).astype(dtype),
-        reduction_ratio=jnp.asarray(rho, dtype))
+      hats = _blocks.estimates(plan.blocks, states, statistics_count, decay,
+                               averaging)
+      gamma = jnp.sqrt(state.damping + l2_reg)
+      direction = _direction(plan, hats, grad, gamma)
+      step = _AdaptiveOutcome(direction,
+                              jnp.ones_like(state.learning_rate),
+                              jnp.zeros_like(state.momentum), state.damping,
+                              gamma, state.reduction_ratio, state.velocity)
+    return _guard_stage(config, state, params, grad, step, states, key,
+                        statistics_count, finite, rejected)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _Config(NamedTuple):
+  """The static settings of :func:`scale_by_kfac` (see its arguments)."""
+
+  predict_fn: Callable
+  loss: _losses.Loss
+  statistics: str
+  structure: str
+  num_samples: int
+  statistics_batch_size: Optional[int]
+  decay: Any
+  averaging: str
+  l2_reg: Any
+  inverse_every: int
+  inverse_warmup: bool
+  adaptive: bool
+  adapt_damping: bool
+  damping_every: int
+  gamma_search: bool
+  gamma_every: int
+  min_damping: Any
+  max_damping: Any
+  quadratic_batch_size: Optional[int]
+  overrides: dict
+  max_factor_dim: int
+  targets_fn: Callable
+  axis_name: Any
+  omega1: float
+  omega2: float
+
+
+class _StepPlan(NamedTuple):
+  """What one step works on: the blocks and the batches (shapes only)."""
+
+  blocks: dict  # {kernel path | "diagonal": Block}
+  layers: tuple
+  diag_leaves: tuple
+  batch: Any  # the whole batch
+  statistics_batch: Any
+  num_examples: int
+  treedef: Any
+
+
+def _plan_step(config, params, batch) -> _StepPlan:
+  """Stage 1: split the batch, discover the layers, build the blocks."""
+  num_examples = _products.batch_size(batch, config.targets_fn)
+  stats_batch = _products.take_examples(
+      batch, min(config.statistics_batch_size or num_examples, num_examples))
+  layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
+                    config.max_factor_dim)
+  in_layer = {l.kernel for l in layers} | {
+      l.bias for l in layers if l.bias is not None}
+  diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
+                      if i not in in_layer)
+  blocks = _blocks_for(layers, params, config.max_factor_dim,
+                       config.structure, config.axis_name)
+  blocks["diagonal"] = _diagonal_block(params, diag_leaves, config.axis_name)
+  return _StepPlan(blocks, layers, diag_leaves, batch, stats_batch,
+                   num_examples, jax.tree.structure(params))
+
+
+def _statistics_stage(config, plan, state, params, key):
+  """Stage 2: observe, average, refresh and re-fit (EKFAC).
+
+  Returns:
+    ``(states, statistics_count, finite, rejected_refreshes)``.
+  """
+  layer_evidence, diagonal = _observe(
+      config.predict_fn, config.loss, plan.layers, plan.diag_leaves, params,
+      plan.statistics_batch, key, config.statistics, config.num_samples,
+      config.targets_fn, config.axis_name)
+  paths = leaf_paths(params)
+  evidence = {paths[l.kernel]: e for l, e in zip(plan.layers, layer_evidence)}
+  evidence["diagonal"] = diagonal
+  states = dict(state.blocks, diagonal=state.diagonal)
+  states, count, finite = _blocks.accumulate(
+      plan.blocks, states, evidence, state.statistics_count, config.decay,
+      config.averaging)
+  hats = _blocks.estimates(plan.blocks, states, count, config.decay,
+                           config.averaging)
+  gamma = (state.gamma if config.gamma_search
+           else jnp.sqrt(state.damping + config.l2_reg))
+  states, rejected = _blocks.refresh(
+      plan.blocks, states, {n: h.statistics for n, h in hats.items()},
+      _blocks.refresh_due(state.count, config.inverse_every,
+                          config.inverse_warmup), gamma, count)
+  states = _blocks.refit(plan.blocks, states, evidence, count, config.decay,
+                         config.averaging, finite)
+  return states, count, finite, rejected
+
+
+def _direction(plan, hats, grad, gamma):
+  """K-FAC's ``Δ``: every block's leaves preconditioned, damping γ²."""
+  return plan.treedef.unflatten(_blocks.precondition(
+      plan.blocks, hats, jax.tree.leaves(grad), gamma ** 2))
+
+
+class _AdaptiveOutcome(NamedTuple):
+  output: Params  # the transform's output, −δ (or Δ in fixed mode)
+  alpha: Array
+  mu: Array
+  damping: Array
+  gamma: Array
+  reduction_ratio: Array
+  velocity: Params  # the step δ to carry (unchanged in fixed mode)
+
+
+def _adaptive_stage(config, plan, state, states, statistics_count, params,
+                    batch, grad):
+  """Stage 3 (adaptive mode): γ search, (α, μ), Levenberg-Marquardt on ρ."""
+  hats = _blocks.estimates(plan.blocks, states, statistics_count,
+                           config.decay, config.averaging)
+  q_batch = _products.take_examples(
+      batch, min(config.quadratic_batch_size or plan.num_examples,
+                 plan.num_examples))
+  forms, value = _quadratic_model(config.predict_fn, config.loss, params,
+                                  q_batch, config.l2_reg, config.targets_fn,
+                                  config.axis_name)
+  damping = state.damping
+  gamma = (state.gamma if config.gamma_search
+           else jnp.sqrt(damping + config.l2_reg))
+  if config.gamma_search:
+    gamma, hats = _search_gamma(
+        plan.blocks, hats, gamma, forms, grad, state.velocity, damping,
+        lambda h, g: _direction(plan, h, grad, g), config.omega2,
+        (jnp.sqrt(config.min_damping + config.l2_reg),
+         jnp.sqrt(config.max_damping + config.l2_reg)),
+        state.count % config.gamma_every == 0)
+    states = {n: s._replace(preconditioner=hats[n].preconditioner)
+              if n in hats else s for n, s in states.items()}
+  chosen = _adaptive_step(forms, grad, _direction(plan, hats, grad, gamma),
+                          state.velocity, damping)
+
+  def adapt():
+    new_value = _products.objective(
+        config.predict_fn, config.loss, optax.tree.add(params, chosen.step),
+        q_batch, l2_reg=config.l2_reg, targets_fn=config.targets_fn,
+        axis_name=config.axis_name)
+    rho = _taylor.reduction_ratio(new_value, value, chosen.model)
+    rho = jnp.where(jnp.isfinite(rho) & (chosen.model < 0), rho, -jnp.inf)
+    return (_damping_update(config, damping, rho),
+            rho.astype(state.reduction_ratio.dtype))
+
+  if config.adapt_damping:
+    new_damping, rho = jax.lax.cond(
+        state.count % config.damping_every == 0, adapt,
+        lambda: (damping, state.reduction_ratio))
+  else:
+    new_damping, rho = damping, state.reduction_ratio
+  return _AdaptiveOutcome(optax.tree.scale(-1.0, chosen.step), chosen.alpha,
+                          chosen.mu, new_damping, gamma, rho,
+                          chosen.step), states
+
+
+def _damping_update(config, damping, rho):
+  """Levenberg-Marquardt in the ω form: ρ > ¾ → λω₁, ρ < ¼ → λ/ω₁."""
+  factor = jnp.where(rho > 0.75, config.omega1,
+                     jnp.where(rho < 0.25, 1.0 / config.omega1, 1.0))
+  return jnp.clip(damping * factor, config.min_damping, config.max_damping)
+
+
+def _guard_stage(config, state, params, grad, step, states, key,
+                 statistics_count, finite, rejected_refreshes):
+  """Stage 4: a non-finite gradient or step never reaches the parameters."""
+  ok = _validation.all_finite(grad) & _validation.all_finite(step.output)
+  zeros = optax.tree.zeros_like(params)
+  output = optax.tree.cast_like(optax.tree.where(ok, step.output, zeros),
+                                params)
+  damping = jnp.where(ok, step.damping, _damping_update(
+      config, state.damping, -jnp.inf) if config.adapt_damping
+                      else state.damping)
+  gamma = (step.gamma if config.gamma_search
+           else jnp.sqrt(damping + config.l2_reg))
+  dtype = state.learning_rate.dtype
+  diagonal = states.pop("diagonal")
+  return output, ScaleByKfacState(
+      count=optax.safe_increment(state.count),
+      statistics_count=statistics_count, key=key,
+      blocks={**state.blocks, **states}, diagonal=diagonal,
+      damping=damping.astype(state.damping.dtype),
+      gamma=jnp.asarray(gamma, state.gamma.dtype),
+      velocity=optax.tree.cast_like(
+          optax.tree.where(ok, step.velocity, zeros), params),
+      rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
+      rejected_statistics=state.rejected_statistics
+      + (~finite).astype(jnp.int32),
+      rejected_refreshes=state.rejected_refreshes + rejected_refreshes,
+      learning_rate=jnp.where(ok, step.alpha, 0.0).astype(dtype),
+      momentum=jnp.where(ok, step.mu, 0.0).astype(dtype),
+      reduction_ratio=jnp.asarray(step.reduction_ratio, dtype))
 
 
 def _redamped(blocks, hats, gamma):
