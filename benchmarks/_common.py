@@ -163,21 +163,28 @@ class TimedLoop:
   The clock (``seconds``) sums the timed calls. :meth:`check` then raises
   :class:`CompilationInTimedLoop` if jax.monitoring saw an XLA compilation or
   a jit cache miss inside a timed call or, when ``outlier_factor`` is given,
-  if a timed call took more than ``outlier_factor`` times the median (a
-  probable compilation that jax.monitoring cannot see, in a program that is
-  not jax's).
+  if a timed call took more than ``outlier_factor`` times the median of the
+  calls of its kind (a probable compilation; a second opinion, for a peer
+  whose programs jax.monitoring might not see). Kinds are the ``kind``
+  labels given to :meth:`timed` (steps that refresh inverses legitimately
+  cost several plain steps); kinds with fewer than ``MIN_KIND`` calls are
+  left to jax.monitoring alone.
 
   Args:
     name: the row, for the messages.
-    outlier_factor: flag timed calls slower than this multiple of the median;
-      ``None`` reports the slowest call's ratio without failing on it.
+    outlier_factor: flag timed calls slower than this multiple of their
+      kind's median; ``None`` reports the slowest call's ratio without
+      failing on it.
   """
+
+  MIN_KIND = 3
 
   def __init__(self, name, outlier_factor=None):
     self.name = name
     self.outlier_factor = outlier_factor
     self.seconds = 0.0
     self.call_seconds = []
+    self.call_kinds = []
     self.warm_up_steps = self.warm_up_compilations = None
     self._counter = _CompileCounter(active=False)
     self._compiled_at = []  # (timed call index, event)
@@ -195,8 +202,13 @@ class TimedLoop:
     self.warm_up_steps = num_steps
 
   @contextlib.contextmanager
-  def timed(self):
-    """Times the enclosed call and watches it for compilations."""
+  def timed(self, kind=None):
+    """Times the enclosed call and watches it for compilations.
+
+    Args:
+      kind: a label for calls that run the same program (e.g. a periodic
+        inverse refresh), compared with each other by the outlier check.
+    """
     seen = len(self._counter.events)
     self._counter.active = True
     start = time.perf_counter()
@@ -207,15 +219,30 @@ class TimedLoop:
       self._counter.active = False
       self.seconds += elapsed
       self.call_seconds.append(elapsed)
+      self.call_kinds.append(kind)
       self._compiled_at += [(len(self.call_seconds) - 1, event) for event, _
                             in self._counter.events[seen:]]
 
+  def _kinds(self):
+    n = len(self.call_seconds)
+    return (self.call_kinds + [None] * n)[:n]
+
+  def ratios(self):
+    """Each timed call's seconds ÷ its kind's median (NaN: too few calls)."""
+    seconds = np.asarray(self.call_seconds)
+    kinds = self._kinds()
+    ratios = np.full(len(seconds), np.nan)
+    for kind in set(kinds):
+      members = np.array([k == kind for k in kinds])
+      if members.sum() >= self.MIN_KIND:
+        ratios[members] = seconds[members] / np.median(seconds[members])
+    return ratios
+
   def outliers(self):
-    """Indices of the timed calls slower than ``outlier_factor`` × median."""
-    if self.outlier_factor is None or len(self.call_seconds) < 2:
+    """Indices of the timed calls over ``outlier_factor`` × their median."""
+    if self.outlier_factor is None:
       return []
-    limit = self.outlier_factor * np.median(self.call_seconds)
-    return [i for i, t in enumerate(self.call_seconds) if t > limit]
+    return [int(i) for i in np.nonzero(self.ratios() > self.outlier_factor)[0]]
 
   def check(self):
     """Raises :class:`CompilationInTimedLoop`, or returns a one-line summary."""
@@ -230,20 +257,24 @@ class TimedLoop:
           f"miss {traces[:10]}")
     slow = self.outliers()
     if slow:
-      median = np.median(self.call_seconds)
+      ratios = self.ratios()
       problems.append(
           f"{len(slow)} timed call(s) took over {self.outlier_factor:g}x the "
-          f"median {median * 1e3:.1f} ms, probably compiling: " + ", ".join(
-              f"call {i} {self.call_seconds[i]:.2f} s" for i in slow[:10]))
+          "median of their kind, probably compiling: " + ", ".join(
+              f"call {i} ({self._kinds()[i] or 'step'}) "
+              f"{self.call_seconds[i]:.2f} s = {ratios[i]:.1f}x"
+              for i in slow[:10]))
     if problems:
       raise CompilationInTimedLoop(
           f"{self.name}: compilation inside the timed loop ({n} timed "
           f"calls): " + "; ".join(problems) + ". Warm every compiled program "
           "up before timing (benchmarks/_common.warm_up).")
-    ratio = (max(self.call_seconds) / np.median(self.call_seconds)
-             if n else float("nan"))
+    ratios = self.ratios()
+    ratio = np.nanmax(ratios) if np.isfinite(ratios).any() else float("nan")
+    kinds = {k for k in self.call_kinds if k is not None}
+    median = "the median" + (" of its kind" if kinds else "")
     warm = ("" if self.warm_up_compilations is None else
             f"warm-up of {self.warm_up_steps} calls compiled "
             f"{self.warm_up_compilations} program(s), then ")
     return (f"{self.name}: {warm}no compilation in {n} timed calls "
-            f"(slowest {ratio:.1f}x the median)")
+            f"(slowest {ratio:.1f}x {median})")

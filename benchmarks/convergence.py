@@ -32,10 +32,11 @@ or ``2 * max(periods) + 1`` steps for the K-FAC rows, whose inverse and
 damping updates are periodic), then times from a fresh state, and fails
 (``CompilationInTimedLoop``) if jax.monitoring sees an XLA compilation or a
 jit cache miss inside a timed call; the kfac-jax peer does the same in its
-process and also fails on a step over 5x its median step time (a probable
-compilation). Each row prints its check. The full training loss is evaluated
-every ``--eval-every`` steps for the first-order rows and K-FAC, and after every
-outer iteration for Hessian-free, so "steps to L" has that resolution.
+process and also fails on a step over 5x the median step of its kind
+(inverse refresh, damping update or plain: a probable compilation). Each row
+prints its check. The full training loss is evaluated every ``--eval-every``
+steps for the first-order rows and K-FAC, and after every outer iteration for
+Hessian-free, so "steps to L" has that resolution.
 
 The rows that only need to reach ``L`` (K-FAC, Hessian-free) stop there, to
 fit the budget; the momentum rows run all N steps, and when they do not reach
@@ -79,7 +80,7 @@ MOMENTUM_LR = 1e-2  # Stable here (3e-2 is too); not tuned further.
 OPTIMIZERS = ("adam", "kfac", "hessian_free", "momentum", "kfac_jax")
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_PYTHON = os.path.join(HERE, ".venv-kfac-jax", "bin", "python")
-PEER_OUTLIER_FACTOR = 5.0  # A peer step this much slower than the median fails.
+PEER_OUTLIER_FACTOR = 5.0  # Fail on a peer step this much over its kind's.
 
 
 def init_params(seed=0, layers=LAYERS, connections=15):
@@ -172,6 +173,7 @@ def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
   key = jax.random.key(seed + 1)
   with TimedLoop(desc or "first-order") as loop:
     loop.warm_up(_advance(chunk), (params, state, key), warm_up_steps)
+    jax.block_until_ready(state)  # Init is not timed.
     record = [(0, 0.0, evaluate(params))]  # From the fresh params and state.
     with tqdm(total=steps, desc=desc, leave=False) as bar:
       while record[-1][0] < steps:
@@ -212,6 +214,7 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
   key = jax.random.key(seed + 1)
   with TimedLoop(desc) as loop:
     loop.warm_up(_advance(step), (params, state, key), warm_up_steps)
+    jax.block_until_ready(state)  # Init is not timed.
     record = [(0, 0.0, evaluate(params))]  # From the fresh params and state.
     with tqdm(total=steps, desc=desc, leave=False) as bar:
       for i in range(1, steps + 1):
@@ -273,7 +276,7 @@ def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
   Returns ``None`` (and says why) when the venv is missing or the run fails.
   Raises :class:`CompilationInTimedLoop` when the peer's own check (after
   its warm-up: jax.monitoring, and no timed step over ``outlier_factor``
-  times the median) fails.
+  times the median of its kind) fails.
   """
   if not os.path.exists(PEER_PYTHON):
     print("kfac-jax peer skipped: no venv at", PEER_PYTHON,

@@ -110,10 +110,25 @@ def test_compile_check_flags_step_time_outliers(bench):
   loop = bench.TimedLoop("peer", outlier_factor=5.0)
   loop.call_seconds = [0.1, 0.11, 0.09, 0.1, 0.6, 0.1]
   assert loop.outliers() == [4]
-  with pytest.raises(bench.CompilationInTimedLoop, match="call 4 0.60 s"):
+  with pytest.raises(bench.CompilationInTimedLoop,
+                     match=r"call 4 \(step\) 0.60 s = 6.0x"):
     loop.check()
   loop.call_seconds[4] = 0.4
-  assert "slowest 4.0x the median" in loop.check()
+  assert "slowest 4.0x the median)" in loop.check()
+
+
+def test_compile_check_compares_steps_of_one_kind(bench):
+  """A periodic expensive step is no outlier; a slow first one of it is."""
+  loop = bench.TimedLoop("peer", outlier_factor=5.0)
+  loop.call_kinds = ["inverse", "plain", "plain", "plain"] * 3 + ["damping"]
+  loop.call_seconds = [0.8, 0.1, 0.1, 0.1] * 3 + [5.0]  # 8x plain steps.
+  assert loop.outliers() == []  # One damping step: left to jax.monitoring.
+  assert "slowest 1.0x the median of its kind)" in loop.check()
+  loop.call_seconds[0] = 9.0
+  assert loop.outliers() == [0]
+  with pytest.raises(bench.CompilationInTimedLoop,
+                     match=r"call 0 \(inverse\) 9.00 s = 11.2x"):
+    loop.check()
 
 
 def test_kfac_jax_compilation_fails_the_run(bench, setup, monkeypatch):
