@@ -234,10 +234,15 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
 
 
 def _kfac_warm_up_steps(kfac_kwargs):
-  """``2 * max(periods) + 1``: past the first inverse and damping updates."""
+  """``2 * max(periods) + 1``: past the first of every periodic update.
+
+  The periods are ``curvature.kfac``'s ``*_every`` arguments (inverses,
+  damping, ...), as given or by default.
+  """
   defaults = inspect.signature(curvature.kfac).parameters
   periods = [kfac_kwargs.get(name, defaults[name].default)
-             for name in ("inverse_every", "damping_every") if name in defaults]
+             for name in defaults if name.endswith("_every")]
+  periods = [p for p in periods if isinstance(p, int)]
   return 2 * max(periods, default=20) + 1
 
 
