@@ -104,9 +104,94 @@ def default_targets(batch: Batch) -> Any:
   )
 
 
+def has_batch_axis(leaf: Any) -> bool:
+  """Whether a batch leaf has a leading (example) axis, i.e. ``ndim >= 1``.
+
+  Scalars (a dropout rate, a step count) and typed PRNG keys made by
+  ``jax.random.key`` have ``ndim == 0`` and are shared by every example.
+  """
+  return jnp.ndim(leaf) >= 1
+
+
+def map_examples(fn: Callable[[Array], Array], batch: Batch) -> Batch:
+  """Applies ``fn`` to the leaves of ``batch`` that have a leading axis.
+
+  The other leaves (scalars, typed PRNG keys) are returned unchanged.
+  """
+  return jax.tree.map(lambda x: fn(x) if has_batch_axis(x) else x, batch)
+
+
+def _leading_sizes(tree: Any) -> list[tuple[str, int]]:
+  """``(path, leading size)`` of every leaf of ``tree`` with a leading axis."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path), jnp.shape(leaf)[0])
+          for path, leaf in flat if has_batch_axis(leaf)]
+
+
+def batch_size(
+    batch: Batch, targets_fn: Callable[[Batch], Any] = default_targets
+) -> int:
+  """The number of examples in ``batch``, checked at trace time.
+
+  It is the leading size of the targets (``targets_fn(batch)``) when they
+  have a leading axis, else the common leading size of the batch's leaves
+  that have one. Leaves without a leading axis (``ndim == 0``: a dropout
+  rate, a typed key from ``jax.random.key``) are per-batch constants and
+  are ignored here and by :func:`take_examples`. Every other leaf must hold
+  one entry per example along its leading axis.
+
+  Args:
+    batch: the batch given to ``update(..., batch=batch)``.
+    targets_fn: finds the targets in ``batch``; see :func:`default_targets`.
+
+  Returns:
+    The batch size, a Python int ``>= 1``.
+
+  Raises:
+    ValueError: if the batch is empty, has no leaf with a leading axis, or
+      its leaves (or the targets) disagree on the number of examples.
+  """
+  targets = _leading_sizes(targets_fn(batch))
+  if targets and any(size != targets[0][1] for _, size in targets):
+    raise ValueError(
+        "The targets disagree on the number of examples: leading sizes"
+        f" {dict(targets)}. Give every target leaf one entry per example"
+        " along its leading axis.")
+  leaves = _leading_sizes(batch)
+  if targets:
+    num_examples, source = targets[0][1], "the targets"
+  elif leaves:
+    num_examples, source = leaves[0][1], f"batch{leaves[0][0]}"
+  else:
+    raise ValueError(
+        "No leaf of the batch has a leading (example) axis, so its size is"
+        " unknown. Give the inputs and targets a leading batch axis, e.g."
+        " shape [batch, features] and [batch].")
+  for path, size in leaves:
+    if size != num_examples:
+      raise ValueError(
+          f"batch{path} has {size} entries along its leading axis, but"
+          f" {source} hold {num_examples} examples. Every batch leaf with an"
+          " axis needs one entry per example along its leading axis; pass"
+          " per-batch constants (a dropout rate, a PRNG key made by"
+          " `jax.random.key`) as scalars, or close over them in"
+          " `predict_fn`.")
+  if num_examples == 0:
+    raise ValueError(
+        "The batch is empty (0 examples): curvature and losses are means"
+        " over the examples. Skip empty batches, e.g. drop the last partial"
+        " batch of an epoch when it is empty.")
+  return num_examples
+
+
 def take_examples(batch: Batch, num_examples: int) -> Batch:
-  """The first ``num_examples`` examples of every leaf of ``batch``."""
-  return jax.tree.map(lambda x: x[:num_examples], batch)
+  """The first ``num_examples`` examples of ``batch``.
+
+  Only the leaves with a leading axis are sliced; scalars and typed PRNG
+  keys (``ndim == 0``) are per-batch constants and are kept as they are.
+  Call :func:`batch_size` first to check that the batch is consistent.
+  """
+  return map_examples(lambda x: x[:num_examples], batch)
 
 
 def objective(
@@ -459,9 +544,11 @@ def empirical_fisher_diagonal(
     predict_fn: ``(params, batch) -> outputs``.
     loss: a loss from :mod:`curvature.losses`.
     params: the point.
-    batch: the data, with a leading example axis on every leaf.
+    batch: the data, with a leading example axis on every leaf but
+      per-batch scalars (see :func:`batch_size`).
     targets_fn: finds the targets in ``batch``.
-    chunk_size: examples per vectorized chunk.
+    chunk_size: examples per vectorized chunk (rounded up to a multiple of
+      the devices of an explicitly sharded batch axis).
     axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes)
       the batch is sharded over: the per-shard means are ``pmean``-ed into
       the global one. ``None`` reduces nothing.
@@ -472,35 +559,105 @@ def empirical_fisher_diagonal(
   chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
   axis_name = _validation.check_axis_name(axis_name)
   params = as_varying(params, axis_name)
-  num_examples = jax.tree.leaves(batch)[0].shape[0]
-  chunk_size = min(chunk_size, num_examples)
+  num_examples = batch_size(batch, targets_fn)
+  leaves, treedef = jax.tree.flatten(batch)
+  batched = [has_batch_axis(x) for x in leaves]
+  examples = [x for x, b in zip(leaves, batched) if b]
   num_chunks = -(-num_examples // chunk_size)
-  padded = num_chunks * chunk_size
+  # Round the chunk up to a multiple of the devices an explicitly sharded
+  # batch axis is split over, so that each chunk stays sharded the same way.
+  shards = max(_explicit_shards(x) for x in examples)
+  if shards > 1:
+    reference = next(jax.typeof(x).sharding for x in examples
+                     if _explicit_shards(x) == shards)
+    examples = [_reshard_like(x, reference) for x in examples]
+  chunk = -(-num_examples // num_chunks)
+  chunk = -(-chunk // shards) * shards
+  padded = num_chunks * chunk
 
-  def pad_and_chunk(x):
-    pad = jnp.concatenate([x, jnp.repeat(x[:1], padded - num_examples, 0)])
-    return pad.reshape((num_chunks, chunk_size) + x.shape[1:])
+  def to_chunks(x):
+    # Example i·num_chunks + j is row i of chunk j: the reshape splits the
+    # (sharded) example axis into rows, so every chunk spans all devices.
+    x = _pad_examples(x, padded - num_examples)
+    x = x.reshape((chunk, num_chunks) + x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
 
-  chunks = jax.tree.map(pad_and_chunk, batch)
-  weights = (jnp.arange(padded) < num_examples).reshape(num_chunks, chunk_size)
+  chunks = [to_chunks(x) for x in examples]
+  weights = (jnp.arange(padded) < num_examples).reshape(chunk, num_chunks).T
 
   def example_grad(example):
-    single = jax.tree.map(lambda x: x[None], example)
+    rows = iter(example)
+    single = treedef.unflatten(
+        [next(rows)[None] if b else x for x, b in zip(leaves, batched)])
     return jax.grad(
         lambda p: loss.per_example(
             predict_fn(p, single), targets_fn(single)
         )[0]
     )(params)
 
-  def accumulate(total, chunk):
-    examples, weight = chunk
+  def accumulate(total, chunk_and_weight):
+    examples, weight = chunk_and_weight
     grads = jax.vmap(example_grad)(examples)
     squares = jax.tree.map(
-        lambda g: jnp.tensordot(weight.astype(g.dtype), g * g, axes=1), grads
-    )
+        lambda g: jnp.sum(jnp.where(
+            weight.reshape((-1,) + (1,) * (g.ndim - 1)), g * g, 0.0), axis=0),
+        grads)
     return optax.tree.add(total, squares), None
 
   total, _ = jax.lax.scan(
       accumulate, optax.tree.zeros_like(params), (chunks, weights)
   )
   return batch_mean(optax.tree.scale(1.0 / num_examples, total), axis_name)
+
+
+def _explicit_shards(x: Array) -> int:
+  """How many devices the leading axis of ``x`` is explicitly sharded over.
+
+  Under a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) the
+  sharding is part of the type; ``Auto`` axes and unsharded arrays give 1.
+  """
+  typeof = getattr(jax, "typeof", None)  # jax releases without explicit
+  if typeof is None:  # sharding have no jax.typeof either.
+    return 1
+  sharding = getattr(typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if not spec or spec[0] is None or mesh is None:
+    return 1
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  count = 1
+  for axis in axes:
+    count *= mesh.shape[axis]
+  return count
+
+
+def _pad_examples(x: Array, amount: int) -> Array:
+  """``x`` with ``amount`` zero examples appended (padding).
+
+  ``jnp.pad`` with zeros keeps an explicitly sharded example axis sharded
+  (slicing out a real example to repeat would not); the padded examples'
+  gradients are masked out with ``jnp.where``, so even a non-finite value
+  there does not reach the sum.
+  """
+  if amount == 0:
+    return x
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _pad_examples(jax.random.key_data(x), amount)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jnp.pad(x, [(0, amount)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _reshard_like(x: Array, reference) -> Array:
+  """``x`` with its example axis sharded like ``reference``'s (a sharding).
+
+  ``vmap`` under explicit sharding needs every mapped axis sharded the same
+  way; inputs made inside the step (cotangents, sampled targets) may not be.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  spec = spec + (None,) * (x.ndim - len(spec))
+  if spec[0] == reference.spec[0]:
+    return x
+  target = jax.sharding.NamedSharding(
+      reference.mesh, jax.sharding.PartitionSpec(reference.spec[0], *spec[1:]))
+  return jax.sharding.reshard(x, target)
