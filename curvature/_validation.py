@@ -6,7 +6,7 @@ with traced values). Concrete values are checked; traced ones cannot be and
 are let through.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,8 @@ def check_positive(name: str, value: Any, fix: str = "") -> None:
 
 
 def check_in_interval(
-    name: str, value: Any, low: float, high: float, *, closed_high=False
+    name: str, value: Any, low: float, high: float, *, closed_high=False,
+    fix: str = "",
 ) -> None:
   """Raises ``ValueError`` unless ``low <= value < high`` (or ``<= high``)."""
   concrete = concrete_value(value)
@@ -60,6 +61,55 @@ def check_in_interval(
     bracket = "]" if closed_high else ")"
     raise ValueError(
         f"`{name}` must lie in [{low}, {high}{bracket}, got {value!r}."
+        + (f" {fix}" if fix else "")
+    )
+
+
+def check_at_least(name: str, value: Any, minimum: float, fix: str = "") -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is finite and ``>= minimum``."""
+  concrete = concrete_value(value)
+  if concrete is None:
+    return
+  if not np.all(np.isfinite(concrete)) or np.any(concrete < minimum):
+    raise ValueError(
+        f"`{name}` must be a finite number >= {minimum}, got {value!r}."
+        + (f" {fix}" if fix else "")
+    )
+
+
+def check_ordered(low_name: str, low: Any, high_name: str, high: Any,
+                  fix: str = "") -> None:
+  """Raises ``ValueError`` if concrete ``low > high`` (e.g. min above max)."""
+  low_value, high_value = concrete_value(low), concrete_value(high)
+  if low_value is None or high_value is None:
+    return
+  if np.any(low_value > high_value):
+    raise ValueError(
+        f"`{low_name}`={low!r} exceeds `{high_name}`={high!r}: it must not be"
+        " larger." + (f" {fix}" if fix else "")
+    )
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """Raises ``ValueError`` for a NaN, infinite or negative learning rate.
+
+  A schedule (a callable) is allowed and checked where it is evaluated, as
+  optax does; traced values (``inject_hyperparams``) are let through.
+  """
+  check_nonnegative(
+      "learning_rate",
+      learning_rate,
+      "Pass the step size as a positive number or an optax schedule; the"
+      " sign is applied for you.",
+  )
+
+
+def check_not_schedule(name: str, value: Any, fix: str) -> None:
+  """Raises ``TypeError`` if ``value`` is a callable where a number is needed."""
+  if callable(value):
+    raise TypeError(
+        f"`{name}` must be a number, got the callable {value!r} (a"
+        f" schedule?). {fix}"
     )
 
 
@@ -142,3 +192,70 @@ def check_axis_name(axis_name: Any):
       " `jax.shard_map(..., in_specs=P('batch'))` pass `axis_name='batch'`"
       " (a tuple such as ('data', 'fsdp') for several axes); leave it None"
       " under plain `jit`, where sharded batch means are already global.")
+
+
+def _paths_and_leaves(tree: Any):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path) or "<root>", leaf)
+          for path, leaf in flat], treedef
+
+
+def tree_mismatch(expected: Any, actual: Any) -> Optional[str]:
+  """Where ``actual`` first differs from ``expected`` in structure or shape.
+
+  Args:
+    expected: the reference pytree (e.g. the parameters).
+    actual: the pytree to compare (a state field, a product).
+
+  Returns:
+    ``None`` when both have the same structure and leaf shapes; otherwise a
+    sentence naming the first differing leaf path.
+  """
+  expected_leaves, expected_def = _paths_and_leaves(expected)
+  actual_leaves, actual_def = _paths_and_leaves(actual)
+  for (e_path, e_leaf), (a_path, a_leaf) in zip(expected_leaves,
+                                                actual_leaves):
+    if e_path != a_path:
+      return f"leaf {a_path} where {e_path} was expected"
+    if jnp.shape(e_leaf) != jnp.shape(a_leaf):
+      return (f"leaf {a_path} has shape {jnp.shape(a_leaf)} where"
+              f" {jnp.shape(e_leaf)} was expected")
+  if len(expected_leaves) > len(actual_leaves):
+    return f"leaf {expected_leaves[len(actual_leaves)][0]} is missing"
+  if len(actual_leaves) > len(expected_leaves):
+    return f"leaf {actual_leaves[len(expected_leaves)][0]} is extra"
+  if expected_def != actual_def:
+    return f"the tree structure {actual_def} differs from {expected_def}"
+  return None
+
+
+def check_same_tree(expected: Any, actual: Any, what: str, fix: str,
+                    reference: str = "the parameters") -> None:
+  """Raises ``ValueError`` naming the first leaf where the trees differ.
+
+  Checked at trace time, from shapes only, so that a mismatch gives this
+  message instead of an XLA shape error.
+
+  Args:
+    expected: the reference pytree (usually the parameters).
+    actual: the pytree that must match it.
+    what: what ``actual`` is, for the message ("The state", "matvec(v)").
+    fix: how to fix it.
+    reference: what ``expected`` is, for the message.
+  """
+  mismatch = tree_mismatch(expected, actual)
+  if mismatch is not None:
+    raise ValueError(f"{what} does not match {reference}: {mismatch}. {fix}")
+
+
+def check_state(params: Any, state_tree: Any) -> None:
+  """Raises ``ValueError`` if a state pytree was made for other parameters.
+
+  Args:
+    params: the parameters given to ``update``.
+    state_tree: the part of the state shaped like the parameters.
+  """
+  check_same_tree(
+      params, state_tree, "The state",
+      "It was made by `init` for other parameters: call `opt.init(params)`"
+      " with the parameters given to `update`.")
