@@ -178,6 +178,9 @@ def conjugate_gradient(
   precondition = preconditioner or (lambda r: r)
   x = optax.tree.zeros_like(b) if x0 is None else x0
   _check_same_structure(x, b)
+  matvec = _checked(matvec, b, "matvec(v)")
+  if preconditioner is not None:
+    precondition = _checked(preconditioner, b, "preconditioner(r)")
 
   dtype = jnp.result_type(*jax.tree.leaves(b))
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -195,9 +198,12 @@ def conjugate_gradient(
   if record_iterates:
     schedule = backtracking_schedule(max_iterations, record_base)
     num_slots = len(schedule)
-    # One extra scratch row takes the writes of unscheduled iterations.
+    # One extra scratch row takes the writes of unscheduled iterations. The
+    # buffers are broadcast from the iterate, so they carry its sharding
+    # (and mesh) and the in-place writes type-check under explicit sharding.
     recorded = jax.tree.map(
-        lambda leaf: jnp.zeros((num_slots + 1,) + leaf.shape, leaf.dtype), x
+        lambda leaf: jnp.broadcast_to(
+            jnp.zeros_like(leaf), (num_slots + 1,) + leaf.shape), x
     )
     recorded_values = jnp.zeros(num_slots + 1, dtype)
   else:
@@ -334,3 +340,19 @@ def _check_same_structure(x: Params, b: Params) -> None:
         "`x0` and `b` must be pytrees of the same structure; got"
         f" {jax.tree.structure(x)} and {jax.tree.structure(b)}."
     )
+  _validation.check_same_tree(
+      b, x, "`x0`", "Start from a pytree like `b` (or pass x0=None).",
+      reference="`b`")
+
+
+def _checked(fn: Callable[[Params], Params], b: Params, what: str):
+  """``fn`` whose output is checked against ``b`` at trace time."""
+
+  def apply(vector):
+    out = fn(vector)
+    _validation.check_same_tree(
+        b, out, what, "The operator must map pytrees like `b` to pytrees"
+        " like `b`.", reference="`b`")
+    return out
+
+  return apply
