@@ -31,12 +31,20 @@ Conventions:
   losses. The *empirical* Fisher, built from the data labels instead of
   sampled ones, is a different matrix for every loss (Kunstner et al. 2019;
   ``shared/seeds/002_*``).
+* Integer labels of :data:`softmax_cross_entropy` must lie in
+  ``[0, num_classes)``. Concrete labels outside that range raise a
+  ``ValueError``; traced ones (inside ``jit``) give that example a NaN loss
+  and a NaN gradient, never a silently wrong class (−1 is not the last
+  class), so the non-finite guards of the transforms reject the step and
+  count it (``rejected_steps``), as ``optax.apply_if_finite`` does for the
+  first-order ones.
 """
 
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -88,6 +96,25 @@ def _is_integer_labels(targets: Any) -> bool:
   return jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer)
 
 
+def _check_labels(labels: Array, num_classes: int) -> Array:
+  """``0 <= labels < num_classes`` elementwise; raises if labels are concrete.
+
+  Concrete labels (outside ``jit``) that fall outside the range raise a
+  ``ValueError`` at once. Traced labels cannot be checked at trace time: the
+  returned mask makes the loss NaN for the invalid ones instead.
+  """
+  if not isinstance(labels, jax.core.Tracer):
+    concrete = np.asarray(labels)
+    bad = (concrete < 0) | (concrete >= num_classes)
+    if np.any(bad):
+      raise ValueError(
+          f"Integer labels must lie in [0, {num_classes}) for {num_classes}"
+          f" classes, got {concrete[bad].ravel()[:5].tolist()} (negative"
+          " labels are not wrapped to the last class). Fix the labels, or"
+          " mask ignored examples out of the batch.")
+  return (labels >= 0) & (labels < num_classes)
+
+
 def _softmax_ce_per_example(logits: Array, targets: Array) -> Array:
   if _is_integer_labels(targets):
     if targets.shape != logits.shape[:-1]:
@@ -96,9 +123,15 @@ def _softmax_ce_per_example(logits: Array, targets: Array) -> Array:
           f" {logits.shape}: labels need the logits' shape without its last"
           " (class) axis."
       )
+    valid = _check_labels(targets, logits.shape[-1])
     elementwise = optax.losses.softmax_cross_entropy_with_integer_labels(
-        logits, targets
+        logits, jnp.where(valid, targets, 0)
     )
+    # An invalid label scores NaN (and so does its gradient), so every
+    # non-finite guard downstream rejects the step instead of training on
+    # the wrong class.
+    elementwise = elementwise * jnp.where(valid, 1.0, jnp.nan).astype(
+        elementwise.dtype)
   else:
     if targets.shape != logits.shape:
       raise ValueError(
