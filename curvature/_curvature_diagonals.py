@@ -37,6 +37,12 @@ ESTIMATORS = ("empirical_fisher", "sampled_fisher", "ggn", "hutchinson")
 """Names of the diagonal estimators of :func:`ema_curvature_diagonal`."""
 
 
+def _no_targets(batch):
+  """The targets of an estimator that does not use them: none."""
+  del batch
+  return None
+
+
 def _linear_per_example(outputs, cotangents):
   return jnp.sum(outputs * cotangents, axis=tuple(range(1, outputs.ndim)))
 
@@ -115,6 +121,7 @@ def sampled_fisher_diagonal(
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   axis_name = _validation.check_axis_name(axis_name)
+  _products.batch_size(batch, _no_targets)
   params = _products.as_varying(params, axis_name)
   key = _products.shard_key(key, axis_name)
   outputs = jax.lax.stop_gradient(predict_fn(params, batch))
@@ -169,6 +176,7 @@ def ggn_diagonal(
   max_output_dim = _validation.check_static_int(
       "max_output_dim", max_output_dim, 1)
   axis_name = _validation.check_axis_name(axis_name)
+  _products.batch_size(batch, targets_fn)
   params = _products.as_varying(params, axis_name)
   outputs = jax.lax.stop_gradient(predict_fn(params, batch))
   targets = targets_fn(batch)
@@ -240,6 +248,7 @@ def hutchinson_hessian_diagonal(
     2020.
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
+  _products.batch_size(batch, targets_fn)
   lin = _products.linearize(predict_fn, loss, params, batch,
                             curvature="hessian", targets_fn=targets_fn,
                             axis_name=axis_name)
@@ -264,12 +273,19 @@ class CurvatureDiagonalState(NamedTuple):
     ema: the raw EMA of the diagonal estimates.
     key: PRNG key for the stochastic estimators.
     rejected_statistics: estimates discarded because they were not finite.
+    clipped_statistics: steps whose output had negative entries clipped to
+      0 (``clip_negative=True``; a Hutchinson estimate of an indefinite
+      Hessian).
+    rejected_steps: updates of :func:`scale_by_curvature_diagonal` replaced
+      by zeros because they were not finite (0 for this transform alone).
   """
 
   count: Array
   ema: Params
   key: Array
   rejected_statistics: Array
+  clipped_statistics: Array
+  rejected_steps: Array
 
 
 def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
@@ -321,6 +337,7 @@ def ema_curvature_diagonal(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     axis_name=None,
+    clip_negative: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the updates by a bias-corrected EMA of a curvature diagonal.
 
@@ -352,6 +369,9 @@ def ema_curvature_diagonal(
       global-batch one (sampled targets are drawn independently per device,
       Hutchinson probes are shared). ``None``: no reduction (plain ``jit``).
       ``statistics_batch_size`` then counts examples per shard.
+    clip_negative: clip negative entries of the output at 0 (the EMA itself
+      is kept unclipped, so it stays an unbiased average); the steps where
+      this happened are counted in ``clipped_statistics``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -371,14 +391,18 @@ def ema_curvature_diagonal(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_curvature_diagonal")
+    zero = jnp.zeros([], jnp.int32)
     return CurvatureDiagonalState(
-        count=jnp.zeros([], jnp.int32), ema=optax.tree.zeros_like(params),
-        key=jax.random.key(seed),
-        rejected_statistics=jnp.zeros([], jnp.int32))
+        count=zero, ema=optax.tree.zeros_like(params),
+        key=jax.random.key(seed), rejected_statistics=zero,
+        clipped_statistics=zero, rejected_steps=zero)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
     check_update_args("ema_curvature_diagonal", params, batch)
+    _validation.check_state(params, state.ema)
+    _products.batch_size(
+        batch, _no_targets if estimator == "sampled_fisher" else targets_fn)
     if statistics_batch_size is not None:
       batch = _products.take_examples(batch, statistics_batch_size)
     key, sample_key = jax.random.split(state.key)
@@ -389,10 +413,17 @@ def ema_curvature_diagonal(
         finite, _moments.ema_update(state.ema, estimate, decay), state.ema)
     count = state.count + finite.astype(jnp.int32)
     out = _moments.debias(ema, decay, jnp.maximum(count, 1))
-    return out, CurvatureDiagonalState(
+    clipped = jnp.zeros((), bool)
+    if clip_negative:
+      clipped = jnp.any(jnp.asarray(
+          [jnp.any(x < 0) for x in jax.tree.leaves(out)]))
+      out = jax.tree.map(lambda x: jnp.maximum(x, 0), out)
+    return out, state._replace(
         count=count, ema=ema, key=key,
         rejected_statistics=state.rejected_statistics
-        + (~finite).astype(jnp.int32))
+        + (~finite).astype(jnp.int32),
+        clipped_statistics=state.clipped_statistics
+        + clipped.astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -415,16 +446,28 @@ def scale_by_curvature_diagonal(
 
   :func:`curvature.scale_by_diagonal` with :func:`ema_curvature_diagonal` in
   its curvature slot. ``p = 1`` is the diagonal natural gradient (Fisher) or
-  diagonal Gauss-Newton; with ``estimator="hutchinson"`` the diagonal may be
-  negative, so use ``p = 1`` with care (or AdaHessian-style ``|d|``).
+  diagonal Gauss-Newton. With ``estimator="hutchinson"`` the diagonal of an
+  indefinite Hessian may be negative: for ``p ≠ 1`` it is clipped at 0 before
+  the power (a negative number has no real fractional power) and the steps
+  where that happened are counted in ``clipped_statistics``; with ``p = 1``
+  it is used as is, so use ``p = 1`` with care there.
+
+  **Non-finite values.** ``λ`` must be ``> 0``: a parameter the loss does
+  not use (or a dead unit) has a zero diagonal, and ``0 / 0`` is NaN. An
+  update that is still not finite (a NaN gradient, an injected ``λ = 0``,
+  ``d̂ + λ = 0`` with ``p = 1``) is replaced by zeros and counted in the
+  ``rejected_steps`` field of the :class:`CurvatureDiagonalState` (in
+  ``state.curvature``); the parameters never see it.
 
   Args:
     predict_fn: ``(params, batch) -> outputs``.
     loss: a loss from :mod:`curvature.losses`.
     estimator: one of :data:`ESTIMATORS`.
     decay: EMA decay of the diagonal.
-    power: ``p``.
-    damping: ``λ``, added after the power.
+    power: ``p > 0``, a number.
+    damping: ``λ > 0``, added after the power; a number. For a schedule,
+      inject it: ``curvature.inject_hyperparams(
+      curvature.scale_by_curvature_diagonal)(damping=schedule, ...)``.
     num_samples: samples per estimate.
     statistics_batch_size: leading examples used for the estimate.
     targets_fn: finds the targets in a batch.
@@ -436,7 +479,8 @@ def scale_by_curvature_diagonal(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state
-    :class:`curvature.ScaleByDiagonalState`).
+    :class:`curvature.ScaleByDiagonalState` whose ``curvature`` is a
+    :class:`CurvatureDiagonalState`).
 
   Example:
     >>> opt = optax.chain(
@@ -446,18 +490,37 @@ def scale_by_curvature_diagonal(
   References:
     Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
   """
+  schedule_fix = (
+      "For a schedule, inject it: `curvature.inject_hyperparams("
+      "curvature.scale_by_curvature_diagonal)(damping=schedule, ...)`.")
+  _validation.check_not_schedule("damping", damping, schedule_fix)
+  _validation.check_not_schedule("power", power, "Use 0.5 or 1.")
+  _validation.check_positive(
+      "damping", damping,
+      "A parameter the loss does not use has a zero curvature diagonal, and"
+      " its update would be 0/0 = NaN: use a small damping such as 1e-3 (the"
+      " default).")
+  clip_negative = not (isinstance(power, (int, float)) and power == 1)
   transform = _diagonal.scale_by_diagonal(
       ema_curvature_diagonal(
           predict_fn, loss, estimator=estimator, decay=decay,
           num_samples=num_samples,
           statistics_batch_size=statistics_batch_size,
-          targets_fn=targets_fn, seed=seed, axis_name=axis_name),
+          targets_fn=targets_fn, seed=seed, axis_name=axis_name,
+          clip_negative=clip_negative),
       power=power, damping=damping)
-  if axis_name is None:
-    return transform
 
   def update_fn(updates, state, params=None, **extra_args):
-    return transform.update(_products.batch_mean(updates, axis_name), state,
-                            params, **extra_args)
+    updates = _products.batch_mean(updates, axis_name)
+    new_updates, new_state = transform.update(updates, state, params,
+                                              **extra_args)
+    finite = _validation.all_finite(new_updates)
+    new_updates = optax.tree.where(
+        finite, new_updates, optax.tree.zeros_like(new_updates))
+    curvature_state = new_state.curvature
+    curvature_state = curvature_state._replace(
+        rejected_steps=curvature_state.rejected_steps
+        + (~finite).astype(jnp.int32))
+    return new_updates, new_state._replace(curvature=curvature_state)
 
   return optax.GradientTransformationExtraArgs(transform.init, update_fn)
