@@ -82,8 +82,9 @@ def _cast(tree: Params, dtype) -> Params:
 
 
 def _last_examples(batch, num_examples: int):
-  """The last ``num_examples`` examples of every leaf of ``batch``."""
-  return jax.tree.map(lambda x: x[x.shape[0] - num_examples:], batch)
+  """The last ``num_examples`` examples of ``batch`` (scalars kept)."""
+  return _products.map_examples(
+      lambda x: x[x.shape[0] - num_examples:], batch)
 
 
 def _check_update_args(updates, params, batch):
@@ -336,19 +337,23 @@ def scale_by_hessian_free(
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
     curvature: one of :data:`curvature.CURVATURES`; ``"ggn"`` as in Martens.
-    initial_damping: ``λ₀`` (1.0 in Martens' reference code).
+    initial_damping: ``λ₀ ≥ 0`` (1.0 in Martens' reference code), a number.
+      With ``adapt_damping=False`` it may also be a schedule ``step ↦ λ``,
+      and it is read at every step, so a value injected by
+      ``curvature.inject_hyperparams`` is followed too; with adaptation only
+      its value at ``init`` matters and a schedule is refused.
     adapt_damping: adapt ``λ`` by the Levenberg-Marquardt rule; if ``False``
       it stays at ``initial_damping``.
-    damping_increase: the factor for ``ρ < rho_low`` (3/2).
-    damping_decrease: the factor for ``ρ > rho_high`` (2/3).
-    rho_low: see above (1/4).
+    damping_increase: the factor ``≥ 1`` for ``ρ < rho_low`` (3/2).
+    damping_decrease: the factor in ``(0, 1]`` for ``ρ > rho_high`` (2/3).
+    rho_low: see above (1/4); at most ``rho_high``.
     rho_high: see above (3/4).
-    min_damping: floor of the adapted ``λ``.
+    min_damping: floor of the adapted ``λ``; at most ``max_damping``.
     max_damping: ceiling of the adapted ``λ``.
     l2_reg: L2 coefficient ``η``: ``½η‖θ‖²`` is added to the objective,
       ``ηθ`` to the gradient and ``ηI`` to the curvature (Martens used 1e-5).
     max_cg_iterations: CG cap (250); a Python int.
-    cg_tol: CG relative-residual tolerance.
+    cg_tol: CG relative-residual tolerance, ``≥ 0``.
     progress_tol: Martens' relative-progress ``ε`` (5e-4); ``None`` disables
       that rule, and CG runs to ``cg_tol`` or the cap.
     warm_start_decay: CG starts from this times the previous solution (0.95);
@@ -398,6 +403,18 @@ def scale_by_hessian_free(
     ``shared/seeds/001_*`` and ``004_*`` (Newton, Levenberg-Marquardt, CG).
   """
   _validation.check_choice("curvature", curvature, _products.CURVATURES)
+  if adapt_damping:
+    _validation.check_not_schedule(
+        "initial_damping", initial_damping,
+        "The damping is adapted by the Levenberg-Marquardt rule, so only its"
+        " start is given: pass a number (Martens starts at 1.0). To follow"
+        " a schedule, fix the damping: `adapt_damping=False` (in"
+        " scale_by_hessian_free or natural_gradient) or"
+        " `gauss_newton(damping=schedule)`.")
+  elif callable(initial_damping):
+    _validation.check_nonnegative(
+        "initial_damping(0)", initial_damping(0),
+        "The schedule must give a damping >= 0.")
   _validation.check_nonnegative(
       "initial_damping", initial_damping,
       "Use a damping >= 0 (Martens starts at 1.0)."
@@ -405,9 +422,25 @@ def scale_by_hessian_free(
   _validation.check_nonnegative("l2_reg", l2_reg)
   _validation.check_nonnegative("min_damping", min_damping)
   _validation.check_positive("max_damping", max_damping)
+  _validation.check_ordered(
+      "min_damping", min_damping, "max_damping", max_damping,
+      "Swap them: λ is clipped to [min_damping, max_damping].")
   _validation.check_in_interval(
       "damping_decrease", damping_decrease, 0.0, 1.0, closed_high=True)
-  _validation.check_positive("damping_increase", damping_increase)
+  _validation.check_at_least(
+      "damping_increase", damping_increase, 1.0,
+      "It multiplies λ after a poor step (ρ < rho_low); below 1 the damping"
+      " would fall exactly when the model failed. Martens uses 1.5.")
+  _validation.check_ordered(
+      "rho_low", rho_low, "rho_high", rho_high,
+      "λ grows below rho_low and shrinks above rho_high; Martens uses 0.25"
+      " and 0.75.")
+  _validation.check_nonnegative(
+      "cg_tol", cg_tol, "It is CG's relative-residual tolerance, e.g. 1e-10.")
+  if progress_tol is not None:
+    _validation.check_nonnegative(
+        "progress_tol", progress_tol,
+        "Martens' relative-progress rule uses 5e-4; None disables it.")
   _validation.check_in_interval(
       "warm_start_decay", warm_start_decay, 0.0, 1.0, closed_high=True)
   _validation.check_in_interval("line_search_decay", line_search_decay, 0, 1)
@@ -435,13 +468,20 @@ def scale_by_hessian_free(
         " curvature.losses.softmax_cross_entropy."
     )
 
+  def damping_at(count, dtype):
+    """The given damping at step ``count`` (a number, an injected value or
+    a schedule)."""
+    value = initial_damping(count) if callable(initial_damping) else (
+        initial_damping)
+    return jnp.asarray(value, dtype)
+
   def init_fn(params):
     _validation.check_params(params, "scale_by_hessian_free")
     dtype = _state_dtype(params)
     zero = jnp.zeros((), dtype)
     return ScaleByHessianFreeState(
         count=jnp.zeros((), jnp.int32),
-        damping=jnp.asarray(initial_damping, dtype),
+        damping=damping_at(jnp.zeros((), jnp.int32), dtype),
         previous_solution=optax.tree.zeros_like(params, dtype=dtype),
         key=jax.random.key(seed),
         rejected_steps=jnp.zeros((), jnp.int32),
@@ -456,12 +496,13 @@ def scale_by_hessian_free(
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args  # value, grad, value_fn: accepted for chaining.
     _check_update_args(updates, params, batch)
+    _validation.check_state(params, state.previous_solution)
     original_params = params
     compute_dtype = state.damping.dtype  # params' dtype, at least float32.
     params = _cast(params, compute_dtype)
     updates = _products.batch_mean(_cast(updates, compute_dtype), axis_name)
     key, sample_key = jax.random.split(state.key)
-    num_examples = jax.tree.leaves(batch)[0].shape[0]
+    num_examples = _products.batch_size(batch, targets_fn)
     num_curvature = min(curvature_batch_size or num_examples, num_examples)
     num_evaluation = min(evaluation_batch_size or num_examples, num_examples)
     curvature_batch = _products.take_examples(batch, num_curvature)
@@ -481,7 +522,10 @@ def scale_by_hessian_free(
     else:
       value, extra_evaluations = evaluate(optax.tree.zeros_like(params)), 1
     grad = optax.tree.add_scale(updates, l2_reg, params)
-    damping = state.damping
+    # Adapted λ lives in the state; a fixed one is read from the argument
+    # each step, so that a schedule or an injected value is followed.
+    damping = state.damping if adapt_damping else damping_at(
+        state.count, compute_dtype)
 
     def damped_matvec(vector):
       return optax.tree.add_scale(lin.matvec(vector), damping, vector)
@@ -565,6 +609,7 @@ def scale_by_hessian_free(
 
 
 def _with_learning_rate(transform, learning_rate, linesearch=None):
+  _validation.check_learning_rate(learning_rate)
   parts = [transform, optax.scale_by_learning_rate(learning_rate)]
   if linesearch is not None:
     parts.append(linesearch)
@@ -603,7 +648,8 @@ def hessian_free(
   damping and the line search already choose the step.
 
   Args:
-    learning_rate: a scalar or schedule scaling the step (1.0).
+    learning_rate: a finite scalar ``≥ 0`` or a schedule scaling the step
+      (1.0).
     predict_fn: ``(params, batch) -> outputs``.
     loss: a loss from :mod:`curvature.losses`.
     curvature: the curvature matrix, ``"ggn"`` by default.
