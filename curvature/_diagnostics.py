@@ -5,8 +5,12 @@ Each estimator takes a symmetric ``matvec`` on parameter pytrees, typically
 for the Hessian, the GGN or a Fisher, so one linearization serves every
 product. Loops are ``lax.scan`` / ``lax.while_loop`` / ``lax.map`` and jit.
 Results carry a ``finite`` flag: an operator that produces NaN or Inf gives a
-flagged result, never a silent NaN. The Lanczos and power-iteration
-primitives live in :mod:`curvature._lanczos`.
+flagged result, never a silent NaN. A ``matvec`` whose output does not
+match the parameters' pytree raises a ``ValueError`` at trace time naming
+the first differing leaf. For bfloat16 or float16 parameters the Lanczos and
+power recurrences and the small tridiagonal eigendecompositions run in
+float32 (the operator is still applied in the parameters' dtype). The
+Lanczos and power-iteration primitives live in :mod:`curvature._lanczos`.
 """
 
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -101,6 +105,7 @@ def hutchinson_trace(
   if _lanczos.dimension(params) == 0:
     raise ValueError("The parameter pytree is empty: there is no operator.")
   flat, unravel = ravel_pytree(params)
+  matvec = _lanczos.checked_matvec(matvec, params)
 
   def quadratic_form(carry, probe_key):
     probe = unravel(_rademacher_like(flat, probe_key))
@@ -207,7 +212,7 @@ def spectral_density(
     result = _lanczos.lanczos(
         matvec, unravel(_rademacher_like(flat, start_key)), num_iterations,
         reorthogonalize=reorthogonalize, key=restart_key)
-    nodes, vectors = jnp.linalg.eigh(_lanczos.tridiagonal(result))
+    nodes, vectors = _lanczos.eigh_tridiagonal(result)
     return nodes, vectors[0] ** 2, result.finite
 
   nodes, weights, finite = jax.lax.map(
@@ -399,7 +404,9 @@ class NegativeCurvature(NamedTuple):
     smallest: ``θ₁``, an upper bound on ``λmin``.
     largest: ``θ_m``, a lower bound on ``λmax``.
     negative_ratio: ``max(0, −θ₁) / |θ_m|``, the size of the most negative
-      curvature relative to the largest (PyHessian's saddle statistic).
+      curvature relative to the largest (PyHessian's saddle statistic); 0
+      without negative curvature (the zero operator included), ``+∞`` if
+      ``θ₁ < 0 = θ_m``.
     direction: the unit Ritz vector of ``θ₁``, a descent direction of the
       quadratic model in either sign (escape from a saddle along it).
     finite: ``False`` if the operator produced a NaN or an Inf.
@@ -412,6 +419,14 @@ class NegativeCurvature(NamedTuple):
   negative_ratio: Array
   direction: Params
   finite: Array
+
+
+def _negative_ratio(smallest: Array, largest: Array) -> Array:
+  """``max(0, −θ₁) / |θ_m|`` without ``0 / 0`` (the zero operator gives 0)."""
+  negative = jnp.maximum(0.0, -smallest)
+  scale = jnp.abs(largest)
+  ratio = negative / jnp.where(scale > 0, scale, 1.0)
+  return jnp.where(negative > 0, jnp.where(scale > 0, ratio, jnp.inf), 0.0)
 
 
 def negative_curvature(
@@ -466,7 +481,7 @@ def negative_curvature(
       is_saddle=negative & (largest > 0),
       smallest=smallest,
       largest=largest,
-      negative_ratio=jnp.maximum(0.0, -smallest) / jnp.abs(largest),
+      negative_ratio=_negative_ratio(smallest, largest),
       direction=jax.tree.map(lambda x: x[0], lowest.eigenvectors),
       finite=ritz.lanczos.finite,
   )
@@ -663,6 +678,7 @@ def monitor(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     _check_monitor_args(params, batch)
+    _products.batch_size(batch, targets_fn)
     new_updates, inner_state = inner.update(
         updates, state.inner_state, params, batch=batch, **extra_args)
     key, sample_key = jax.random.split(state.key)

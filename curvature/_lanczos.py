@@ -12,6 +12,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import numpy as np
+
 from curvature import _validation
 
 Array = jax.Array
@@ -34,6 +36,10 @@ class LanczosResult(NamedTuple):
       the ``m`` new Lanczos vectors were reorthogonalized against the basis
       (an int32 scalar); ``None`` in the other modes (``"full"`` does all of
       them, ``False`` none).
+    valid_start: ``False`` if the (traced) start vector was zero or not
+      finite; the run then started from a random vector instead, so
+      ``finite`` still describes the operator alone. A concrete bad start
+      raises a ``ValueError`` instead.
   """
 
   alphas: Array
@@ -41,6 +47,7 @@ class LanczosResult(NamedTuple):
   basis: Optional[Array]
   finite: Array
   num_reorthogonalizations: Optional[Array] = None
+  valid_start: Optional[Array] = None
 
 
 class Eigenpairs(NamedTuple):
@@ -70,7 +77,8 @@ class PowerIterationResult(NamedTuple):
       estimate of the eigenvalue of largest magnitude.
     eigenvector: the last iterate, a unit-norm pytree.
     iterations: the number of operator products.
-    converged: whether the relative-change test passed.
+    converged: whether the relative-change test passed *and* the iterate is
+      an eigenvector, ``‖Av − λv‖ ≤ √rtol · ‖Av‖`` (or ``Av = 0``).
     finite: ``False`` if the operator produced a NaN or an Inf.
   """
 
@@ -126,15 +134,66 @@ def _check_k(k: Any, num_iterations: int, params: Params) -> int:
   return k
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype of the recurrences: ``dtype``, but at least float32.
+
+  bfloat16 and float16 have too few bits for the Lanczos and power
+  recurrences, and ``jnp.linalg.eigh`` does not run in them; the operator
+  itself is still applied to vectors of the parameters' dtype.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+MATVEC_FIX = ("`matvec` must return a pytree of the same structure and leaf"
+              " shapes as its input (the parameters' pytree), e.g."
+              " `curvature.linearize(...).matvec` for the same `params`.")
+"""How to fix a ``matvec`` whose output does not match its input."""
+
+
+def checked_matvec(matvec: Matvec, params: Params) -> Matvec:
+  """``matvec`` whose output is checked against ``params`` at trace time.
+
+  A product of another structure or shape raises a ``ValueError`` naming
+  the first differing leaf, instead of a shape error inside XLA.
+  """
+
+  def apply(vector):
+    product = matvec(vector)
+    _validation.check_same_tree(params, product, "matvec(v)", MATVEC_FIX)
+    return product
+
+  return apply
+
+
 def _flat_operator(matvec: Matvec, params: Params):
-  """``matvec`` on raveled vectors, with the ravel of ``params``."""
-  flat, unravel = ravel_pytree(params)
+  """``matvec`` on raveled vectors, in at least float32.
+
+  Returns:
+    The ravel of ``params`` (cast to :func:`compute_dtype`), the unravel
+    function (which casts back to the parameters' dtype) and the operator on
+    raveled vectors.
+  """
+  flat, unravel_params = ravel_pytree(params)
+  dtype = compute_dtype(flat.dtype)
+  matvec = checked_matvec(matvec, params)
+
+  def unravel(vector):
+    return unravel_params(vector.astype(flat.dtype))
 
   def apply(vector):
     product, _ = ravel_pytree(matvec(unravel(vector)))
-    return product.astype(flat.dtype)
+    return product.astype(dtype)
 
-  return flat, unravel, apply
+  return flat.astype(dtype), unravel, apply
+
+
+def _concrete_start_norm(initial_vector: Params) -> Optional[float]:
+  """The norm of a concrete start vector, or ``None`` if it is traced."""
+  leaves = jax.tree.leaves(initial_vector)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return None
+  return float(np.sqrt(sum(
+      np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in leaves)))
 
 
 def _orthogonalize(vector: Array, basis: Array) -> Array:
@@ -363,8 +422,11 @@ def lanczos(
 
   Args:
     matvec: ``v ↦ A v`` on pytrees, for a symmetric ``A``.
-    initial_vector: the starting pytree ``v`` (any nonzero norm); its ravel
-      fixes ``n`` and the dtype.
+    initial_vector: the starting pytree ``v`` (any nonzero, finite norm);
+      its ravel fixes ``n`` and the dtype, at least float32 for the
+      recurrence (bfloat16 and float16 vectors are upcast, and the operator
+      is applied to vectors cast back to their dtype). A concrete zero start
+      raises a ``ValueError``; a traced one is flagged by ``valid_start``.
     num_iterations: ``m``, the number of operator products, ``1 ≤ m ≤ n``.
     reorthogonalize: ``True`` or ``"full"``, ``"partial"``, or ``False`` or
       ``None``, as above. ``"full"`` and ``"partial"`` keep the basis for
@@ -375,7 +437,9 @@ def lanczos(
     A :class:`LanczosResult`.
 
   Raises:
-    ValueError: for any other ``reorthogonalize``.
+    ValueError: for any other ``reorthogonalize``, a concrete start vector
+      that is zero or not finite, or a ``matvec`` whose output does not
+      match ``initial_vector``'s pytree (at trace time).
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch)
@@ -397,12 +461,27 @@ def lanczos(
   """
   mode = reorthogonalization_mode(reorthogonalize)
   num_iterations = check_num_iterations(num_iterations, initial_vector)
+  start_norm = _concrete_start_norm(initial_vector)
+  if start_norm is not None and not (np.isfinite(start_norm)
+                                     and start_norm > 0):
+    raise ValueError(
+        f"The Lanczos start vector has norm {start_norm}: it must be nonzero"
+        " and finite. Pass a random pytree, e.g. `jax.tree.map(lambda x:"
+        " jax.random.normal(key, x.shape, x.dtype), params)`, or the"
+        " parameters themselves.")
   key = jax.random.key(0) if key is None else key
   flat, _, apply = _flat_operator(matvec, initial_vector)
   n = flat.shape[0]
   eps = jnp.asarray(jnp.finfo(flat.dtype).eps, flat.dtype)
   tolerance = jnp.sqrt(eps)
-  first = _normalize(flat)
+  norm = jnp.linalg.norm(flat)
+  valid_start = jnp.isfinite(norm) & (norm > 0)
+  # A traced zero (or NaN) start: start from a random vector instead and
+  # say so in `valid_start`, rather than a NaN run that blames the operator.
+  first = jnp.where(
+      valid_start, flat / jnp.where(valid_start, norm, 1.0),
+      _normalize(jax.random.normal(
+          jax.random.fold_in(key, num_iterations), (n,), flat.dtype)))
   basis = None
   if mode is not None:
     basis = jnp.zeros((num_iterations, n), flat.dtype).at[0].set(first)
@@ -458,7 +537,8 @@ def lanczos(
   )
   finite = jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
   count = final.omega.count if mode == "partial" else None
-  return LanczosResult(alphas, betas, final.basis, finite, count)
+  return LanczosResult(alphas, betas, final.basis, finite, count,
+                       valid_start)
 
 
 def tridiagonal(result: LanczosResult) -> Array:
@@ -469,7 +549,14 @@ def tridiagonal(result: LanczosResult) -> Array:
 
 def ritz_values(result: LanczosResult) -> Array:
   """The eigenvalues of ``T``, ascending: estimates of ``A``'s eigenvalues."""
-  return jnp.linalg.eigvalsh(tridiagonal(result))
+  matrix = tridiagonal(result)
+  return jnp.linalg.eigvalsh(matrix.astype(compute_dtype(matrix.dtype)))
+
+
+def eigh_tridiagonal(result: LanczosResult) -> tuple[Array, Array]:
+  """``T = S Θ Sᵀ`` by ``jnp.linalg.eigh``, in at least float32."""
+  matrix = tridiagonal(result)
+  return jnp.linalg.eigh(matrix.astype(compute_dtype(matrix.dtype)))
 
 
 def _random_start(params: Params, key: Array) -> Params:
@@ -504,7 +591,7 @@ def ritz_decomposition(
   result = lanczos(
       matvec, _random_start(params, start_key), num_iterations,
       reorthogonalize=reorthogonalize, key=restart_key)
-  values, vectors = jnp.linalg.eigh(tridiagonal(result))
+  values, vectors = eigh_tridiagonal(result)
   return RitzDecomposition(values, vectors, result)
 
 
@@ -513,10 +600,11 @@ def select_pairs(
 ) -> Eigenpairs:
   """The Ritz pairs at positions ``order`` of the ascending Ritz values."""
   chosen = ritz.vectors[:, order]  # [m, k]
-  _, unravel = ravel_pytree(params)
+  flat, unravel = ravel_pytree(params)
+  vectors = (chosen.T @ ritz.lanczos.basis).astype(flat.dtype)
   return Eigenpairs(
       eigenvalues=ritz.values[order],
-      eigenvectors=jax.vmap(unravel)(chosen.T @ ritz.lanczos.basis),
+      eigenvectors=jax.vmap(unravel)(vectors),
       residual_bounds=jnp.abs(ritz.lanczos.betas[-1] * chosen[-1]),
       finite=ritz.lanczos.finite,
   )
@@ -656,6 +744,15 @@ def power_iteration(
   It converges at the rate ``|λ₂/λ₁|``; :func:`top_eigenpairs` is usually
   faster for the same number of products.
 
+  A settled Rayleigh quotient alone does not mean convergence: when the two
+  eigenvalues of largest magnitude are ``±λ`` (a tie, e.g. a saddle's
+  Hessian) the iterate flips between two vectors forever while ``vᵀAv``
+  stays put. The iteration therefore also asks for a small residual,
+  ``‖Av − λv‖ ≤ √rtol · ‖Av‖`` (the eigenvalue error of a Rayleigh quotient
+  is about the square of the vector's), and reports ``converged=False``
+  otherwise; use :func:`top_eigenpairs` and :func:`bottom_eigenpairs` for
+  both ends of such a spectrum.
+
   Args:
     matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
     params: a pytree with the shapes and dtypes ``A`` acts on.
@@ -696,9 +793,11 @@ def power_iteration(
     eigenvalue = jnp.vdot(carry.vector, product)
     norm = jnp.linalg.norm(product)
     change = jnp.abs(eigenvalue - carry.eigenvalue)
+    residual = jnp.linalg.norm(product - eigenvalue * carry.vector)
     finite = jnp.isfinite(eigenvalue) & jnp.isfinite(norm)
     settled = (carry.iteration > 0) & (change <= rtol * jnp.abs(eigenvalue))
-    converged = (settled | (norm == 0)) & finite  # A v = 0: eigenvalue 0.
+    eigenvector = residual <= jnp.sqrt(rtol) * norm  # Not a ±λ oscillation.
+    converged = ((settled & eigenvector) | (norm == 0)) & finite
     vector = jnp.where(norm > 0, product / jnp.where(norm > 0, norm, 1.0),
                        carry.vector)
     return _PowerCarry(vector, eigenvalue, carry.iteration + 1, converged,

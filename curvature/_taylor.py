@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvature import _validation
+
 Array = jax.Array
 Params = Any
 
@@ -85,11 +87,14 @@ class TaylorModels(NamedTuple):
     first_order: ``gᵀd``.
     second_order: ``gᵀd + ½ dᵀCd``.
     curvature: ``dᵀCd``, the curvature along ``d``.
+    finite: ``False`` if the gradient, the step or the product ``Cd`` held
+      a NaN or an Inf (the predictions are then meaningless).
   """
 
   first_order: Array
   second_order: Array
   curvature: Array
+  finite: Array
 
 
 def taylor_models(
@@ -113,6 +118,10 @@ def taylor_models(
   Returns:
     :class:`TaylorModels`.
 
+  Raises:
+    ValueError: at trace time, if ``step`` or ``matvec(step)`` does not
+      match ``grad``'s pytree (naming the first differing leaf).
+
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch,
     ...                           curvature="hessian")
@@ -122,6 +131,12 @@ def taylor_models(
     ``shared/seeds/002_*`` (first- and second-order Taylor approximations in
     JAX); Nocedal & Wright, "Numerical Optimization", 2006, §2.2.
   """
+  fix = ("`grad`, `step` and `matvec(step)` must be pytrees like the"
+         " parameters.")
+  _validation.check_same_tree(grad, step, "The step", fix)
+  product = matvec(step)
+  _validation.check_same_tree(grad, product, "matvec(step)", fix)
   first = first_order_change(grad, step)
-  along = optax.tree.vdot(step, matvec(step))
-  return TaylorModels(first, first + 0.5 * along, along)
+  along = optax.tree.vdot(step, product)
+  return TaylorModels(first, first + 0.5 * along, along,
+                      jnp.isfinite(first) & jnp.isfinite(along))
