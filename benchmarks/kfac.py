@@ -39,6 +39,9 @@ SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 BATCH = 1000
 STATS = BATCH // 8
 HERE = os.path.dirname(os.path.abspath(__file__))
+# kfac-jax compiles separate programs for inverse-refresh (every 20) and
+# damping-adaptation (every 5) steps: warm up past the first of each.
+PEER_WARM_UP = 2 * 20 + 1
 PEER_PYTHON = os.path.join(HERE, ".venv-kfac-jax", "bin", "python")
 
 
@@ -88,7 +91,7 @@ def optax_step(opt, loss_fn, params, batch, extra=False):
     jax.block_until_ready(v)
     holder[:] = [p, s]
 
-  run()  # compile
+  run()  # compile (every lax.cond branch is in this one program)
   run()
   return run
 
@@ -105,12 +108,21 @@ def ours(repeats):
   adaptive = curvature.kfac(1.0, predict_fn=predict, loss=loss, adaptive=True,
                             initial_damping=150.0, l2_reg=1e-5,
                             statistics_batch_size=STATS, inverse_every=20)
+  ekfac = curvature.ekfac(1e-3, predict_fn=predict, loss=loss, momentum=0.9,
+                          initial_damping=1e-1, statistics_batch_size=STATS,
+                          inverse_every=20)
   steps = {
+      "adam": optax_step(optax.adam(1e-3), loss_fn, params, batch),
       "sgd_momentum": optax_step(optax.sgd(1e-3, momentum=0.9), loss_fn,
                                  params, batch),
       "kfac_fixed": optax_step(fixed, loss_fn, params, batch, extra=True),
       "kfac_adaptive": optax_step(adaptive, loss_fn, params, batch,
                                   extra=True),
+      "ekfac_fixed": optax_step(ekfac, loss_fn, params, batch, extra=True),
+      "shampoo": optax_step(curvature.shampoo(1e-3, inverse_every=10),
+                            loss_fn, params, batch),
+      "soap": optax_step(curvature.soap(3e-3, inverse_every=10), loss_fn,
+                         params, batch),
   }
   return median_interleaved(steps, repeats)
 
@@ -123,9 +135,9 @@ def our_factors(params, batch):
   grads = jax.grad(lambda p: bce(predict(p, batch), batch["targets"]))(params)
   state = transform.init(params)
   _, state = jax.jit(transform.update)(grads, state, params, batch=batch)
-  a = [state.factors_a[2 * k + 1] / (1 - 0.95) for k in range(len(params))]
-  g = [state.factors_g[2 * k + 1] / (1 - 0.95) for k in range(len(params))]
-  return a, g
+  factors = [state.blocks[f"{k}/w"].statistics for k in range(len(params))]
+  return ([f.a / (1 - 0.95) for f in factors],
+          [f.g / (1 - 0.95) for f in factors])
 
 
 def peer(repeats, out_path, factors_path):
@@ -170,8 +182,8 @@ def peer(repeats, out_path, factors_path):
       jax.block_until_ready(p)
       holder[:] = [p, s, i + 1]
 
-    run()
-    run()
+    for _ in range(PEER_WARM_UP):  # every program kfac-jax compiles
+      run()
     steps[name] = run
   sgd = optax.sgd(1e-3, momentum=0.9)
   steps["sgd_momentum_peer_env"] = optax_step(
@@ -206,11 +218,15 @@ def main():
   times = ours(args.repeats)
   for name, t in times.items():
     print(f"{name:>24}: {1e3 * t:8.1f} ms")
-  sgd = times["sgd_momentum"]
+  sgd, adam = times["sgd_momentum"], times["adam"]
   print(f"K-FAC fixed / sgd(momentum):    {times['kfac_fixed'] / sgd:5.2f}"
         "  (target <= 2.5)")
   print(f"K-FAC adaptive / sgd(momentum): {times['kfac_adaptive'] / sgd:5.2f}"
         "  (target <= 4.0)")
+  for name, target in (("kfac_fixed", 2.0), ("ekfac_fixed", 2.5),
+                       ("shampoo", 1.5), ("soap", 1.5)):
+    print(f"{name} / optax.adam: {times[name] / adam:5.2f}"
+          f"  (target <= {target})")
   if not os.path.exists(PEER_PYTHON):
     print("kfac-jax peer skipped: no venv at", PEER_PYTHON)
     return

@@ -24,9 +24,8 @@ apply      the block's leaves of the direction, preconditioned
 Four kinds of block cover the library's second-order methods:
 
 * :func:`kronecker_block`: ``Ā ⊗ G`` (K-FAC) or ``L ⊗ R`` (Shampoo); the
-  refresh takes the eigendecomposition of both factors once and forms any
-  spectral function of them, ``Q f(Λ) Qᵀ`` (the π-damped inverse of K-FAC,
-  the ε-damped inverse fourth root of Shampoo);
+  refresh forms a function of each factor: the π-damped inverse of K-FAC
+  (Cholesky), the ε-damped inverse fourth root of Shampoo (``eigh``);
 * :func:`eigen_kronecker_block`: the eigenbasis of both factors and a
   diagonal re-fitted in it (EKFAC, SOAP);
 * :func:`dense_block`: a full block over a small group of leaves (TONGA);
@@ -87,8 +86,6 @@ class Block(NamedTuple):
     apply: ``(BlockState of estimates, vectors, damping) -> vectors``, with
       ``vectors`` the block's leaves of the direction.
     refit: ``(evidence, preconditioner) -> re-fitted diagonal``, or ``None``.
-    redamp: ``(preconditioner, damping) -> preconditioner`` re-formed at
-      another damping without a new factorization, or ``None``.
   """
 
   kind: str
@@ -98,7 +95,6 @@ class Block(NamedTuple):
   refresh: Optional[Callable[[Any, Any], Any]]
   apply: Callable[[BlockState, tuple, Any], tuple]
   refit: Optional[Callable[[Any, Any], Any]] = None
-  redamp: Optional[Callable[[Any, Any], Any]] = None
 
 
 # Shared numerical helpers -----------------------------------------------------
@@ -393,22 +389,14 @@ class KroneckerFactors(NamedTuple):
 
 
 class KroneckerPreconditioner(NamedTuple):
-  """A refreshed Kronecker block.
+  """A refreshed Kronecker block: ``U = left · M · right``.
 
   Attributes:
-    basis_a: eigenvectors of ``Ā`` (columns).
-    eigenvalues_a: eigenvalues of ``Ā``, ascending.
-    basis_g: eigenvectors of ``G``.
-    eigenvalues_g: eigenvalues of ``G``.
-    left: the spectral function of ``Ā`` applied on the left
-      (``(Ā + πγI)⁻¹`` for K-FAC, ``(L + εI)^p`` for Shampoo).
-    right: the spectral function of ``G`` applied on the right.
+    left: the function of ``Ā`` applied on the left (``(Ā + πγI)⁻¹`` for
+      K-FAC, ``(L + εI)^p`` for Shampoo).
+    right: the function of ``G`` applied on the right.
   """
 
-  basis_a: Array
-  eigenvalues_a: Array
-  basis_g: Array
-  eigenvalues_g: Array
   left: Array
   right: Array
 
@@ -416,12 +404,6 @@ class KroneckerPreconditioner(NamedTuple):
 def _zeros_factors(a_dim, g_dim, dtype):
   return KroneckerFactors(jnp.zeros((a_dim, a_dim), dtype),
                           jnp.zeros((g_dim, g_dim), dtype))
-
-
-def _identity_preconditioner(a_dim, g_dim, dtype):
-  eye_a, eye_g = jnp.eye(a_dim, dtype=dtype), jnp.eye(g_dim, dtype=dtype)
-  return KroneckerPreconditioner(eye_a, jnp.ones(a_dim, dtype), eye_g,
-                                 jnp.ones(g_dim, dtype), eye_a, eye_g)
 
 
 def eigen_factors(factors: KroneckerFactors):
@@ -438,16 +420,10 @@ def kronecker_block(
     dtype,
     *,
     statistics: Callable[[Any], KroneckerFactors],
-    spectrum: Callable[[Array, Array, Any], tuple],
+    inverse: Callable[[KroneckerFactors, Any], KroneckerPreconditioner],
     view: MatrixView,
 ) -> Block:
   r"""A Kronecker block ``Ā ⊗ G``: ``U = f_A(Ā) · M · f_G(G)``.
-
-  The refresh takes ``Ā = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ`` once
-  (``eigh``) and forms ``f_A(Ā) = Q_A f_A(Λ_A) Q_Aᵀ`` and likewise for
-  ``G``, with ``(f_A(Λ_A), f_G(Λ_G)) = spectrum(Λ_A, Λ_G, damping)``. The
-  eigendecomposition is kept, so another damping needs no new
-  factorization (:func:`kronecker_with_damping`).
 
   Args:
     leaves: the leaves covered (kernel, then bias if any).
@@ -455,7 +431,9 @@ def kronecker_block(
     g_dim: side of ``G`` (columns).
     dtype: dtype of the factors.
     statistics: ``evidence -> KroneckerFactors`` of one batch.
-    spectrum: ``(Λ_A, Λ_G, damping) -> (f_A(Λ_A), f_G(Λ_G))``.
+    inverse: ``(factors, damping) -> KroneckerPreconditioner``, the refresh
+      (:func:`factored_damped_inverse` for K-FAC, :func:`factor_roots` for
+      Shampoo).
     view: the leaves as one matrix.
 
   Returns:
@@ -463,14 +441,10 @@ def kronecker_block(
   """
 
   def init():
-    return BlockState(_zeros_factors(a_dim, g_dim, dtype),
-                      _identity_preconditioner(a_dim, g_dim, dtype))
-
-  def refresh_fn(factors, damping):
-    basis_a, eig_a, basis_g, eig_g = eigen_factors(factors)
-    return kronecker_with_damping(
-        KroneckerPreconditioner(basis_a, eig_a, basis_g, eig_g, basis_a,
-                                basis_g), spectrum, damping)
+    return BlockState(
+        _zeros_factors(a_dim, g_dim, dtype),
+        KroneckerPreconditioner(jnp.eye(a_dim, dtype=dtype),
+                                jnp.eye(g_dim, dtype=dtype)))
 
   def apply(state, vectors, damping):
     del damping
@@ -481,49 +455,40 @@ def kronecker_block(
                @ pre.right.astype(dtype))
     return view.from_matrix(product, vectors)
 
-  def redamp(pre, damping):
-    return kronecker_with_damping(pre, spectrum, damping)
-
-  return Block("kronecker", tuple(leaves), init, statistics, refresh_fn, apply,
-               redamp=redamp)
+  return Block("kronecker", tuple(leaves), init, statistics, inverse, apply)
 
 
-def kronecker_with_damping(pre: KroneckerPreconditioner, spectrum, damping):
-  """The preconditioner re-formed from its eigendecomposition at ``damping``."""
-  f_a, f_g = spectrum(pre.eigenvalues_a, pre.eigenvalues_g, damping)
-  return pre._replace(left=spectral_function(pre.basis_a, f_a),
-                      right=spectral_function(pre.basis_g, f_g))
-
-
-def factored_inverse_spectrum(a_used: int):
+def factored_damped_inverse(a_used: int):
   r"""K-FAC's π-adjusted factored Tikhonov damping (Martens & Grosse, §6.3).
 
   ``(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹`` with ``π² = (tr Ā/dim Ā)/(tr G/dim G)``,
-  from the eigenvalues: ``tr`` is the sum of the eigenvalues, and ``dim Ā``
-  is ``a_used`` (a bias-less layer leaves one reserved row unused).
+  each inverse by one Cholesky factorization (:func:`damped_inverse`;
+  several times cheaper than an ``eigh`` on a CPU). ``dim Ā`` is
+  ``a_used``: a bias-less layer leaves the reserved homogeneous row of
+  ``Ā`` zero, and the damping makes that row's inverse a harmless
+  ``1/(πγ)`` that multiplies a zero row.
   """
 
-  def spectrum(eig_a, eig_g, gamma):
-    ta = jnp.sum(eig_a) / a_used
-    tg = jnp.mean(eig_g)
-    ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
-    pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / tg, 1.0)), 1.0)
-    gamma = jnp.asarray(gamma, eig_a.dtype)
-    return (1.0 / (jnp.maximum(eig_a, 0.0) + pi * gamma),
-            1.0 / (jnp.maximum(eig_g, 0.0) + gamma / pi))
+  def inverse(factors, gamma):
+    pi = trace_ratio(factors.a, factors.g, a_used)
+    gamma = jnp.asarray(gamma, factors.a.dtype)
+    return KroneckerPreconditioner(damped_inverse(factors.a, pi * gamma),
+                                   damped_inverse(factors.g, gamma / pi))
 
-  return spectrum
+  return inverse
 
 
-def root_spectrum(power: float):
-  """Shampoo's ``(L + εI)^p`` and ``(R + εI)^p`` (``p = −1/4``)."""
+def factor_roots(power: float):
+  """Shampoo's ``(L + εI)^p`` and ``(R + εI)^p`` (``p = −1/4``), by ``eigh``."""
 
-  def spectrum(eig_a, eig_g, epsilon):
+  def inverse(factors, epsilon):
+    basis_a, eig_a, basis_g, eig_g = eigen_factors(factors)
     epsilon = jnp.asarray(epsilon, eig_a.dtype)
-    return (jnp.power(jnp.maximum(eig_a, 0.0) + epsilon, power),
-            jnp.power(jnp.maximum(eig_g, 0.0) + epsilon, power))
+    root = lambda e: jnp.power(jnp.maximum(e, 0.0) + epsilon, power)
+    return KroneckerPreconditioner(spectral_function(basis_a, root(eig_a)),
+                                   spectral_function(basis_g, root(eig_g)))
 
-  return spectrum
+  return inverse
 
 
 # Eigenbasis blocks ------------------------------------------------------------

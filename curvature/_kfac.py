@@ -457,7 +457,7 @@ def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name):
   a_used = a_dim if layer.bias is not None else a_dim - 1
   return _blocks.kronecker_block(
       leaves, a_dim, g_dim, dtype, statistics=statistics,
-      spectrum=_blocks.factored_inverse_spectrum(a_used), view=view)
+      inverse=_blocks.factored_damped_inverse(a_used), view=view)
 
 
 def _blocks_for(layers, params, max_factor_dim, structure, axis_name):
@@ -641,8 +641,8 @@ def scale_by_kfac(
   damped inverses are refreshed every ``inverse_every`` steps under
   ``lax.cond`` (``T₃``), and with ``inverse_warmup`` also at steps 1, 2, 4,
   8, … before the first period ends, so the early steps do not precondition
-  with one batch's factors for ``T₃`` steps. A refresh takes one ``eigh`` of
-  each factor and keeps it, so re-damping needs no new factorization.
+  with one batch's factors for ``T₃`` steps. A refresh is one Cholesky
+  factorization per factor.
 
   * ``adaptive=False`` (default): the output is ``Δ`` with ``γ = √(λ + η)``
     and ``λ = initial_damping`` fixed; chain a learning rate and momentum
@@ -660,8 +660,9 @@ def scale_by_kfac(
     own hyperparameter, ``γ₀ = √(λ₀ + η)``; every ``gamma_every`` steps
     (``T₂``) the step is computed for ``γ ∈ {ω₂γ, γ, γ/ω₂}``,
     ``ω₂ = (√(19/20))^T₂``, each with its own optimal ``(α, μ)``, and the
-    ``γ`` whose step has the lowest quadratic model ``M(δ)`` is kept. The
-    candidates reuse the eigendecompositions of the last refresh. ``γ`` is
+    ``γ`` whose step has the lowest quadratic model ``M(δ)`` is kept; the
+    Kronecker inverses are re-formed at each candidate from the current
+    factors (with ``T₂ = T₃`` these steps refresh anyway). ``γ`` is
     kept in ``[√(min_damping + η), √(max_damping + η)]`` (the paper puts no
     other bound on it). Off, ``γ = √(λ + η)`` follows ``λ``.
 
@@ -828,7 +829,8 @@ def scale_by_kfac(
       predict_fn, loss, statistics, structure, num_samples,
       statistics_batch_size, decay, averaging, l2_reg, inverse_every,
       inverse_warmup, adaptive, adapt_damping, damping_every, gamma_search,
-      gamma_every, min_damping, max_damping, quadratic_batch_size, overrides,
+      gamma_every, initial_damping, min_damping, max_damping,
+      quadratic_batch_size, overrides,
       max_factor_dim, targets_fn, axis_name,
       (19.0 / 20.0) ** damping_every, math.sqrt(19.0 / 20.0) ** gamma_every)
 
@@ -852,11 +854,12 @@ def scale_by_kfac(
     else:
       hats = _blocks.estimates(plan.blocks, states, statistics_count, decay,
                                averaging)
-      gamma = jnp.sqrt(state.damping + l2_reg)
+      damping = _damping_now(config, state)
+      gamma = jnp.sqrt(damping + l2_reg)
       direction = _direction(plan, hats, grad, gamma)
       step = _AdaptiveOutcome(direction,
                               jnp.ones_like(state.learning_rate),
-                              jnp.zeros_like(state.momentum), state.damping,
+                              jnp.zeros_like(state.momentum), damping,
                               gamma, state.reduction_ratio, state.velocity)
     return _guard_stage(config, state, params, grad, step, states, key,
                         statistics_count, finite, rejected)
@@ -883,6 +886,7 @@ class _Config(NamedTuple):
   damping_every: int
   gamma_search: bool
   gamma_every: int
+  initial_damping: Any
   min_damping: Any
   max_damping: Any
   quadratic_batch_size: Optional[int]
@@ -904,6 +908,17 @@ class _StepPlan(NamedTuple):
   statistics_batch: Any
   num_examples: int
   treedef: Any
+
+
+def _damping_now(config, state):
+  """λ: adapted in the state, or the configured (possibly injected) value.
+
+  With fixed damping the argument is read at every step, so a schedule
+  through :func:`curvature.inject_hyperparams` takes effect.
+  """
+  if config.adapt_damping:
+    return state.damping
+  return jnp.asarray(config.initial_damping, state.damping.dtype)
 
 
 def _plan_step(config, params, batch) -> _StepPlan:
@@ -944,7 +959,7 @@ def _statistics_stage(config, plan, state, params, key):
   hats = _blocks.estimates(plan.blocks, states, count, config.decay,
                            config.averaging)
   gamma = (state.gamma if config.gamma_search
-           else jnp.sqrt(state.damping + config.l2_reg))
+           else jnp.sqrt(_damping_now(config, state) + config.l2_reg))
   states, rejected = _blocks.refresh(
       plan.blocks, states, {n: h.statistics for n, h in hats.items()},
       _blocks.refresh_due(state.count, config.inverse_every,
@@ -981,7 +996,7 @@ def _adaptive_stage(config, plan, state, states, statistics_count, params,
   forms, value = _quadratic_model(config.predict_fn, config.loss, params,
                                   q_batch, config.l2_reg, config.targets_fn,
                                   config.axis_name)
-  damping = state.damping
+  damping = _damping_now(config, state)
   gamma = (state.gamma if config.gamma_search
            else jnp.sqrt(damping + config.l2_reg))
   if config.gamma_search:
@@ -1033,7 +1048,7 @@ def _guard_stage(config, state, params, grad, step, states, key,
                                 params)
   damping = jnp.where(ok, step.damping, _damping_update(
       config, state.damping, -jnp.inf) if config.adapt_damping
-                      else state.damping)
+                      else step.damping)
   gamma = (step.gamma if config.gamma_search
            else jnp.sqrt(damping + config.l2_reg))
   dtype = state.learning_rate.dtype
@@ -1056,10 +1071,10 @@ def _guard_stage(config, state, params, grad, step, states, key,
 
 
 def _redamped(blocks, hats, gamma):
-  """Kronecker blocks' inverses re-formed from their eigendecomposition."""
+  """Kronecker blocks' inverses re-formed at damping ``γ`` (no other change)."""
   return {name: hats[name]._replace(
-      preconditioner=block.redamp(hats[name].preconditioner, gamma))
-          if block.redamp is not None else hats[name]
+      preconditioner=block.refresh(hats[name].statistics, gamma))
+          if block.kind == "kronecker" else hats[name]
           for name, block in blocks.items()}
 
 

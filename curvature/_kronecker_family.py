@@ -281,7 +281,7 @@ def scale_by_shampoo(
     view = _blocks.reshape_view()
     return _blocks.kronecker_block(
         (i,), rows, cols, dtype, statistics=gradient_factors(view),
-        spectrum=_blocks.root_spectrum(power), view=view)
+        inverse=_blocks.factor_roots(power), view=view)
 
   def plan(params):
     return _plan(params, max_factor_dim, matrix_block, -2.0 * power, True)

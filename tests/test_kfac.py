@@ -542,3 +542,23 @@ def test_dense_readout_without_bias_gets_a_kronecker_block():
                          loss=CE, adaptive=adaptive, initial_damping=1.0)
     out, _ = _one_update(opt, params, batch, predict)
     assert np.all(np.isfinite(flat(out)))
+
+
+def test_injected_damping_takes_effect_in_fixed_mode():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  grads = _grads(mlp_predict, params, batch)
+  opt = curvature.inject_hyperparams(curvature.kfac)(
+      learning_rate=0.1, predict_fn=mlp_predict, loss=CE,
+      statistics="empirical_fisher", initial_damping=1e-2, momentum=0.0)
+  state = opt.init(params)
+  low, _ = opt.update(grads, state, params, batch=batch)
+  state.hyperparams["initial_damping"] = jnp.asarray(10.0)
+  high, new_state = opt.update(grads, state, params, batch=batch)
+  reference = curvature.kfac(0.1, predict_fn=mlp_predict, loss=CE,
+                             statistics="empirical_fisher",
+                             initial_damping=10.0, momentum=0.0)
+  expected, _ = reference.update(grads, reference.init(params), params,
+                                 batch=batch)
+  np.testing.assert_allclose(flat(high), flat(expected), rtol=1e-10)
+  assert np.linalg.norm(flat(high)) < 0.5 * np.linalg.norm(flat(low))
+  assert float(new_state.inner_state[0].damping) == 10.0
