@@ -521,6 +521,7 @@ def scale_by_block_diagonal(
           "The gradients do not match the parameter tree: pass the gradient"
           " of the loss with respect to exactly the `params` given to"
           " `update`.")
+    _products.batch_size(batch, targets_fn)  # A clear error on a bad batch.
     plan = _plan(params, max_block_size, grouping)
     dense, diagonal = _core_blocks(plan, params)
     blocks = dict(dense, diagonal=diagonal)

@@ -57,8 +57,9 @@ Params = Any
 LAYER_KINDS = ("dense", "conv", "diagonal")
 """Kinds accepted by ``layer_overrides``."""
 
-STATISTICS = ("true_fisher", "empirical_fisher")
-"""Targets used for the statistics: sampled from the model, or the labels."""
+STATISTICS = ("true_fisher", "curvature_propagation", "empirical_fisher")
+"""Output-gradient probes for the statistics: targets sampled from the model,
+Rademacher probes through the output Fisher's factor, or the labels."""
 
 STRUCTURES = ("kronecker", "eigen_kronecker")
 """K-FAC's ``Ā⁻¹ ⊗ G⁻¹``, or EKFAC's eigenbasis with a re-fitted diagonal."""
@@ -402,6 +403,9 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
     cots = _losses.output_gradients(loss, outputs, targets_fn(batch))[None]
+  elif statistics == "curvature_propagation":
+    keys = jax.random.split(key, num_samples)
+    cots = jax.vmap(lambda k: loss.fisher_factor(k, outputs))(keys)
   else:
     keys = jax.random.split(key, num_samples)
     cots = jax.vmap(lambda k: _losses.output_gradients(
@@ -656,15 +660,21 @@ def scale_by_kfac(
     ``damping_every`` steps (``T₁``) by Levenberg-Marquardt on
     ``ρ = (h(θ+δ) − h(θ)) / M(δ)``: ``ρ > ¾ → λ ← ω₁λ``, ``ρ < ¼ → λ ← λ/ω₁``,
     ``ω₁ = (19/20)^T₁``.
-  * ``gamma_search`` (default: on in adaptive mode; M&G §6.6): ``γ`` is its
+  * ``gamma_search=True`` (adaptive mode only; M&G §6.6): ``γ`` is its
     own hyperparameter, ``γ₀ = √(λ₀ + η)``; every ``gamma_every`` steps
     (``T₂``) the step is computed for ``γ ∈ {ω₂γ, γ, γ/ω₂}``,
     ``ω₂ = (√(19/20))^T₂``, each with its own optimal ``(α, μ)``, and the
     ``γ`` whose step has the lowest quadratic model ``M(δ)`` is kept; the
     Kronecker inverses are re-formed at each candidate from the current
     factors (with ``T₂ = T₃`` these steps refresh anyway). ``γ`` is
-    kept in ``[√(min_damping + η), √(max_damping + η)]`` (the paper puts no
-    other bound on it). Off, ``γ = √(λ + η)`` follows ``λ``.
+    kept in ``[√(min_damping + η), √(max_damping + η)]``. Off (the
+    default), ``γ = √(λ + η)`` follows ``λ``. It is off by default because
+    it failed where it was measured: on the CURVES-like autoencoder (20k
+    images, batch 1000, λ₀ = 150) the quadratic model preferred the larger
+    γ at every search, so γ rose from 12 to 2·10³ in 200 steps while λ fell
+    to 5·10⁻³; K-FAC became gradient descent and stalled at a loss of 124,
+    where the tied γ reaches Adam's best loss (63) in about 300 steps. The
+    same happened when the candidates were ranked by the undamped model.
 
   **Layers** are discovered by tracing ``predict_fn`` (see
   :mod:`curvature._layers`): Flax linen ``model.apply``, Flax nnx (with
@@ -690,7 +700,10 @@ def scale_by_kfac(
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
     loss: a loss from :mod:`curvature.losses`.
-    statistics: ``"true_fisher"`` (targets sampled from the model) or
+    statistics: ``"true_fisher"`` (targets sampled from the model),
+      ``"curvature_propagation"`` (Rademacher probes ``Bv`` with ``BBᵀ`` the
+      output Fisher: the same expectation with less variance; Martens,
+      Sutskever & Swersky 2012, kfac-jax's default) or
       ``"empirical_fisher"`` (the batch's targets).
     structure: ``"kronecker"`` (K-FAC) or ``"eigen_kronecker"`` (EKFAC).
     num_samples: sampled targets per example for the true Fisher (1).
@@ -707,8 +720,8 @@ def scale_by_kfac(
     adapt_damping: Levenberg-Marquardt ``λ``; defaults to ``adaptive`` and
       needs it (the transform must know the step it takes).
     damping_every: ``T₁`` (5).
-    gamma_search: the γ search of M&G §6.6; defaults to ``adaptive`` and
-      needs it.
+    gamma_search: the γ search of M&G §6.6 (off by default; see above);
+      needs ``adaptive``.
     gamma_every: ``T₂`` (20).
     min_damping: floor of ``λ``.
     max_damping: ceiling of ``λ``.
@@ -751,6 +764,12 @@ def scale_by_kfac(
   """
   _validation.check_choice("statistics", statistics, STATISTICS)
   _validation.check_choice("structure", structure, STRUCTURES)
+  if statistics == "curvature_propagation" and getattr(
+      loss, "fisher_factor", None) is None:
+    raise ValueError(
+        f"statistics='curvature_propagation' needs the loss's output Fisher"
+        f" factor, and {getattr(loss, 'name', loss)!r} has none: use"
+        " statistics='true_fisher'.")
   _blocks.check_averaging(averaging, decay)
   if averaging == "sum":
     raise ValueError("K-FAC averages its factors: use averaging='ema' or"
@@ -789,7 +808,7 @@ def scale_by_kfac(
   if adapt_damping is None:
     adapt_damping = adaptive
   if gamma_search is None:
-    gamma_search = adaptive
+    gamma_search = False
   for name, flag in (("adapt_damping", adapt_damping),
                      ("gamma_search", gamma_search)):
     if flag and not adaptive:
@@ -1135,8 +1154,7 @@ def kfac(
     ``Δ`` the K-FAC direction of :func:`scale_by_kfac` at fixed damping
     ``λ = initial_damping``.
   * ``adaptive=True``: the step ``δ = −αΔ + μδ₋₁`` with ``α, μ`` from the
-    exact quadratic model, Levenberg-Marquardt damping and the γ search
-    (M&G §6–7); then ``learning_rate`` multiplies that step (keep it 1;
+    exact quadratic model and Levenberg-Marquardt damping (M&G §6–7); then ``learning_rate`` multiplies that step (keep it 1;
     ``momentum`` is not used) and ``initial_damping`` is ``λ₀`` (M&G use
     150).
 
@@ -1148,7 +1166,8 @@ def kfac(
     loss: a loss from :mod:`curvature.losses`.
     momentum: heavy-ball momentum of the fixed mode (0 disables it).
     adaptive: automatic learning rate, momentum and damping.
-    statistics: ``"true_fisher"`` or ``"empirical_fisher"``.
+    statistics: ``"true_fisher"``, ``"curvature_propagation"`` or
+      ``"empirical_fisher"``.
     structure: ``"kronecker"`` (K-FAC) or ``"eigen_kronecker"`` (EKFAC).
     num_samples: sampled targets per example.
     statistics_batch_size: leading examples used for the statistics.
@@ -1160,7 +1179,8 @@ def kfac(
     inverse_every: steps between inverse refreshes.
     inverse_warmup: geometric extra refreshes before the first period ends.
     damping_every: steps between damping adaptations.
-    gamma_search: the γ search (default: ``adaptive``).
+    gamma_search: the γ search (off by default; see
+      :func:`scale_by_kfac`).
     gamma_every: steps between γ searches.
     quadratic_batch_size: examples for the exact quadratic model.
     layer_overrides: ``{path: kind}``.

@@ -40,7 +40,7 @@ Conventions:
   first-order ones.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,12 @@ class Loss(NamedTuple):
       Fisher of :meth:`value`, applied to ``tangent``.
     sample: ``(key, outputs) -> targets``: one target per example drawn from
       the model's predictive distribution ``p(y | outputs)``.
+    fisher_factor: ``(key, outputs) -> cotangents``: per example a random
+      ``cᵢ = Bᵢ vᵢ`` with Rademacher ``vᵢ`` and ``BᵢBᵢᵀ`` the example's
+      output Fisher (not divided by the batch size), so ``E[cᵢcᵢᵀ] = Fᵢ``:
+      curvature propagation (Martens, Sutskever & Swersky 2012), a
+      lower-variance probe than a sampled target's gradient. ``None`` for a
+      loss that has no such factor.
   """
 
   name: str
@@ -70,6 +76,7 @@ class Loss(NamedTuple):
   hvp: Callable[[Array, Any, Array], Array]
   fisher_vp: Callable[[Array, Array], Array]
   sample: Callable[[Array, Array], Any]
+  fisher_factor: Optional[Callable[[Array, Array], Array]] = None
 
   def value(self, outputs: Array, targets: Any) -> Array:
     """The mean of the per-example losses over the leading (batch) axis."""
@@ -161,12 +168,25 @@ def _softmax_sample(key: Array, logits: Array) -> Array:
   return jax.random.categorical(key, logits, axis=-1)
 
 
+def _rademacher(key: Array, like: Array) -> Array:
+  return jax.random.rademacher(key, like.shape, like.dtype)
+
+
+def _softmax_fisher_factor(key: Array, logits: Array) -> Array:
+  """``(diag(√p) − p√pᵀ) v``: ``BBᵀ = diag(p) − ppᵀ`` since ``Σp = 1``."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  root = jnp.sqrt(probs)
+  v = _rademacher(key, logits)
+  return root * v - probs * jnp.sum(root * v, axis=-1, keepdims=True)
+
+
 softmax_cross_entropy = Loss(
     name="softmax_cross_entropy",
     per_example=_softmax_ce_per_example,
     hvp=_softmax_ce_hvp,
     fisher_vp=_softmax_fisher_vp,
     sample=_softmax_sample,
+    fisher_factor=_softmax_fisher_factor,
 )
 
 
@@ -199,12 +219,18 @@ def _sigmoid_sample(key: Array, logits: Array) -> Array:
   return jax.random.bernoulli(key, jax.nn.sigmoid(logits)).astype(logits.dtype)
 
 
+def _sigmoid_fisher_factor(key: Array, logits: Array) -> Array:
+  probs = jax.nn.sigmoid(logits)
+  return jnp.sqrt(probs * (1 - probs)) * _rademacher(key, logits)
+
+
 sigmoid_binary_cross_entropy = Loss(
     name="sigmoid_binary_cross_entropy",
     per_example=_sigmoid_bce_per_example,
     hvp=_sigmoid_bce_hvp,
     fisher_vp=_sigmoid_fisher_vp,
     sample=_sigmoid_sample,
+    fisher_factor=_sigmoid_fisher_factor,
 )
 
 
@@ -241,6 +267,7 @@ squared_error = Loss(
     hvp=_squared_error_hvp,
     fisher_vp=_squared_error_fisher_vp,
     sample=_gaussian_sample,
+    fisher_factor=_rademacher,
 )
 
 

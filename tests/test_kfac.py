@@ -446,11 +446,13 @@ def test_gamma_search_keeps_the_candidate_with_the_lowest_quadratic_model():
                              atol=1e-12)
 
 
-def test_gamma_search_is_off_in_fixed_mode_and_needs_adaptive():
-  opt = curvature.scale_by_kfac(mlp_predict, CE, initial_damping=0.25)
+def test_gamma_search_is_off_by_default_and_needs_adaptive():
   params, batch = classification_problem(n=8)
-  _, state = _one_update(opt, params, batch)
-  np.testing.assert_allclose(float(state.gamma), 0.5)
+  for adaptive in (False, True):
+    opt = curvature.scale_by_kfac(mlp_predict, CE, initial_damping=0.25,
+                                  adaptive=adaptive, adapt_damping=False)
+    _, state = _one_update(opt, params, batch)
+    np.testing.assert_allclose(float(state.gamma), 0.5)
   with pytest.raises(ValueError, match="gamma_search=True needs adaptive"):
     curvature.scale_by_kfac(mlp_predict, CE, gamma_search=True)
 
@@ -562,3 +564,30 @@ def test_injected_damping_takes_effect_in_fixed_mode():
   np.testing.assert_allclose(flat(high), flat(expected), rtol=1e-10)
   assert np.linalg.norm(flat(high)) < 0.5 * np.linalg.norm(flat(low))
   assert float(new_state.inner_state[0].damping) == 10.0
+
+
+@pytest.mark.parametrize("statistics", ["curvature_propagation",
+                                        "true_fisher"])
+def test_sampled_statistics_have_the_exact_fisher_factor_as_expectation(
+    statistics):
+  # A single dense layer: G's expectation is the mean output Fisher
+  # E_i[diag(p_i) − p_i p_iᵀ]. 4000 probes per example on 6 examples: the
+  # Monte-Carlo error of each entry is ~0.003; tolerance 0.015.
+  params = {"w": jax.random.normal(jax.random.key(7), (3, 4), jnp.float64),
+            "b": jnp.zeros(4, jnp.float64)}
+  batch = {"inputs": jax.random.normal(jax.random.key(8), (6, 3),
+                                       jnp.float64),
+           "targets": jnp.arange(6) % 4}
+  predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+  opt = curvature.scale_by_kfac(predict, CE, statistics=statistics,
+                                num_samples=4000, decay=0.0,
+                                initial_damping=1e-3)
+  _, state = _one_update(opt, params, batch, predict)
+  probs = jax.nn.softmax(predict(params, batch))
+  exact = np.mean([np.diag(p) - np.outer(p, p) for p in np.asarray(probs)],
+                  axis=0)
+  np.testing.assert_allclose(state.blocks["w"].statistics.g, exact,
+                             atol=0.015)
+  with pytest.raises(ValueError, match="true_fisher"):
+    curvature.scale_by_kfac(predict, CE._replace(fisher_factor=None),
+                            statistics="curvature_propagation")
