@@ -9,12 +9,22 @@ line of relative differences that the tests below read. ``SCRIPT`` jits the
 step with sharded inputs (no ``axis_name``); ``SHARD_MAP_SCRIPT`` runs it
 inside ``jax.shard_map``, where every device sees its shard of the batch and
 the transforms reduce over ``axis_name="batch"``.
+
+Both run on each mesh of ``MESHES``: a ``jax.sharding.Mesh`` built by hand
+(what these tests used first), the mesh ``jax.make_mesh`` builds by default
+(``Explicit`` axes in current jax, where the sharding is part of the array
+type and an op that cannot keep it raises ``ShardingTypeError``), and a
+``jax.make_mesh`` mesh with ``Auto`` axes. Users build meshes with
+``jax.make_mesh``. The arrays are placed with ``jax.device_put``, without a
+mesh context (``jax.set_mesh``), the stricter setting.
 """
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r'''
 import json
@@ -27,8 +37,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import curvature
 from helpers import flat, mlp_predict, regression_problem
 
+
+import sys
+MESH_KIND = sys.argv[1]
+
+
+def make_mesh():
+  """The mesh named by MESH_KIND, over the 4 forced host devices."""
+  if MESH_KIND == "Mesh":
+    return Mesh(np.array(jax.devices()), ("batch",))
+  if MESH_KIND == "make_mesh":  # The default axis types: Explicit.
+    mesh = jax.make_mesh((4,), ("batch",))
+    assert str(mesh.axis_types[0]).endswith("Explicit"), mesh.axis_types
+    return mesh
+  assert MESH_KIND == "make_mesh_auto", MESH_KIND
+  return jax.make_mesh((4,), ("batch",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def attempt(fn, *args, **kwargs):
+  """fn(...) or the error's type and first line, so one failure is named."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as error:  # pylint: disable=broad-except
+    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
+
 assert jax.device_count() == 4, jax.devices()
-mesh = Mesh(np.array(jax.devices()), ("batch",))
+mesh = make_mesh()
 data = NamedSharding(mesh, P("batch"))
 replicated = NamedSharding(mesh, P())
 loss = curvature.losses.squared_error
@@ -43,9 +78,19 @@ optimizers = {
         0.5, fisher="sampled_fisher", num_samples=2, **model),
     "kfac": curvature.kfac(0.05, inverse_every=1, **model),
     "adam": curvature.adam(0.01),
+    "curvature_diagonal": optax.chain(
+        curvature.scale_by_curvature_diagonal(estimator="ggn", **model),
+        optax.scale_by_learning_rate(0.1)),
+    "curvature_diagonal_empirical": optax.chain(
+        curvature.scale_by_curvature_diagonal(
+            estimator="empirical_fisher", **model),
+        optax.scale_by_learning_rate(0.1)),
+    "monitor": curvature.monitor(optax.sgd(0.1), **model),
 }
 
 def rel(a, b):
+  if isinstance(a, str):  # An error from `attempt`.
+    return a
   a, b = flat(a), flat(b)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
@@ -64,7 +109,7 @@ def run(opt, params, batch):
 out = {}
 for name, opt in optimizers.items():
   single, _ = run(opt, params, batch)
-  multi, _ = run(opt, sharded_params, sharded_batch)
+  multi = attempt(lambda: run(opt, sharded_params, sharded_batch)[0])
   out[name] = rel(multi, single)
 
 def diagnostics(params, batch):
@@ -77,9 +122,11 @@ def diagnostics(params, batch):
 
 diag = jax.jit(diagnostics)
 t1, e1 = diag(params, batch)
-t2, e2 = diag(sharded_params, sharded_batch)
-out["hutchinson_trace"] = rel(t2, t1)
-out["top_eigenpairs"] = rel(e2, e1)
+sharded = attempt(diag, sharded_params, sharded_batch)
+out["hutchinson_trace"] = rel(sharded if isinstance(sharded, str)
+                              else sharded[0], t1)
+out["top_eigenpairs"] = rel(sharded if isinstance(sharded, str)
+                            else sharded[1], e1)
 # The sharded step really ran on 4 devices with a sharded batch.
 out["batch_devices"] = len(sharded_batch["inputs"].sharding.device_set)
 print("RESULT " + json.dumps(out))
@@ -93,7 +140,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import curvature
 from helpers import flat, mlp_predict, regression_problem
 
@@ -104,13 +151,40 @@ if shard_map is None:  # jax < 0.7: check_rep instead of check_vma.
 
   def shard_map(f, *, check_vma=True, **kwargs):
     return _legacy.shard_map(f, check_rep=check_vma, **kwargs)
-mesh = Mesh(np.array(jax.devices()), ("batch",))
+
+import sys
+MESH_KIND = sys.argv[1]
+
+
+def make_mesh():
+  """The mesh named by MESH_KIND, over the 4 forced host devices."""
+  if MESH_KIND == "Mesh":
+    return Mesh(np.array(jax.devices()), ("batch",))
+  if MESH_KIND == "make_mesh":  # The default axis types: Explicit.
+    mesh = jax.make_mesh((4,), ("batch",))
+    assert str(mesh.axis_types[0]).endswith("Explicit"), mesh.axis_types
+    return mesh
+  assert MESH_KIND == "make_mesh_auto", MESH_KIND
+  return jax.make_mesh((4,), ("batch",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def attempt(fn, *args, **kwargs):
+  """fn(...) or the error's type and first line, so one failure is named."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as error:  # pylint: disable=broad-except
+    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
+
+mesh = make_mesh()
 loss = curvature.losses.squared_error
 params, batch = regression_problem(n=32, sizes=(3, 6, 2))
 model = dict(predict_fn=mlp_predict, loss=loss)
 
 
 def rel(a, b):
+  if isinstance(a, str):  # An error from `attempt`.
+    return a
   a, b = flat(a), flat(b)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
@@ -150,6 +224,10 @@ def mean_loss(p, b):
   return loss.value(mlp_predict(p, b), b["targets"])
 
 
+def place(tree, spec):
+  return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
 def run(name, ax=None, *, sharded=False, local_grad=False, check_vma=True):
   """3 jitted steps; `sharded`: inside shard_map, batch split 4 ways."""
   opt = optimizers(ax)[name]
@@ -163,20 +241,27 @@ def run(name, ax=None, *, sharded=False, local_grad=False, check_vma=True):
     updates, state = opt.update(grads, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
+  p, b = params, batch
   if sharded:
     step = shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch")),
                      out_specs=(P(), P()), check_vma=check_vma)
+    # Explicit meshes type-check the inputs against `in_specs`.
+    p, b = place(params, P()), place(batch, P("batch"))
   step = jax.jit(step)
-  p, state = params, opt.init(params)
+  state = opt.init(p)
   for _ in range(3):
-    p, state = step(p, state, batch)
+    p, state = step(p, state, b)
   return p, state
 
 
 out = {}
 for name in optimizers(None):
   single, single_state = run(name)
-  multi, multi_state = run(name, "batch", sharded=True)
+  result = attempt(run, name, "batch", sharded=True)
+  if isinstance(result, str):
+    out[name] = result
+    continue
+  multi, multi_state = result
   out[name] = rel(multi, single)
   if name == "monitor":
     out["monitor_metrics"] = rel(multi_state.metrics, single_state.metrics)
@@ -222,37 +307,69 @@ def products(params, batch, ax=None):
 
 
 single = jax.jit(products)(params, batch)
-multi = jax.jit(shard_map(lambda p, b: products(p, b, "batch"), mesh=mesh,
-                          in_specs=(P(), P("batch")), out_specs=P()))(
-                              params, batch)
+multi = attempt(jax.jit(shard_map(
+    lambda p, b: products(p, b, "batch"), mesh=mesh,
+    in_specs=(P(), P("batch")), out_specs=P())), place(params, P()),
+    place(batch, P("batch")))
 for key in single:
-  out["product_" + key] = rel(multi[key], single[key])
+  out["product_" + key] = rel(multi if isinstance(multi, str) else multi[key],
+                              single[key])
 print("RESULT " + json.dumps(out))
 '''
 
 
-def _results(script):
+MESHES = ("Mesh", "make_mesh", "make_mesh_auto")
+"""The meshes every check runs on; see the module docstring."""
+
+# (script, mesh, check) -> why it fails: defects in modules owned elsewhere,
+# pinned as strict expectations (the test fails once they are fixed: drop
+# the row). "jit" is SCRIPT, "shard_map" SHARD_MAP_SCRIPT.
+KNOWN_DEFECTS = {
+    ("jit", "make_mesh", "kfac"):
+        "ShardingTypeError in _kfac.py (`rows.T @ rows`)",
+}
+
+
+def _results(script, mesh_kind):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(os.path.abspath(__file__))
   env["PYTHONPATH"] = os.pathsep.join(
       [here, os.path.dirname(here), env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, "-c", script], env=env,
+  proc = subprocess.run([sys.executable, "-c", script, mesh_kind], env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
 
 
+def _mismatched(results, script, mesh_kind, names, tolerance):
+  """The checks over ``tolerance`` (or failing), known defects aside; a known
+  defect that no longer fails is reported too."""
+  bad = {}
+  for name in names:
+    value = results[name]
+    failed = isinstance(value, str) or not value < tolerance
+    if (script, mesh_kind, name) in KNOWN_DEFECTS:
+      if not failed:
+        bad[name] = "fixed: drop it from KNOWN_DEFECTS"
+    elif failed:
+      bad[name] = value
+  return bad
+
+
 SHARDED_CHECKS = ("hessian_free", "natural_gradient", "natural_gradient_sampled",
-                  "kfac", "adam", "hutchinson_trace", "top_eigenpairs")
+                  "kfac", "adam", "curvature_diagonal",
+                  "curvature_diagonal_empirical", "monitor",
+                  "hutchinson_trace", "top_eigenpairs")
 
 
-def test_sharded_matches_single_device():
-  """One test, so that pytest-xdist starts the subprocess once."""
-  results = _results(SCRIPT)
+@pytest.mark.parametrize("mesh_kind", MESHES)
+def test_sharded_matches_single_device(mesh_kind):
+  """One subprocess per mesh: every check of ``SCRIPT``."""
+  results = _results(SCRIPT, mesh_kind)
   assert results["batch_devices"] == 4
-  mismatched = {n: results[n] for n in SHARDED_CHECKS if results[n] >= 1e-9}
+  mismatched = _mismatched(results, "jit", mesh_kind, SHARDED_CHECKS, 1e-9)
   assert not mismatched, f"relative differences: {mismatched}"
 
 
@@ -267,18 +384,23 @@ SHARD_MAP_EXACT = (
     "product_block_diagonal_curvature")
 
 
-def test_shard_map_with_axis_name_matches_single_device():
+@pytest.mark.parametrize("mesh_kind", MESHES)
+def test_shard_map_with_axis_name_matches_single_device(mesh_kind):
   """Inside ``shard_map`` with ``axis_name="batch"`` (each device sees a
   quarter of the batch), 3 steps of every transform, and every product and
   diagonal estimator, equal the single-device global-batch run."""
-  results = _results(SHARD_MAP_SCRIPT)
-  mismatched = {n: results[n] for n in SHARD_MAP_EXACT if results[n] >= 1e-10}
+  results = _results(SHARD_MAP_SCRIPT, mesh_kind)
+  mismatched = _mismatched(results, "shard_map", mesh_kind, SHARD_MAP_EXACT,
+                           1e-10)
   assert not mismatched, f"relative differences: {mismatched}"
   # Sampled targets are drawn per device: equal only in expectation.
   # Compared on the steps taken (0.19 and 0.23 measured, Monte-Carlo noise of
   # 2 and 1 samples on 32 examples); a 4x scale error in the sampled path
   # would give a relative step difference of 0.75 or more.
   for name in ("natural_gradient_sampled", "kfac_sampled"):
+    if ("shard_map", mesh_kind, name) in KNOWN_DEFECTS:
+      continue
+    assert not isinstance(results[name], str), (name, results[name])
     assert results[name + "_finite"], name
     assert 0 < results[name + "_step"] < 0.5, (name, results[name + "_step"])
   # Without axis_name every device steps on its own shard: the test would
