@@ -66,15 +66,8 @@ MOVES_WITHOUT_GRADIENT = set()
 
 # Defects in modules owned elsewhere, reported and pinned here (strict
 # xfail: the test starts failing once they are fixed, so drop the entry).
-_UNCHECKED_BATCH = ("_block_diagonal.py does not check the batch with"
-                    " _products.batch_size yet (block-preconditioner rewrite)")
-KNOWN_DEFECTS = {  # (case, transform) -> reason; strict xfails.
-    ("batch:empty", "block_diagonal_natural_gradient"): _UNCHECKED_BATCH,
-    ("batch:leading_axis_mismatch", "block_diagonal_natural_gradient"):
-        _UNCHECKED_BATCH,
-    ("batch:raw_uint32_key", "block_diagonal_natural_gradient"):
-        _UNCHECKED_BATCH,
-}
+# A case of a table test is keyed "test:case", e.g. ("batch:empty", name).
+KNOWN_DEFECTS = {}  # (case, transform) -> reason; strict xfails.
 
 
 def _names(test, names=None):
