@@ -50,12 +50,15 @@ def _check(trace):
   assert np.all(np.diff(trace.seconds) >= 0)
 
 
-@pytest.mark.parametrize("name", ["adam", "curvature.sgd", "optax.sgd"])
+@pytest.mark.parametrize("name", ["adam", "curvature.sgd", "optax.sgd",
+                                  "shampoo", "soap"])
 def test_first_order_rows_decrease(bench, setup, name):
   data, evaluate = setup
   opt = {"adam": optax.adam(1e-3),
          "curvature.sgd": curvature.sgd(1e-2, momentum=0.9),
-         "optax.sgd": optax.sgd(1e-2, momentum=0.9)}[name]
+         "optax.sgd": optax.sgd(1e-2, momentum=0.9),
+         "shampoo": curvature.shampoo(bench.SHAMPOO_LR),
+         "soap": curvature.soap(bench.SOAP_LR)}[name]
   _check(bench.train_first_order(opt, data, 30, batch_size=100, eval_every=10,
                                  evaluate=evaluate))
 
@@ -68,6 +71,12 @@ def test_kfac_row_decreases(bench, setup, capsys):
   out = capsys.readouterr().out
   assert "kfac: warm-up of 41 calls" in out, out
   assert "no compilation in 10 timed calls" in out, out
+
+
+def test_ekfac_row_decreases(bench, setup):
+  data, evaluate = setup
+  _check(bench.train_kfac(data, 10, batch_size=100, eval_every=5,
+                          evaluate=evaluate, structure="eigen_kronecker"))
 
 
 def test_hessian_free_row_decreases(bench, setup):
