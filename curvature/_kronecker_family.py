@@ -34,6 +34,7 @@ import optax
 from curvature import _blocks
 from curvature import _kfac
 from curvature import _momentum
+from curvature import _products
 from curvature import _validation
 
 Array = jax.Array
@@ -209,6 +210,7 @@ def scale_by_shampoo(
     inverse_every: int = 10,
     graft: Optional[optax.GradientTransformation] = None,
     max_factor_dim: int = 4096,
+    axis_name=None,
 ) -> optax.GradientTransformation:
   r"""Shampoo's direction (Gupta, Koren & Singer 2018), grafted if asked.
 
@@ -243,6 +245,9 @@ def scale_by_shampoo(
     graft: an optax transform whose per-leaf norms the direction takes, or
       ``None``.
     max_factor_dim: leaves with a larger side fall back to the diagonal.
+    axis_name: inside ``jax.shard_map``, the mesh axis the batch is sharded
+      over: the incoming gradient is ``pmean``-ed over it first, so every
+      device keeps the same statistics. ``None`` under plain ``jit``.
 
   Returns:
     An ``optax.GradientTransformation`` with state
@@ -265,6 +270,7 @@ def scale_by_shampoo(
     learning rates", 2020 (grafting).
   """
   _check_power(power)
+  axis_name = _validation.check_axis_name(axis_name)
   _validation.check_nonnegative("damping", damping,
                                 "Use a small epsilon such as 1e-6.")
   max_factor_dim, inverse_every = _check_family(
@@ -287,6 +293,7 @@ def scale_by_shampoo(
     return _plan(params, max_factor_dim, matrix_block, -2.0 * power, True)
 
   def init_fn(params):
+    _validation.check_params(params, "scale_by_shampoo")
     states, diagonal = _init_states(plan(params))
     zero = jnp.zeros((), jnp.int32)
     return ScaleByShampooState(
@@ -295,6 +302,7 @@ def scale_by_shampoo(
         rejected_steps=zero, rejected_refreshes=zero)
 
   def update_fn(updates, state, params=None):
+    updates = _products.batch_mean(updates, axis_name)
     blocks = plan(updates)
     leaves, treedef = jax.tree.flatten(updates)
     ok = _validation.all_finite(updates)
@@ -353,6 +361,7 @@ def shampoo(
     inverse_every: int = 10,
     graft: Optional[optax.GradientTransformation] = None,
     max_factor_dim: int = 4096,
+    axis_name=None,
 ) -> optax.GradientTransformation:
   r"""Shampoo with Adam grafting and heavy-ball momentum, as an ``optax.chain``.
 
@@ -376,6 +385,7 @@ def shampoo(
     inverse_every: steps between refreshes of the inverse roots.
     graft: another graft transform instead of Adam's.
     max_factor_dim: larger leaves fall back to the graft.
+    axis_name: for ``jax.shard_map`` (see :func:`scale_by_shampoo`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -396,7 +406,7 @@ def shampoo(
   parts = [scale_by_shampoo(
       power=power, damping=damping, statistics_decay=statistics_decay,
       inverse_every=inverse_every, graft=graft,
-      max_factor_dim=max_factor_dim)]
+      max_factor_dim=max_factor_dim, axis_name=axis_name)]
   if not (isinstance(b1, (int, float)) and b1 == 0):
     parts.append(_momentum.scale_by_momentum(b1))
   parts.append(optax.scale_by_learning_rate(learning_rate))
@@ -449,6 +459,8 @@ def scale_by_soap(
     statistics_decay: Optional[float] = None,
     inverse_every: int = 10,
     max_factor_dim: int = 4096,
+    weight_decay: float = 0.0,
+    axis_name=None,
 ) -> optax.GradientTransformation:
   r"""SOAP's direction: Adam in the eigenbasis of Shampoo (Vyas et al. 2024).
 
@@ -479,6 +491,11 @@ def scale_by_soap(
     statistics_decay: ``β_s`` of ``L`` and ``R`` (``None``: ``b2``).
     inverse_every: ``f``, accepted steps between eigenbasis refreshes (10).
     max_factor_dim: larger leaves fall back to Adam.
+    weight_decay: decoupled weight decay ``w`` (``U + wθ``, as
+      ``optax.add_decayed_weights``), inside the transform so that a
+      rejected step does not decay the weights either.
+    axis_name: inside ``jax.shard_map``, the mesh axis the batch is sharded
+      over: the incoming gradient is ``pmean``-ed over it first.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
@@ -497,6 +514,8 @@ def scale_by_soap(
   for name, value in (("b1", b1), ("b2", b2)):
     _validation.check_in_interval(name, value, 0.0, 1.0)
   _validation.check_nonnegative("eps", eps, "Adam's epsilon, e.g. 1e-8.")
+  _validation.check_nonnegative("weight_decay", weight_decay)
+  axis_name = _validation.check_axis_name(axis_name)
   max_factor_dim, inverse_every = _check_family(
       max_factor_dim, inverse_every, statistics_decay)
   decay = b2 if statistics_decay is None else statistics_decay
@@ -512,6 +531,7 @@ def scale_by_soap(
     return _plan(params, max_factor_dim, matrix_block, 0.5, False)
 
   def init_fn(params):
+    _validation.check_params(params, "scale_by_soap")
     states, diagonal = _init_states(plan(params))
     zero = jnp.zeros((), jnp.int32)
     return ScaleBySoapState(
@@ -523,7 +543,7 @@ def scale_by_soap(
         rejected_steps=zero, rejected_refreshes=zero)
 
   def update_fn(updates, state, params=None):
-    del params
+    updates = _products.batch_mean(updates, axis_name)
     blocks = plan(updates)
     matrices = {n: b for n, b in blocks.items() if n != "diagonal"}
     leaves, treedef = jax.tree.flatten(updates)
@@ -550,8 +570,14 @@ def scale_by_soap(
         {"diagonal": blocks["diagonal"]}, states, count, b2, "ema")[
             "diagonal"]
     first = jax.tree.leaves(_blocks.estimate(momentum, count, b1, "ema"))
-    direction = _blocks.precondition(blocks, hats, first, eps)
-    output = _guard(ok, treedef.unflatten(direction), updates)
+    direction = treedef.unflatten(
+        _blocks.precondition(blocks, hats, first, eps))
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+      if params is None:
+        raise ValueError("scale_by_soap(weight_decay > 0) needs the params:"
+                         " call update(grads, state, params).")
+      direction = optax.tree.add_scale(direction, weight_decay, params)
+    output = _guard(ok, direction, updates)
     return output, ScaleBySoapState(
         count=count, blocks={n: states[n] for n in state.blocks},
         diagonal=states["diagonal"], momentum=momentum,
@@ -571,13 +597,16 @@ def soap(
     statistics_decay: Optional[float] = None,
     inverse_every: int = 10,
     max_factor_dim: int = 4096,
+    axis_name=None,
 ) -> optax.GradientTransformation:
   r"""SOAP (Vyas et al. 2024) as an ``optax.chain``, like ``optax.adamw``.
 
   .. math::
     \theta \leftarrow \theta - \eta\,(U_{\text{SOAP}} + w\,\theta)
 
-  See :func:`scale_by_soap`. The defaults are the paper's (``b1 = b2 =
+  The same as ``optax.chain(scale_by_soap(...), optax.add_decayed_weights(w),
+  optax.scale_by_learning_rate(lr))``, except that a rejected (non-finite)
+  step does not decay the weights either. See :func:`scale_by_soap`. The defaults are the paper's (``b1 = b2 =
   0.95``, a refresh every 10 steps).
 
   Args:
@@ -589,6 +618,7 @@ def soap(
     statistics_decay: decay of ``L`` and ``R`` (``None``: ``b2``).
     inverse_every: steps between eigenbasis refreshes.
     max_factor_dim: larger leaves fall back to Adam.
+    axis_name: for ``jax.shard_map`` (see :func:`scale_by_soap`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -601,12 +631,11 @@ def soap(
   References:
     Vyas et al., "SOAP: Improving and stabilizing Shampoo using Adam", 2024.
   """
-  _validation.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
       scale_by_soap(b1=b1, b2=b2, eps=eps, statistics_decay=statistics_decay,
                     inverse_every=inverse_every,
-                    max_factor_dim=max_factor_dim),
-      optax.add_decayed_weights(weight_decay),
+                    max_factor_dim=max_factor_dim, weight_decay=weight_decay,
+                    axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate))
 
 

@@ -857,3 +857,27 @@ def test_nonfinite_gradient_is_rejected(name, bad_value):
   assert rejected_steps(state) == 1
   want = run_oracle(make_oracle(), params, batches, lr)
   assert_sequences_close(iterates, want)
+
+
+@pytest.mark.parametrize("make", [
+    lambda axis: curvature.scale_by_shampoo(inverse_every=1, axis_name=axis),
+    lambda axis: curvature.scale_by_soap(inverse_every=1, axis_name=axis),
+], ids=["shampoo", "soap"])
+def test_axis_name_averages_the_per_device_gradients(make):
+  # Two "devices" (vmap with an axis name) with their own gradients take the
+  # step of their mean gradient, and keep identical states.
+  params = {"w": jnp.ones((3, 3), jnp.float64), "b": jnp.zeros(3, jnp.float64)}
+  local = {"w": jax.random.normal(jax.random.key(0), (2, 3, 3), jnp.float64),
+           "b": jax.random.normal(jax.random.key(1), (2, 3), jnp.float64)}
+  sharded = make("devices")
+  state = jax.vmap(lambda _: sharded.init(params))(jnp.arange(2))
+  out, new = jax.vmap(lambda g, s: sharded.update(g, s, params),
+                      axis_name="devices")(local, state)
+  single = make(None)
+  mean = jax.tree.map(lambda g: g.mean(0), local)
+  expected, _ = single.update(mean, single.init(params), params)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(out[k][0], expected[k], rtol=1e-10)
+    np.testing.assert_allclose(out[k][1], expected[k], rtol=1e-10)
+  with pytest.raises(TypeError, match="axis_name"):
+    make(["devices"])
