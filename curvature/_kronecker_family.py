@@ -79,8 +79,8 @@ def kronecker_family_summary(params: Params, *,
     >>> import jax.numpy as jnp, curvature
     >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     >>> print(curvature.kronecker_family_summary(params))
-    b  (3,)    diagonal   rank 1 < 2: diagonal update
-    w  (4, 3)  kronecker  L 4x4, R 3x3
+    b  (3,)      diagonal   rank 1 < 2: diagonal update
+    w  (4, 3)    kronecker  L 4x4, R 3x3
   """
   matrices = _matrix_leaves(params, max_factor_dim)
   paths = _blocks.leaf_paths(params)
