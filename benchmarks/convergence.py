@@ -82,7 +82,7 @@ OPTIMIZERS = ("adam", "kfac", "ekfac", "shampoo", "soap", "hessian_free",
 # The Kronecker family's first-order-style rows (no predict_fn): their
 # learning rates, the best of a small grid on the 5k-image set (notebook 08).
 SHAMPOO_LR = 3e-3
-SOAP_LR = 3e-3
+SOAP_LR = 1e-2
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_PYTHON = os.path.join(HERE, ".venv-kfac-jax", "bin", "python")
 PEER_OUTLIER_FACTOR = 5.0  # Fail on a peer step this much over its kind's.
