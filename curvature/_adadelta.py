@@ -41,7 +41,7 @@ def scale_by_adadelta(
 ) -> optax.GradientTransformation:
   r"""AdaDelta's unit-correcting diagonal rescaling.
 
-  Form ``"updates"`` (Zeiler 2012; ``seeds/004_*``; identical to
+  Form ``"updates"`` (Zeiler 2012; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8; identical to
   ``optax.scale_by_adadelta``):
 
   .. math::
@@ -50,7 +50,7 @@ def scale_by_adadelta(
                {\sqrt{E[g^2]_t + \epsilon}}\, g_t, \quad
     E[\Delta\theta^2]_t = \rho E[\Delta\theta^2]_{t-1} + (1-\rho) u_t^2.
 
-  Form ``"weights"`` (``seeds/003_*``, with :math:`\gamma = 1 - \rho`): the
+  Form ``"weights"`` (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, with :math:`\gamma = 1 - \rho`): the
   scale of the parameters is estimated from the weights themselves,
 
   .. math::
@@ -77,7 +77,7 @@ def scale_by_adadelta(
     ...                   optax.scale_by_learning_rate(1.0))
 
   References:
-    ``seeds/004_*`` (AdaDelta, Zeiler's form), ``seeds/003_*`` (running
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaDelta, Zeiler's form), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (running
     averages of squared gradients and squared weights). Zeiler, ADADELTA: An
     Adaptive Learning Rate Method, arXiv:1212.5701, 2012.
   """
@@ -150,7 +150,7 @@ def scale_by_delta_bar_delta(
     \bar\delta_t = (1-\theta)\delta_t + \theta\bar\delta_{t-1}.
 
   The gains grow additively while the gradient keeps its sign and shrink
-  geometrically when it flips. Meant for full-batch gradients (``seeds/004_*``):
+  geometrically when it flips. Meant for full-batch gradients (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8):
   minibatch noise flips signs at random.
 
   Args:
@@ -169,7 +169,7 @@ def scale_by_delta_bar_delta(
     ...                   optax.scale_by_learning_rate(0.01))
 
   References:
-    ``seeds/004_*`` (delta-bar-delta, full batch only). Jacobs, Increased
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (delta-bar-delta, full batch only). Jacobs, Increased
     rates of convergence through learning rate adaptation, Neural Networks
     1(4), 1988.
   """

@@ -41,7 +41,7 @@ def polyak_averaging(
   * uniform (``decay=None``, Polyak & Juditsky 1992):
     :math:`\bar\theta_t = \bar\theta_{t-1} + (\theta_t - \bar\theta_{t-1})/t`,
     the mean of :math:`\theta_1, \dots, \theta_t`;
-  * exponential (``decay=beta``, ``seeds/000_*``): :math:`m_t = \beta m_{t-1}
+  * exponential (``decay=beta``, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8): :math:`m_t = \beta m_{t-1}
     + (1-\beta)\theta_t` with :math:`m_0 = 0`, read out debiased,
     :math:`\bar\theta_t = m_t / (1 - \beta^t)`, which forgets the starting
     point faster than the uniform mean.
@@ -61,7 +61,7 @@ def polyak_averaging(
     >>> # after training: curvature.averaged_params(opt_state, decay=0.99)
 
   References:
-    ``seeds/000_*`` (Polyak averaging; exponentially decaying averages).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Polyak averaging; exponentially decaying averages).
     Polyak & Juditsky, Acceleration of Stochastic Approximation by Averaging,
     SIAM J. Control Optim. 30(4), 1992.
   """

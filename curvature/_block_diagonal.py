@@ -1,6 +1,6 @@
 r"""Block-diagonal curvature: a dense block per small parameter leaf (or layer).
 
-One step above the diagonal methods (``shared/seeds/000_*``): the parameters
+One step above the diagonal methods (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8): the parameters
 are split into groups, each group keeps a *full* curvature block ``C_b`` and
 the couplings between groups are zeroed,
 
@@ -330,7 +330,7 @@ def block_diagonal_curvature(
 
   References:
     Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
-    algorithm", NIPS 2008. ``shared/seeds/000_*`` (block-diagonal methods).
+    algorithm", NIPS 2008. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (block-diagonal methods).
   """
   _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
   max_block_size = _validation.check_static_int(
@@ -479,7 +479,7 @@ def scale_by_block_diagonal(
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015 (block-diagonal approximations of the
     Fisher, §4). Amari, "Natural gradient works efficiently in learning",
-    Neural Computation 1998. ``shared/seeds/000_*`` ("one step above
+    Neural Computation 1998. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("one step above
     diagonal methods are block diagonal methods", TONGA).
   """
   _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
@@ -592,7 +592,7 @@ def block_diagonal_natural_gradient(
     v \leftarrow \mu v + \operatorname{blockdiag}(\hat C_b + \lambda I)^{-1} g,
     \qquad \theta \leftarrow \theta - \eta\, v
 
-  The seeds' "block-diagonal method" (``shared/seeds/000_*``); with
+  The "block-diagonal method" (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8); with
   ``curvature="empirical_fisher"`` the blocks are the (uncentred) gradient
   covariance TONGA uses, kept exact and dense rather than low-rank. See
   :func:`scale_by_block_diagonal` for the direction and every argument.
@@ -627,7 +627,7 @@ def block_diagonal_natural_gradient(
 
   References:
     Le Roux, Manzagol & Bengio, NIPS 2008 (TONGA); Martens & Grosse, ICML
-    2015; Amari 1998; ``shared/seeds/000_*``.
+    2015; Amari 1998; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
   """
   parts = [scale_by_block_diagonal(
       predict_fn, loss, curvature=curvature, max_block_size=max_block_size,

@@ -165,7 +165,7 @@ def conjugate_gradient(
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
     systems", 1952. Martens, "Deep learning via Hessian-free optimization",
     ICML 2010 (stopping rule, warm start and backtracking).
-    ``shared/seeds/001_*`` and ``004_*`` (conjugate gradients).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (conjugate gradients).
   """
   max_iterations = _validation.check_static_int(
       "max_iterations", max_iterations, 1

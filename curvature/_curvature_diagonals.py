@@ -117,7 +117,7 @@ def sampled_fisher_diagonal(
 
   References:
     Martens, "New insights and perspectives on the natural gradient method",
-    2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+    2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   axis_name = _validation.check_axis_name(axis_name)
@@ -171,7 +171,7 @@ def ggn_diagonal(
     A pytree like ``params``.
 
   References:
-    Schraudolph 2002; Martens 2014 §9; ``shared/seeds/002_*``.
+    Schraudolph 2002; Martens 2014 §9; Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   max_output_dim = _validation.check_static_int(
       "max_output_dim", max_output_dim, 1)
@@ -378,7 +378,7 @@ def ema_curvature_diagonal(
     :class:`CurvatureDiagonalState`.
 
   References:
-    Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+    Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   _validation.check_choice("estimator", estimator, ESTIMATORS)
   _moments.check_decay("decay", decay)
@@ -488,7 +488,7 @@ def scale_by_curvature_diagonal(
     ...     optax.scale_by_learning_rate(0.1))
 
   References:
-    Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+    Amari 1998; Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   schedule_fix = (
       "For a schedule, inject it: `curvature.inject_hyperparams("

@@ -407,7 +407,7 @@ def beale() -> Function2D:
   References:
     Beale, "On an iterative method for finding a local minimum of a function
     of more than one variable", 1958; the starts are those of the
-    optimization animations in ``shared/seeds/001_*`` (Kao, UCLA ECE C147).
+    optimization animations in Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Kao, UCLA ECE C147).
   """
   return _test_function("Beale", beale_residuals, 3, (3.0, 0.5),
                         [(2.0, -2.0), (-3.0, 3.0)], ((-4.5, 4.5), (-4.5, 4.5)))
@@ -445,7 +445,7 @@ def narrow_valley(condition_number: float = 50.0,
   ``u`` runs along the valley floor (curvature 1) and ``v`` across it
   (curvature κ); the floor is tilted by ``angle`` so that a diagonal
   preconditioner does not simply undo the conditioning. This is the picture
-  of ``shared/seeds/000_*``: gradient descent bounces between the walls with
+  of Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: gradient descent bounces between the walls with
   a large learning rate and crawls along the floor with a small one.
 
   Args:
@@ -457,7 +457,7 @@ def narrow_valley(condition_number: float = 50.0,
 
   References:
     Martens, "Second-order optimization for neural networks", lecture, 2020
-    (``shared/seeds/000_*``); Goodfellow, Bengio & Courville, "Deep
+    (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8); Goodfellow, Bengio & Courville, "Deep
     Learning", 2016, §4.3.1 and §8.2.1.
   """
   residual_fn = functools.partial(_valley_residuals,

@@ -193,7 +193,7 @@ def spectral_density(
     Ghorbani, Krishnan & Xiao, "An investigation into neural net
     optimization via Hessian eigenvalue density", ICML 2019. Yao et al.,
     "PyHessian", 2020. Sagun et al., "Empirical analysis of the Hessian of
-    over-parametrized neural networks", 2017. ``shared/seeds/002_*``.
+    over-parametrized neural networks", 2017. Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   if num_iterations is None:
     num_iterations = min(100, _lanczos.dimension(params))
@@ -384,7 +384,7 @@ def condition_number(
     >>> curvature.condition_number(lin.matvec, params).condition_number
 
   References:
-    ``shared/seeds/000_*`` and ``002_*`` (the condition number and
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 and Martens, "New insights and perspectives on the natural gradient method", 2020 (the condition number and
     convergence). Lanczos 1950; Golub & Meurant 2010.
   """
   ritz = _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize)
@@ -467,7 +467,7 @@ def negative_curvature(
     >>> saddle.is_saddle, saddle.smallest
 
   References:
-    ``shared/seeds/004_*`` (saddle points and Newton's method). Dauphin et
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (saddle points and Newton's method). Dauphin et
     al., "Identifying and attacking the saddle point problem", 2014. Sagun
     et al. 2017; Yao et al., "PyHessian", 2020.
   """
@@ -602,7 +602,7 @@ def monitor(
   gradient step ``−εg`` changes the loss by ``−ε gᵀg + ½ ε² gᵀCg``: when
   ``gᵀCg/gᵀg`` grows while ``gᵀg`` stays flat, the second-order term is
   eating the first and the learning rate is too large for the curvature
-  (ill-conditioning; ``shared/seeds/004_*``).
+  (ill-conditioning; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8).
 
   The cost is one linearization and one curvature product per logged step,
   inside ``lax.cond``; other steps cost nothing. The updates pass through
@@ -639,7 +639,7 @@ def monitor(
     >>> state.metrics.gradient_curvature
 
   References:
-    ``shared/seeds/004_*`` (monitor gᵀg and gᵀHg). Goodfellow, Bengio &
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (monitor gᵀg and gᵀHg). Goodfellow, Bengio &
     Courville, "Deep Learning", 2016, §8.2.1. Martens 2010 (ρ, damping).
   """
   _validation.check_choice("curvature", curvature, _products.CURVATURES)

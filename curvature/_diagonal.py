@@ -132,7 +132,7 @@ def scale_by_diagonal(
     ...     optax.scale_by_learning_rate(1e-3))
 
   References:
-    ``seeds/001_*`` (AdaGrad, RMSProp, Adam), ``seeds/002_*`` (eps as
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaGrad, RMSProp, Adam), Martens, "New insights and perspectives on the natural gradient method", 2020 (eps as
     damping). Duchi et al., JMLR 2011; Tieleman & Hinton, Lecture 6.5
     RMSProp, 2012; Kingma & Ba, ICLR 2015.
   """

@@ -1,4 +1,4 @@
-"""First-order optimizers of the seeds, as chains of the shared primitives.
+"""The first-order canon, as chains of the shared primitives.
 
 Every alias takes ``learning_rate`` first (a float or an ``optax.schedules``
 schedule) and is an ``optax.chain`` of :func:`curvature.scale_by_momentum`,
@@ -6,7 +6,7 @@ schedule) and is an ``optax.chain`` of :func:`curvature.scale_by_momentum`,
 :func:`curvature.scale_by_diagonal`, :func:`curvature.scale_by_adadelta`,
 :func:`curvature.scale_by_delta_bar_delta` and
 ``optax.scale_by_learning_rate``. The defaults reproduce the optax optimizer
-of the same name; the docstrings say which arguments give the seeds' variant.
+of the same name; the docstrings say which arguments give the textbook variants.
 
 Non-finite gradients (one policy, the core's step rejection): by default a
 NaN/Inf gradient propagates, as in optax. Pass ``max_consecutive_errors=N``
@@ -86,7 +86,7 @@ def sgd(
     >>> opt = curvature.sgd(0.1, momentum=0.9)
 
   References:
-    ``seeds/001_*`` (SGD, momentum), ``seeds/004_*``. Robbins & Monro 1951;
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (SGD, momentum), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Robbins & Monro 1951;
     Polyak 1964; Sutskever et al., ICML 2013.
   """
   if momentum is None:
@@ -107,7 +107,7 @@ def heavy_ball(
     *,
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SGD with Polyak's heavy-ball momentum (``seeds/001_*``, "Momentum").
+  r"""SGD with Polyak's heavy-ball momentum (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, "Momentum").
 
   .. math::
     v \leftarrow \alpha v - \epsilon g, \qquad \theta \leftarrow \theta + v.
@@ -129,7 +129,7 @@ def heavy_ball(
     >>> opt = curvature.heavy_ball(0.01, momentum=0.9)
 
   References:
-    ``seeds/001_*``. Polyak, Some methods of speeding up the convergence of
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Polyak, Some methods of speeding up the convergence of
     iteration methods, USSR Comput. Math. Math. Phys., 1964.
   """
   return sgd(
@@ -146,7 +146,7 @@ def nesterov(
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with Nesterov momentum, in either of the two seed forms.
 
-  ``form="lookahead"`` (``seeds/001_*``, first slide): the caller evaluates
+  ``form="lookahead"`` (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, first slide): the caller evaluates
   the gradient at :func:`curvature.lookahead_params` (:math:`\theta +
   \alpha v`), and
 
@@ -180,7 +180,7 @@ def nesterov(
     >>> opt = curvature.nesterov(0.01, 0.9)
 
   References:
-    ``seeds/001_*`` (Nesterov momentum, both forms). Nesterov, A method for
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Nesterov momentum, both forms). Nesterov, A method for
     solving the convex programming problem with convergence rate O(1/k^2),
     1983; Sutskever, Martens, Dahl & Hinton, ICML 2013.
   """
@@ -218,7 +218,7 @@ def adagrad(
   ``scale_by_diagonal(scale_by_running_sum(), power=1/2)``: the running sum
   of the empirical-Fisher diagonal, square-rooted, with damping :math:`\nu`.
   Defaults reproduce ``optax.adagrad`` (:math:`a_0 = 0.1`, :math:`\nu` in the
-  root). The seed's code (``seeds/001_*``) is ``initial_accumulator_value=0,
+  root). The seed's code (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8) is ``initial_accumulator_value=0,
   eps_in_root=False``.
 
   Args:
@@ -236,7 +236,7 @@ def adagrad(
     >>> opt = curvature.adagrad(0.1)
 
   References:
-    ``seeds/001_*`` (Adagrad). Duchi, Hazan & Singer, Adaptive Subgradient
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adagrad). Duchi, Hazan & Singer, Adaptive Subgradient
     Methods for Online Learning and Stochastic Optimization, JMLR 2011.
   """
   return _finish(
@@ -296,7 +296,7 @@ def rmsprop(
     >>> opt = curvature.rmsprop(1e-3, decay=0.99, momentum=0.9)
 
   References:
-    ``seeds/001_*`` (RMSProp, with momentum, with Nesterov), ``seeds/004_*``.
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (RMSProp, with momentum, with Nesterov), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
     Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA: Neural Networks for
     Machine Learning, 2012.
   """
@@ -342,7 +342,7 @@ def adam(
   direction=scale_by_ema(b1), power=1/2, damping=eps,
   damping_in_root=eps_root)``: ``eps`` is damping of the curvature estimate.
   With ``bias_correction=False`` this is the seed's "Adam with no bias
-  correction" (``seeds/001_*``, which puts :math:`\nu` inside the root: use
+  correction" (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, which puts :math:`\nu` inside the root: use
   ``eps=0, eps_root=nu``). Defaults reproduce ``optax.adam``.
 
   Args:
@@ -362,8 +362,8 @@ def adam(
     >>> opt = curvature.adam(1e-3)
 
   References:
-    ``seeds/001_*`` (Adam with and without bias correction), ``seeds/003_*``,
-    ``seeds/004_*``. Kingma & Ba, Adam: A Method for Stochastic Optimization,
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam with and without bias correction), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8,
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Kingma & Ba, Adam: A Method for Stochastic Optimization,
     ICLR 2015.
   """
   _moments.check_decay("b1", b1)
@@ -408,8 +408,8 @@ def adadelta(
     learning_rate: :math:`\epsilon \geq 0` or a schedule (default 1).
     rho: decay :math:`\rho \in [0, 1)` (the seed's :math:`1 - \gamma`).
     eps: damping :math:`\nu \geq 0`.
-    form: ``"updates"`` (Zeiler, ``seeds/004_*``) or ``"weights"``
-      (``seeds/003_*``).
+    form: ``"updates"`` (Zeiler, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8) or ``"weights"``
+      (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8).
     max_consecutive_errors: non-finite policy (module docstring).
 
   Returns:
@@ -420,7 +420,7 @@ def adadelta(
     >>> opt = curvature.adadelta(1.0, rho=0.95)
 
   References:
-    ``seeds/004_*``, ``seeds/003_*``. Zeiler, ADADELTA: An Adaptive Learning
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Zeiler, ADADELTA: An Adaptive Learning
     Rate Method, arXiv:1212.5701, 2012.
   """
   return _finish(
@@ -461,7 +461,7 @@ def delta_bar_delta(
     >>> opt = curvature.delta_bar_delta(0.01)
 
   References:
-    ``seeds/004_*`` (delta-bar-delta). Jacobs, Increased rates of
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (delta-bar-delta). Jacobs, Increased rates of
     convergence through learning rate adaptation, Neural Networks, 1988.
   """
   return _finish(

@@ -399,8 +399,8 @@ def scale_by_hessian_free(
     Martens & Sutskever, "Training deep and recurrent networks with
     Hessian-free optimization", 2012.
     Schraudolph, "Fast curvature matrix-vector products", 2002.
-    ``shared/seeds/000_*`` (damping, trust regions, GGN),
-    ``shared/seeds/001_*`` and ``004_*`` (Newton, Levenberg-Marquardt, CG).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (damping, trust regions, GGN),
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton, Levenberg-Marquardt, CG).
   """
   _validation.check_choice("curvature", curvature, _products.CURVATURES)
   if adapt_damping:
@@ -693,7 +693,7 @@ def hessian_free(
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
-    ``shared/seeds/000_*`` (Hessian-free, damping as a trust region).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Hessian-free, damping as a trust region).
   """
   transform = scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=initial_damping,
@@ -737,7 +737,7 @@ def newton(
   r"""Newton's method, ``θ ← θ − lr · H⁻¹ g``, with ``H⁻¹g`` solved by CG.
 
   Undamped, with no line search: the textbook method of
-  ``shared/seeds/001_*`` and ``004_*``. CG stops cleanly at a direction of
+  Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. CG stops cleanly at a direction of
   non-positive curvature (a saddle or a maximum), returning the truncated
   Newton step built so far, or the steepest-descent direction if the very
   first direction curves down (Newton-CG); use :func:`damped_newton` where
@@ -786,7 +786,7 @@ def damped_newton(
   r"""Damped (regularized) Newton: ``θ ← θ − lr · α (H + λI)⁻¹ g``.
 
   ``(H + λI)⁻¹ g`` is solved by CG; ``λ`` follows the Levenberg-Marquardt
-  rule on ``ρ``, so it behaves as a trust region (``shared/seeds/000_*``), and
+  rule on ``ρ``, so it behaves as a trust region (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8), and
   CG stops at non-positive curvature when ``H + λI`` is indefinite.
 
   Args:
@@ -807,8 +807,8 @@ def damped_newton(
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Levenberg 1944; Marquardt 1963; ``shared/seeds/001_*`` (Newton with
-    regularization), ``004_*`` (Newton, Levenberg-Marquardt).
+    Levenberg 1944; Marquardt 1963; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton with
+    regularization), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton, Levenberg-Marquardt).
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="hessian", damping=damping,
@@ -853,7 +853,7 @@ def gauss_newton(
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Schraudolph 2002 (the GGN); ``shared/seeds/000_*`` (Gauss-Newton).
+    Schraudolph 2002 (the GGN); Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Gauss-Newton).
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
@@ -899,7 +899,7 @@ def levenberg_marquardt(
 
   References:
     Levenberg, "A method for the solution of certain non-linear problems in
-    least squares", 1944. Marquardt, 1963. ``shared/seeds/004_*``.
+    least squares", 1944. Marquardt, 1963. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,

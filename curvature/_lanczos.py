@@ -457,7 +457,7 @@ def lanczos(
     Comp. 42, 1984. Larsen, "Lanczos bidiagonalization with partial
     reorthogonalization" (PROPACK), 1998.
     Golub & Meurant, "Matrices, Moments and Quadrature with Applications",
-    2010. ``shared/seeds/002_*`` (Hessian spectra).
+    2010. Martens, "New insights and perspectives on the natural gradient method", 2020 (Hessian spectra).
   """
   mode = reorthogonalization_mode(reorthogonalize)
   num_iterations = check_num_iterations(num_iterations, initial_vector)

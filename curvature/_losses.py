@@ -30,7 +30,7 @@ Conventions:
   (the Hessian is then scaled by the targets' sum) and for non-canonical
   losses. The *empirical* Fisher, built from the data labels instead of
   sampled ones, is a different matrix for every loss (Kunstner et al. 2019;
-  ``shared/seeds/002_*``).
+  Martens, "New insights and perspectives on the natural gradient method", 2020).
 * Integer labels of :data:`softmax_cross_entropy` must lie in
   ``[0, num_classes)``. Concrete labels outside that range raise a
   ``ValueError``; traced ones (inside ``jit``) give that example a NaN loss

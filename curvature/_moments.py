@@ -53,7 +53,7 @@ def ema_update(moment: Any, statistic: Any, decay: Any) -> Any:
     Array([0.1, 0.1], dtype=float32)
 
   References:
-    ``seeds/001_*`` (Adam's first and second moments), ``seeds/003_*``
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam's first and second moments), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8
     (running averages). Kingma & Ba, Adam: A Method for Stochastic
     Optimization, ICLR 2015.
   """
@@ -82,7 +82,7 @@ def debias(moment: Any, decay: Any, count: Any) -> Any:
     Array([1., 1.], dtype=float32)
 
   References:
-    ``seeds/001_*`` ("bias correction in moments"), ``seeds/003_*`` ("these
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("bias correction in moments"), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("these
     running averages have a lag time which we can remove"). Kingma & Ba,
     ICLR 2015, Section 3.
   """
@@ -161,7 +161,7 @@ def scale_by_ema(
     >>> state = second_moment.init({"w": jnp.zeros(3)})
 
   References:
-    ``seeds/001_*`` (Adam with and without bias correction), ``seeds/003_*``.
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam with and without bias correction), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
     Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
   """
   check_decay("decay", decay)
@@ -224,7 +224,7 @@ def scale_by_running_sum(
     >>> accumulator = curvature.scale_by_running_sum(initial_value=0.1)
 
   References:
-    ``seeds/001_*`` (AdaGrad: ``a <- a + g * g``). Duchi, Hazan & Singer,
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaGrad: ``a <- a + g * g``). Duchi, Hazan & Singer,
     Adaptive Subgradient Methods for Online Learning and Stochastic
     Optimization, JMLR 2011.
   """

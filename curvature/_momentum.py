@@ -41,7 +41,7 @@ def scale_by_momentum(
   .. math::
     v_t = \alpha v_{t-1} + g_t, \qquad \text{output } v_t.
 
-  Nesterov in the change-of-variables form (``seeds/001_*``: no gradient at
+  Nesterov in the change-of-variables form (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: no gradient at
   :math:`\theta + \alpha v` is needed; the iterate is
   :math:`\tilde\theta = \theta + \alpha v`):
 
@@ -51,7 +51,7 @@ def scale_by_momentum(
 
   Placed before ``scale_by_learning_rate(eps)`` (as in ``optax.sgd``) the
   velocity is in gradient units, :math:`v^{\text{seed}} = -\epsilon v`.
-  Placed after it (as in RMSProp with momentum, ``seeds/001_*``: ``v <- a v -
+  Placed after it (as in RMSProp with momentum, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: ``v <- a v -
   eps g / sqrt(a + nu)``) the velocity is the parameter step itself, which is
   what :func:`lookahead_params` needs.
 
@@ -75,8 +75,8 @@ def scale_by_momentum(
     ...     optax.scale_by_learning_rate(0.1))
 
   References:
-    ``seeds/001_*`` (momentum; Nesterov momentum in both forms),
-    ``seeds/004_*``. Polyak, Some methods of speeding up the convergence of
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (momentum; Nesterov momentum in both forms),
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Polyak, Some methods of speeding up the convergence of
     iteration methods, 1964; Nesterov, A method for solving the convex
     programming problem with convergence rate O(1/k^2), 1983; Sutskever,
     Martens, Dahl & Hinton, On the importance of initialization and momentum
@@ -135,7 +135,7 @@ def lookahead_params(params: Any, opt_state: Any, decay: Any) -> Any:
     ...     curvature.lookahead_params(params, state, 0.9))
 
   References:
-    ``seeds/001_*`` (Nesterov momentum). Sutskever et al., ICML 2013.
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Nesterov momentum). Sutskever et al., ICML 2013.
   """
   state = optax.tree.get(opt_state, "ScaleByMomentumState")
   if state is None:

@@ -114,7 +114,7 @@ def scale_by_natural_gradient(
     Computation 1998. Martens, "New insights and perspectives on the natural
     gradient method", JMLR 2020 (arXiv 2014). Kunstner, Balles & Hennig,
     "Limitations of the empirical Fisher approximation for natural gradient
-    descent", NeurIPS 2019. ``shared/seeds/002_*`` (Fisher, natural
+    descent", NeurIPS 2019. Martens, "New insights and perspectives on the natural gradient method", 2020 (Fisher, natural
     gradient, empirical Fisher).
   """
   _validation.check_choice("fisher", fisher, FISHERS)
@@ -183,7 +183,7 @@ def natural_gradient(
     >>> updates, state = opt.update(grads, state, params, batch=batch)
 
   References:
-    Amari 1998; Martens 2014; Kunstner et al. 2019; ``shared/seeds/002_*``.
+    Amari 1998; Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
   _validation.check_learning_rate(learning_rate)
   return optax.chain(

@@ -398,7 +398,7 @@ def linearize(
     gradient descent", Neural Computation 2002.
     Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
-    ``shared/seeds/000_*`` (GGN, Fisher and empirical Fisher).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (GGN, Fisher and empirical Fisher).
   """
   _check_curvature_args(curvature, key, num_samples)
   axis_name = _validation.check_axis_name(axis_name)

@@ -27,7 +27,7 @@ def first_order_change(grad: Params, step: Params) -> Array:
     A scalar.
 
   References:
-    ``shared/seeds/002_*`` (Taylor approximations in JAX).
+    Martens, "New insights and perspectives on the natural gradient method", 2020 (Taylor approximations in JAX).
   """
   return optax.tree.vdot(grad, step)
 
@@ -46,7 +46,7 @@ def second_order_change(
     A scalar.
 
   References:
-    ``shared/seeds/000_*`` and ``002_*`` (second-order Taylor models).
+    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 and Martens, "New insights and perspectives on the natural gradient method", 2020 (second-order Taylor models).
   """
   return taylor_models(grad, matvec, step).second_order
 
@@ -128,7 +128,7 @@ def taylor_models(
     >>> models = curvature.taylor_models(lin.grad, lin.matvec, step)
 
   References:
-    ``shared/seeds/002_*`` (first- and second-order Taylor approximations in
+    Martens, "New insights and perspectives on the natural gradient method", 2020 (first- and second-order Taylor approximations in
     JAX); Nocedal & Wright, "Numerical Optimization", 2006, §2.2.
   """
   fix = ("`grad`, `step` and `matvec(step)` must be pytrees like the"
