@@ -111,37 +111,47 @@ mom = convergence.momentum_comparison(traces)
 print(f"momentum: curvature {mom['curvature_steps']} vs optax "
       f"{mom['optax_steps']} steps to {mom['target']:.2f}")
 """),
+    ("code", r"""
+curvature_rows = [by[n] for n in ("kfac (adaptive)", "hessian_free",
+                                  "kfac-jax (adaptive)")
+                  if n in by and by[n]["steps_to_target"] is not None]
+fewest_steps = min(curvature_rows + [adam],
+                   key=lambda r: r["steps_to_target"])
+fastest = min(curvature_rows + [adam], key=lambda r: r["seconds_to_target"])
+print(f"Fewest steps (outer iterations) to L = {target:.2f}: "
+      f"{fewest_steps['optimizer']} ({fewest_steps['steps_to_target']}).")
+print(f"Least time to L: {fastest['optimizer']} "
+      f"({fastest['seconds_to_target']:.1f} s).")
+ours, peer = by.get("kfac (adaptive)"), by.get("kfac-jax (adaptive)")
+if ours and peer and ours["steps_to_target"] and peer["steps_to_target"]:
+    print(f"Our K-FAC / kfac-jax (both warmed up before timing): "
+          f"{ours['steps_to_target'] / peer['steps_to_target']:.2f}x the "
+          f"steps, {ours['seconds_to_target'] / peer['seconds_to_target']:.2f}"
+          f"x the seconds.")
+"""),
     ("md", r"""
 ## What the numbers say
 
-*The committed outputs are one full-mode run (5000 images, Adam for 500
-steps) on a 2-core CPU; the steps are deterministic, the seconds are not.*
+The cells above print every figure from this run; the committed outputs
+are one full-mode run on a 2-core CPU (the steps are deterministic, the
+seconds are not). Every timed row, ours and kfac-jax's, is first warmed up
+on a throwaway run, and the run fails if anything compiles inside a timed
+step, so no row pays for compilation.
 
-* **Per iteration**, the curvature methods win, as the literature says:
-  Hessian-free reaches Adam's best loss in 59 outer iterations (8.5× fewer
-  than Adam's 500 steps), our K-FAC in 230 steps (2.2× fewer) and kfac-jax in
-  175. All methods first sit on a plateau near loss ≈ 123: Adam at 3e-3
-  leaves it after about 150 steps, momentum at 1e-2 never does within 500,
-  and Hessian-free leaves it within a few tens of iterations (left panel).
-* **Per second, at this size, Adam wins**: K-FAC, Hessian-free and kfac-jax
-  all need about 2× Adam's time. A K-FAC step costs several gradient
-  evaluations (statistics, periodic inverses, the exact-quadratic α/μ solve), a
-  Hessian-free iteration tens of GGN products (its CG iterations), and
-  with only 500 Adam steps the target (L ≈ 88) is still a loose one. On
-  the full benchmark (20,000 images, 2000 Adam steps, a lower target) our
-  adaptive K-FAC reaches Adam's best in 305 steps and 0.52–0.57× Adam's time,
-  while Hessian-free stays slower than Adam in seconds (`benchmarks/README.md`).
-* **The peer takes fewer steps than ours** with the same λ₀, inverse and
-  damping periods (175 against 230 here, 275 against 305 at 20,000 images);
-  why was not isolated (see `benchmarks/README.md`).
+* **Per iteration** the curvature methods need far fewer steps than Adam:
+  a K-FAC step uses the curvature of a layer's inputs and output gradients,
+  a Hessian-free iteration solves the damped Gauss-Newton system by CG.
+* **Per second** the comparison depends on the size: a K-FAC step costs
+  several gradient evaluations (statistics, periodic inverses, the
+  exact-quadratic α/μ solve) and a Hessian-free iteration tens of GGN
+  products, while with few Adam steps the target is still a loose one. The
+  20,000-image benchmark (`benchmarks/README.md`) has the larger case.
 * `curvature.sgd(momentum=0.9)` and `optax.sgd(momentum=0.9)` are the same
-  algorithm (Polyak's heavy ball in optax's form): identical curves, and the
-  same 450 steps to their common best loss. At lr 1e-2 neither leaves the
-  plateau within 500 steps.
+  algorithm (Polyak's heavy ball in optax's form), so their curves coincide.
 
 References: Hinton & Salakhutdinov (2006), *Reducing the dimensionality of
 data with neural networks*; Martens (2010), *Deep learning via Hessian-free
 optimization*; Martens & Grosse (2015), *Optimizing neural networks with
-Kronecker-factored approximate curvature*; lecture `000_*`.
+Kronecker-factored approximate curvature*.
 """),
 ]
