@@ -1,4 +1,4 @@
-"""AdaDelta (both seed forms) and Jacobs' delta-bar-delta.
+"""AdaDelta (two forms) and Jacobs' delta-bar-delta.
 
 Both are diagonal preconditioners whose scale comes from running averages:
 AdaDelta divides the RMS of past *steps* (or of the weights) by the RMS of
@@ -41,8 +41,7 @@ def scale_by_adadelta(
 ) -> optax.GradientTransformation:
   r"""AdaDelta's unit-correcting diagonal rescaling.
 
-  Form ``"updates"`` (Zeiler 2012; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8; identical to
-  ``optax.scale_by_adadelta``):
+  Form ``"updates"`` (Zeiler 2012; identical to ``optax.scale_by_adadelta``):
 
   .. math::
     E[g^2]_t = \rho E[g^2]_{t-1} + (1-\rho) g_t^2, \quad
@@ -50,8 +49,9 @@ def scale_by_adadelta(
                {\sqrt{E[g^2]_t + \epsilon}}\, g_t, \quad
     E[\Delta\theta^2]_t = \rho E[\Delta\theta^2]_{t-1} + (1-\rho) u_t^2.
 
-  Form ``"weights"`` (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, with :math:`\gamma = 1 - \rho`): the
-  scale of the parameters is estimated from the weights themselves,
+  Form ``"weights"`` (a variant, with :math:`\gamma = 1 - \rho` the weight of
+  the newest term): the scale of the parameters is estimated from the
+  weights themselves,
 
   .. math::
     S^w_t = \rho S^w_{t-1} + (1-\rho) w_t^2, \quad
@@ -72,14 +72,20 @@ def scale_by_adadelta(
     :class:`ScaleByAdaDeltaState`.
 
   Example:
-    >>> import optax, curvature
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
     >>> opt = optax.chain(curvature.scale_by_adadelta(0.9, 1e-6),
     ...                   optax.scale_by_learning_rate(1.0))
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jnp.array([0.5, -0.5]), state, params)
+    >>> print([round(float(u), 5) for u in updates])  # -sqrt(eps/0.1) sign(g)
+    [-0.00316, 0.00316]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaDelta, Zeiler's form), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (running
-    averages of squared gradients and squared weights). Zeiler, ADADELTA: An
-    Adaptive Learning Rate Method, arXiv:1212.5701, 2012.
+    Zeiler, "ADADELTA: an adaptive learning rate method", arXiv:1212.5701,
+    2012.
   """
   _moments.check_decay("rho", rho)
   _validation.check_nonnegative("eps", eps, "Use a small damping, e.g. 1e-6.")
@@ -150,8 +156,8 @@ def scale_by_delta_bar_delta(
     \bar\delta_t = (1-\theta)\delta_t + \theta\bar\delta_{t-1}.
 
   The gains grow additively while the gradient keeps its sign and shrink
-  geometrically when it flips. Meant for full-batch gradients (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8):
-  minibatch noise flips signs at random.
+  geometrically when it flips. Meant for full-batch gradients: minibatch
+  noise flips signs at random (Goodfellow, Bengio & Courville 2016, §8.5).
 
   Args:
     kappa: additive increase :math:`\kappa \geq 0`.
@@ -164,14 +170,23 @@ def scale_by_delta_bar_delta(
     :class:`ScaleByDeltaBarDeltaState`.
 
   Example:
-    >>> import optax, curvature
-    >>> opt = optax.chain(curvature.scale_by_delta_bar_delta(),
-    ...                   optax.scale_by_learning_rate(0.01))
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> opt = optax.chain(curvature.scale_by_delta_bar_delta(kappa=0.5),
+    ...                   optax.scale_by_learning_rate(0.1))
+    >>> params = jnp.array([1.0, 1.0])
+    >>> state = opt.init(params)
+    >>> for g in ([1.0, 1.0], [1.0, -1.0]):  # second entry flips its sign
+    ...   updates, state = opt.update(jnp.array(g), state, params)
+    >>> print([round(float(r), 4) for r in state[0].rates])
+    [1.5, 0.9]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (delta-bar-delta, full batch only). Jacobs, Increased
-    rates of convergence through learning rate adaptation, Neural Networks
-    1(4), 1988.
+    Jacobs, "Increased rates of convergence through learning rate
+    adaptation", Neural Networks, 1988.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _validation.check_nonnegative("kappa", kappa, "Use e.g. kappa=0.01.")
   _validation.check_in_interval("phi", phi, 0.0, 1.0)

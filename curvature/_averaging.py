@@ -33,18 +33,20 @@ def polyak_averaging(
     *,
     accumulator_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
-  r"""Keeps a running average of the iterates :math:`\theta_t` (updates unchanged).
+  r"""Keeps a running average of the iterates :math:`\theta_t`.
 
-  With :math:`\theta_t = \theta_{t-1} + u_t` the parameters after step
-  :math:`t` (computed inside from ``params`` and the incoming ``updates``):
+  The updates pass through unchanged. With :math:`\theta_t = \theta_{t-1} +
+  u_t` the parameters after step :math:`t` (computed inside from ``params``
+  and the incoming ``updates``):
 
   * uniform (``decay=None``, Polyak & Juditsky 1992):
     :math:`\bar\theta_t = \bar\theta_{t-1} + (\theta_t - \bar\theta_{t-1})/t`,
     the mean of :math:`\theta_1, \dots, \theta_t`;
-  * exponential (``decay=beta``, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8): :math:`m_t = \beta m_{t-1}
-    + (1-\beta)\theta_t` with :math:`m_0 = 0`, read out debiased,
-    :math:`\bar\theta_t = m_t / (1 - \beta^t)`, which forgets the starting
-    point faster than the uniform mean.
+  * exponential (``decay=beta``, Goodfellow, Bengio & Courville 2016,
+    §8.7.3): :math:`m_t = \beta m_{t-1} + (1-\beta)\theta_t` with
+    :math:`m_0 = 0`, read out debiased, :math:`\bar\theta_t = m_t / (1 -
+    \beta^t)`, which forgets the starting point faster than the uniform
+    mean.
 
   Args:
     decay: ``None`` for the uniform average, else :math:`\beta \in [0, 1)`.
@@ -56,14 +58,23 @@ def polyak_averaging(
     :class:`PolyakAveragingState`; ``update`` requires ``params``.
 
   Example:
-    >>> import optax, curvature
-    >>> opt = optax.chain(optax.sgd(0.1), curvature.polyak_averaging(0.99))
-    >>> # after training: curvature.averaged_params(opt_state, decay=0.99)
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> opt = optax.chain(optax.sgd(0.5), curvature.polyak_averaging())
+    >>> params = jnp.array([4.0])
+    >>> state = opt.init(params)
+    >>> for _ in range(2):  # f(x) = x**2 / 2: each step halves x
+    ...   updates, state = opt.update(params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(float(params[0]), float(curvature.averaged_params(state)[0]))
+    1.0 1.5
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Polyak averaging; exponentially decaying averages).
-    Polyak & Juditsky, Acceleration of Stochastic Approximation by Averaging,
-    SIAM J. Control Optim. 30(4), 1992.
+    Polyak & Juditsky, "Acceleration of stochastic approximation by
+    averaging", SIAM Journal on Control and Optimization, 1992.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   if decay is not None:
     _moments.check_decay("decay", decay)
@@ -97,7 +108,7 @@ def polyak_averaging(
 
 
 def averaged_params(opt_state: Any, decay: Optional[Any] = None) -> Any:
-  """The averaged parameters held by the :func:`polyak_averaging` in ``opt_state``.
+  """The averaged parameters held by ``opt_state``'s :func:`polyak_averaging`.
 
   Args:
     opt_state: the optimizer state (any nesting) holding exactly one
@@ -113,15 +124,20 @@ def averaged_params(opt_state: Any, decay: Optional[Any] = None) -> Any:
     KeyError: if it holds several.
 
   Example:
-    >>> import jax.numpy as jnp, optax, curvature
-    >>> opt = optax.chain(optax.sgd(0.1), curvature.polyak_averaging())
-    >>> params = jnp.ones(2); state = opt.init(params)
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> opt = optax.chain(optax.sgd(0.1), curvature.polyak_averaging(0.9))
+    >>> params = jnp.ones(2)
+    >>> state = opt.init(params)
     >>> updates, state = opt.update(jnp.ones(2), state, params)
-    >>> curvature.averaged_params(state)
-    Array([0.9, 0.9], dtype=float32)
+    >>> average = curvature.averaged_params(state, decay=0.9)
+    >>> print([round(float(a), 4) for a in average])
+    [0.9, 0.9]
 
   References:
-    Polyak & Juditsky, SIAM J. Control Optim., 1992.
+    Polyak & Juditsky, "Acceleration of stochastic approximation by
+    averaging", SIAM Journal on Control and Optimization, 1992.
   """
   state = optax.tree.get(opt_state, "PolyakAveragingState")
   if state is None:

@@ -1,8 +1,9 @@
 r"""Block-diagonal curvature: a dense block per small parameter leaf (or layer).
 
-One step above the diagonal methods (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8): the parameters
-are split into groups, each group keeps a *full* curvature block ``C_b`` and
-the couplings between groups are zeroed,
+One step above the diagonal methods (Le Roux, Manzagol & Bengio 2008;
+Martens & Grosse 2015, §4): the parameters are split into groups, each group
+keeps a *full* curvature block ``C_b`` and the couplings between groups are
+zeroed,
 
 .. math::
   C \approx \operatorname{blockdiag}(C_1, \dots, C_B), \qquad
@@ -183,8 +184,21 @@ def block_diagonal_summary(
 ) -> str:
   """A printable table of :func:`block_diagonal_blocks`.
 
+  Args:
+    params: the parameters (only their structure and shapes matter).
+    max_block_size: as in :func:`scale_by_block_diagonal`.
+    grouping: as in :func:`scale_by_block_diagonal`.
+
+  Returns:
+    One line per leaf: its path, shape, block and the reason.
+
   Example:
-    >>> print(curvature.block_diagonal_summary(params, max_block_size=15))
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = [{"w": jnp.zeros((4, 5)), "b": jnp.zeros(5)},
+    ...           {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}]
+    >>> print(curvature.block_diagonal_summary(  # doctest: +ELLIPSIS
+    ...     params, max_block_size=15))
     0/b  (5,)          dense 5x5 #0      own dense block
     0/w  (4, 5)        diagonal          size 20 > max_block_size=15: ...
     1/b  (3,)          dense 3x3 #1      own dense block
@@ -324,13 +338,33 @@ def block_diagonal_curvature(
     A :class:`BlockDiagonalCurvature`.
 
   Example:
-    >>> c = curvature.block_diagonal_curvature(
-    ...     predict, curvature.losses.softmax_cross_entropy, params, batch)
-    >>> c.blocks[0].shape  # see curvature.block_diagonal_summary(params)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params[0]["w"] + params[0]["b"])
+    ...   return hidden @ params[1]["w"] + params[1]["b"]
+    >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+    >>> params = [{"w": jax.random.normal(k0, (4, 5)), "b": jnp.zeros(5)},
+    ...           {"w": jax.random.normal(k1, (5, 3)), "b": jnp.zeros(3)}]
+    >>> batch = {"inputs": jax.random.normal(k2, (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> c = jax.jit(lambda p: curvature.block_diagonal_curvature(
+    ...     predict, curvature.losses.softmax_cross_entropy, p, batch,
+    ...     max_block_size=15))(params)
+    >>> [b.shape for b in c.blocks]  # 0/b, 1/b, 1/w (see the summary)
+    [(5, 5), (3, 3), (15, 15)]
+    >>> [None if d is None else d.shape for d in c.diagonal]  # 0/w falls back
+    [None, (4, 5), None, None]
+    >>> bool(jnp.all(jnp.linalg.eigvalsh(c.blocks[2]) > -1e-6))  # PSD
+    True
 
   References:
     Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
-    algorithm", NIPS 2008. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (block-diagonal methods).
+    algorithm", NIPS 2008.
+
+    Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML 2015.
   """
   _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
   max_block_size = _validation.check_static_int(
@@ -466,21 +500,42 @@ def scale_by_block_diagonal(
     ``update(grads, state, params, batch=batch)``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params[0]["w"] + params[0]["b"])
+    ...   return hidden @ params[1]["w"] + params[1]["b"]
+    >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+    >>> params = [{"w": jax.random.normal(k0, (4, 5)), "b": jnp.zeros(5)},
+    ...           {"w": jax.random.normal(k1, (5, 3)), "b": jnp.zeros(3)}]
+    >>> batch = {"inputs": jax.random.normal(k2, (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> import optax
+    >>> loss = curvature.losses.softmax_cross_entropy
     >>> opt = optax.chain(
-    ...     curvature.scale_by_block_diagonal(
-    ...         predict, curvature.losses.softmax_cross_entropy,
-    ...         max_block_size=512, inverse_every=10),
+    ...     curvature.scale_by_block_diagonal(predict, loss, max_block_size=15),
     ...     optax.scale_by_learning_rate(0.1))
-    >>> print(curvature.block_diagonal_summary(params, max_block_size=512))
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(
+    ...     lambda p: loss.value(predict(p, batch), batch["targets"]))(params)
+    >>> update = jax.jit(opt.update)
+    >>> updates, state = update(grads, state, params, batch=batch)
+    >>> [u["w"].shape for u in updates]
+    [(4, 5), (5, 3)]
+    >>> int(state[0].rejected_steps)
+    0
 
   References:
     Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
     algorithm", NIPS 2008 (TONGA: block-diagonal gradient covariance).
+
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015 (block-diagonal approximations of the
-    Fisher, §4). Amari, "Natural gradient works efficiently in learning",
-    Neural Computation 1998. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("one step above
-    diagonal methods are block diagonal methods", TONGA).
+    Fisher, §4).
+
+    Amari, "Natural gradient works efficiently in learning", Neural
+    Computation, 1998.
   """
   _validation.check_choice("curvature", curvature, BLOCK_CURVATURES)
   _validation.check_choice("grouping", grouping, GROUPINGS)
@@ -592,10 +647,9 @@ def block_diagonal_natural_gradient(
     v \leftarrow \mu v + \operatorname{blockdiag}(\hat C_b + \lambda I)^{-1} g,
     \qquad \theta \leftarrow \theta - \eta\, v
 
-  The "block-diagonal method" (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8); with
-  ``curvature="empirical_fisher"`` the blocks are the (uncentred) gradient
-  covariance TONGA uses, kept exact and dense rather than low-rank. See
-  :func:`scale_by_block_diagonal` for the direction and every argument.
+  With ``curvature="empirical_fisher"`` the blocks are the (uncentred)
+  gradient covariance TONGA uses, kept exact and dense rather than low-rank.
+  See :func:`scale_by_block_diagonal` for the direction and every argument.
 
   Args:
     learning_rate: ``η``, a scalar or schedule.
@@ -620,14 +674,43 @@ def block_diagonal_natural_gradient(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params[0]["w"] + params[0]["b"])
+    ...   return hidden @ params[1]["w"] + params[1]["b"]
+    >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+    >>> params = [{"w": jax.random.normal(k0, (4, 5)), "b": jnp.zeros(5)},
+    ...           {"w": jax.random.normal(k1, (5, 3)), "b": jnp.zeros(3)}]
+    >>> batch = {"inputs": jax.random.normal(k2, (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> import optax
+    >>> loss = curvature.losses.softmax_cross_entropy
     >>> opt = curvature.block_diagonal_natural_gradient(
-    ...     0.1, predict_fn=predict,
-    ...     loss=curvature.losses.softmax_cross_entropy, max_block_size=256)
-    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    ...     0.1, predict_fn=predict, loss=loss, grouping="layer")
+    >>> state = opt.init(params)
+    >>> value_fn = lambda p: loss.value(predict(p, batch), batch["targets"])
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   grads = jax.grad(value_fn)(params)
+    ...   updates, state = opt.update(grads, state, params, batch=batch)
+    ...   return optax.apply_updates(params, updates), state
+    >>> before = value_fn(params)
+    >>> for _ in range(3):
+    ...   params, state = step(params, state)
+    >>> bool(value_fn(params) < before)
+    True
 
   References:
-    Le Roux, Manzagol & Bengio, NIPS 2008 (TONGA); Martens & Grosse, ICML
-    2015; Amari 1998; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
+    Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient
+    algorithm", NIPS 2008.
+
+    Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML 2015.
+
+    Amari, "Natural gradient works efficiently in learning", Neural
+    Computation, 1998.
   """
   parts = [scale_by_block_diagonal(
       predict_fn, loss, curvature=curvature, max_block_size=max_block_size,

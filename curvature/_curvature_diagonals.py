@@ -1,4 +1,4 @@
-r"""Diagonal curvature estimators: empirical Fisher, Monte-Carlo Fisher, GGN, Hutchinson.
+r"""Diagonal curvature estimators: empirical and sampled Fisher, GGN, Hessian.
 
 Each estimator is a function returning a pytree like ``params`` and is also
 available as a transform (:func:`ema_curvature_diagonal`) that keeps a
@@ -60,7 +60,7 @@ def squared_vjp_mean(
     *,
     chunk_size: int = 32,
 ) -> Params:
-  r"""``(1/N) Σᵢ (Jᵢᵀ cᵢ)²``: mean of squared per-example vector-Jacobian products.
+  r"""``(1/N) Σᵢ (Jᵢᵀ cᵢ)²``: mean squared per-example vector-Jacobian products.
 
   Args:
     predict_fn: ``(params, batch) -> outputs``.
@@ -105,19 +105,35 @@ def sampled_fisher_diagonal(
     chunk_size: examples per vectorized chunk.
     axis_name: inside ``jax.shard_map``, the mesh axis (str or tuple of
       str) the batch is sharded over: the per-shard estimate is
-      ``pmean``-ed into the global-batch one, and every device draws its own targets (the
-      device index is folded into ``key``). ``None``: no reduction.
+      ``pmean``-ed into the global-batch one, and every device draws its own
+      targets (the device index is folded into ``key``). ``None``: no
+      reduction.
 
   Returns:
     A pytree like ``params``.
 
   Example:
-    >>> d = sampled_fisher_diagonal(predict, losses.softmax_cross_entropy,
-    ...                             params, batch, key=jax.random.key(0))
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> loss = curvature.losses.softmax_cross_entropy
+    >>> d = curvature.sampled_fisher_diagonal(
+    ...     predict, loss, params, batch, key=jax.random.key(1),
+    ...     num_samples=4)
+    >>> d["w"].shape, bool(jnp.all(d["w"] >= 0))
+    ((4, 3), True)
 
   References:
     Martens, "New insights and perspectives on the natural gradient method",
-    2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
+    JMLR 2020.
+
+    Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
+    approximation for natural gradient descent", NeurIPS 2019.
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   axis_name = _validation.check_axis_name(axis_name)
@@ -148,7 +164,7 @@ def ggn_diagonal(
     chunk_size: int = 32,
     axis_name=None,
 ) -> Params:
-  r"""The exact GGN diagonal ``diag(Σᵢ Jᵢᵀ Hᵢ Jᵢ)`` for a small output dimension.
+  r"""The exact GGN diagonal ``diag(Σᵢ Jᵢᵀ Hᵢ Jᵢ)`` for few outputs per example.
 
   Each example's output Hessian ``Hᵢ`` (``K × K``, ``K`` the number of
   outputs per example) is factored as ``Lᵢ Lᵢᵀ`` by an eigendecomposition,
@@ -170,8 +186,27 @@ def ggn_diagonal(
   Returns:
     A pytree like ``params``.
 
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> loss = curvature.losses.softmax_cross_entropy
+    >>> d = curvature.ggn_diagonal(predict, loss, params, batch)
+    >>> # At zero logits every class has p = 1/3: diag(G)_b = 1/3 - 1/9.
+    >>> print([round(float(x), 4) for x in d["b"]])
+    [0.2222, 0.2222, 0.2222]
+
   References:
-    Schraudolph 2002; Martens 2014 §9; Martens, "New insights and perspectives on the natural gradient method", 2020.
+    Schraudolph, "Fast curvature matrix-vector products for second-order
+    gradient descent", Neural Computation, 2002.
+
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020, §9.
   """
   max_output_dim = _validation.check_static_int(
       "max_output_dim", max_output_dim, 1)
@@ -244,8 +279,15 @@ def hutchinson_hessian_diagonal(
     A pytree like ``params`` (it can be negative: the Hessian is indefinite).
 
   References:
-    Hutchinson 1990; Bekas, Kokiopoulou & Saad 2007; Yao et al. (PyHessian)
-    2020.
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines", Communications in Statistics -
+    Simulation and Computation, 1990.
+
+    Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a matrix",
+    Applied Numerical Mathematics, 2007.
+
+    Yao, Gholami, Keutzer & Mahoney, "PyHessian: neural networks through the
+    lens of the Hessian", IEEE BigData 2020.
   """
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   _products.batch_size(batch, targets_fn)
@@ -308,7 +350,7 @@ def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
 
 
 def check_model(predict_fn, loss):
-  """Raises ``TypeError`` unless ``predict_fn`` is callable and ``loss`` a Loss."""
+  """Raises ``TypeError`` unless ``predict_fn`` is callable, ``loss`` a Loss."""
   if not callable(predict_fn):
     raise TypeError(
         "`predict_fn` must be a function (params, batch) -> outputs.")
@@ -319,7 +361,7 @@ def check_model(predict_fn, loss):
 
 
 def check_update_args(name, params, batch):
-  """Raises ``ValueError`` when ``update`` was called without params or batch."""
+  """Raises ``ValueError`` if ``update`` was called without params or batch."""
   if params is None or batch is None:
     raise ValueError(
         f"{name} builds the curvature from the model: call"
@@ -377,8 +419,28 @@ def ema_curvature_diagonal(
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`CurvatureDiagonalState`.
 
+  Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> ema = curvature.ema_curvature_diagonal(
+    ...     predict, curvature.losses.softmax_cross_entropy, estimator="ggn")
+    >>> state = ema.init(params)
+    >>> d, state = jax.jit(ema.update)(params, state, params, batch=batch)
+    >>> print([round(float(x), 4) for x in d["b"]])  # debiased: no 1 - beta
+    [0.2222, 0.2222, 0.2222]
+
   References:
-    Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020.
+
+    Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
+    approximation for natural gradient descent", NeurIPS 2019.
   """
   _validation.check_choice("estimator", estimator, ESTIMATORS)
   _moments.check_decay("decay", decay)
@@ -483,12 +545,37 @@ def scale_by_curvature_diagonal(
     :class:`CurvatureDiagonalState`).
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (8, 4)),
+    ...          "targets": jnp.arange(8) % 3}
+    >>> import optax
+    >>> loss = curvature.losses.softmax_cross_entropy
     >>> opt = optax.chain(
-    ...     curvature.scale_by_curvature_diagonal(predict, losses.squared_error),
+    ...     curvature.scale_by_curvature_diagonal(predict, loss,
+    ...                                           estimator="ggn"),
     ...     optax.scale_by_learning_rate(0.1))
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(
+    ...     lambda p: loss.value(predict(p, batch), batch["targets"]))(params)
+    >>> updates, state = jax.jit(opt.update)(grads, state, params,
+    ...                                      batch=batch)
+    >>> updates["w"].shape, int(state[0].curvature.rejected_steps)
+    ((4, 3), 0)
 
   References:
-    Amari 1998; Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
+    Amari, "Natural gradient works efficiently in learning", Neural
+    Computation, 1998.
+
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020.
+
+    Kunstner, Hennig & Balles, "Limitations of the empirical Fisher
+    approximation for natural gradient descent", NeurIPS 2019.
   """
   schedule_fix = (
       "For a schedule, inject it: `curvature.inject_hyperparams("

@@ -18,7 +18,6 @@ import math
 import random
 from typing import Any, Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,7 +82,8 @@ def _render_curves(points: np.ndarray, image_size: int, width: float,
   """
   t = ((np.arange(num_samples) + 0.5) / num_samples).astype(points.dtype)
   positions, speeds = _bezier_through(points, t)
-  weights = speeds * np.float32(1 / (num_samples * math.sqrt(2 * math.pi) * width))
+  weights = speeds * np.float32(
+      1 / (num_samples * math.sqrt(2 * math.pi) * width))
   centres = np.arange(image_size, dtype=points.dtype) + 0.5
   def kernel(coordinate):  # [n, m] -> [n, m, size]
     return np.exp(-0.5 * ((coordinate[..., None] - centres) / width) ** 2)
@@ -310,9 +310,16 @@ def make_quadratic(dim: int, condition_number: float, *, seed: int = 0,
     ValueError: for ``κ < 1``, ``dim < 1``, ``smallest <= 0`` or an unknown
       spacing.
 
+  Example:
+    >>> import curvature
+    >>> problem = curvature.datasets.make_quadratic(5, 100.0)
+    >>> round(problem.condition_number, 6), problem.batch["inputs"].shape
+    (100.0, (5, 5))
+
   References:
-    Nesterov, "Introductory Lectures on Convex Optimization", 2004, §2.1
-    (the worst-case quadratics behind the κ and √κ bounds).
+    Nesterov, "Introductory Lectures on Convex Optimization: A Basic
+    Course", Kluwer, 2004, §2.1 (the worst-case quadratics behind the κ and
+    √κ bounds).
   """
   if dim < 1 or condition_number < 1 or smallest <= 0:
     raise ValueError("need dim >= 1, condition_number >= 1 and smallest > 0;"
@@ -357,7 +364,7 @@ class Function2D(NamedTuple):
     residual_fn: ``θ ↦ r(θ)``, ``[..., m]``.
     minimum: ``[2]`` global minimizer.
     minimum_value: ``f(minimum)``.
-    starts: ``[k, 2]`` starting points used in the seeds' pictures.
+    starts: ``[k, 2]`` starting points for optimizer trajectories.
     bounds: ``((xmin, xmax), (ymin, ymax))`` for contour plots.
     predict_fn: ``(θ, batch) ↦ [1, m]`` outputs ``√2·r(θ)``.
     batch: ``{"targets": zeros [1, m]}``.
@@ -404,10 +411,16 @@ def beale_residuals(theta: Array) -> Array:
 def beale() -> Function2D:
   """Beale's function; minimum 0 at ``(3, ½)``, starts ``(2, −2)``, ``(−3, 3)``.
 
+  Example:
+    >>> import curvature
+    >>> f = curvature.datasets.beale()
+    >>> float(f.minimum_value), f.starts.tolist()
+    (0.0, [[2.0, -2.0], [-3.0, 3.0]])
+
   References:
     Beale, "On an iterative method for finding a local minimum of a function
-    of more than one variable", 1958; the starts are those of the
-    optimization animations in Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Kao, UCLA ECE C147).
+    of more than one variable", Technical Report 25, Statistical Techniques
+    Research Group, Princeton University, 1958.
   """
   return _test_function("Beale", beale_residuals, 3, (3.0, 0.5),
                         [(2.0, -2.0), (-3.0, 3.0)], ((-4.5, 4.5), (-4.5, 4.5)))
@@ -445,8 +458,9 @@ def narrow_valley(condition_number: float = 50.0,
   ``u`` runs along the valley floor (curvature 1) and ``v`` across it
   (curvature κ); the floor is tilted by ``angle`` so that a diagonal
   preconditioner does not simply undo the conditioning. This is the picture
-  of Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: gradient descent bounces between the walls with
-  a large learning rate and crawls along the floor with a small one.
+  of ill-conditioning in Goodfellow, Bengio & Courville (2016, §4.3.1 and
+  §8.2.1): gradient descent bounces between the walls with a large learning
+  rate and crawls along the floor with a small one.
 
   Args:
     condition_number: κ, the ratio of the two curvatures.
@@ -455,10 +469,18 @@ def narrow_valley(condition_number: float = 50.0,
   Returns:
     A :class:`Function2D`.
 
+  Example:
+    >>> import jax
+    >>> import curvature
+    >>> f = curvature.datasets.narrow_valley(condition_number=50.0)
+    >>> hessian = jax.jit(jax.hessian(f.fn))(f.minimum)
+    >>> eigenvalues = jax.numpy.linalg.eigvalsh(hessian)
+    >>> print([round(float(e), 4) for e in eigenvalues])
+    [1.0, 50.0]
+
   References:
-    Martens, "Second-order optimization for neural networks", lecture, 2020
-    (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8); Goodfellow, Bengio & Courville, "Deep
-    Learning", 2016, §4.3.1 and §8.2.1.
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016,
+    §4.3.1 and §8.2.1.
   """
   residual_fn = functools.partial(_valley_residuals,
                                   curvatures=(1.0, float(condition_number)),

@@ -80,14 +80,15 @@ def scale_by_diagonal(
     damping_in_root: Any = 0.0,
     direction: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Diagonal preconditioner :math:`x / ((d + \lambda_{in})^p + \lambda_{out})`.
+  r"""Diagonal preconditioner ``x / ((d + damping_in_root)**p + damping)``.
 
   Both ``curvature`` and ``direction`` see the same incoming gradient
   :math:`g_t`:
 
   .. math::
-    d_t = \mathrm{curvature}(g_t), \quad x_t = \mathrm{direction}(g_t), \quad
-    u_t = \frac{x_t}{(d_t + \lambda_{\mathrm{in}})^{p} + \lambda_{\mathrm{out}}}.
+    d_t = \mathrm{curvature}(g_t), \quad x_t = \mathrm{direction}(g_t),
+    \quad u_t = \frac{x_t}{(d_t + \lambda_{\mathrm{in}})^{p}
+                          + \lambda_{\mathrm{out}}}.
 
   Plugging in shared primitives gives the canon (lr and sign come after):
 
@@ -124,17 +125,37 @@ def scale_by_diagonal(
     ``curvature`` and ``direction``.
 
   Example:
-    >>> import jax.numpy as jnp, optax, curvature
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
     >>> adam_like = optax.chain(
     ...     curvature.scale_by_diagonal(
     ...         curvature.scale_by_ema(0.999, statistic="square"),
     ...         direction=curvature.scale_by_ema(0.9), damping=1e-8),
     ...     optax.scale_by_learning_rate(1e-3))
+    >>> adam = optax.adam(1e-3)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, adam_state = adam_like.init(params), adam.init(params)
+    >>> for g in ([0.5, -1.0], [0.25, 2.0]):
+    ...   updates, state = adam_like.update(jnp.array(g), state)
+    ...   expected, adam_state = adam.update(jnp.array(g), adam_state)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaGrad, RMSProp, Adam), Martens, "New insights and perspectives on the natural gradient method", 2020 (eps as
-    damping). Duchi et al., JMLR 2011; Tieleman & Hinton, Lecture 6.5
-    RMSProp, 2012; Kingma & Ba, ICLR 2015.
+    Duchi, Hazan & Singer, "Adaptive subgradient methods for online learning
+    and stochastic optimization", JMLR 2011.
+
+    Tieleman & Hinton, "Lecture 6.5 - RMSProp: divide the gradient by a
+    running average of its recent magnitude", COURSERA: Neural Networks for
+    Machine Learning, 2012.
+
+    Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
+
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020 (eps as damping).
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _validation.check_positive("power", power, "Use 0.5 (Adam-like) or 1.")
   _validation.check_nonnegative(

@@ -6,7 +6,9 @@ schedule) and is an ``optax.chain`` of :func:`curvature.scale_by_momentum`,
 :func:`curvature.scale_by_diagonal`, :func:`curvature.scale_by_adadelta`,
 :func:`curvature.scale_by_delta_bar_delta` and
 ``optax.scale_by_learning_rate``. The defaults reproduce the optax optimizer
-of the same name; the docstrings say which arguments give the textbook variants.
+of the same name; the docstrings say which arguments give the textbook
+variants (Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016,
+ch. 8).
 
 Non-finite gradients (one policy, the core's step rejection): by default a
 NaN/Inf gradient propagates, as in optax. Pass ``max_consecutive_errors=N``
@@ -82,12 +84,30 @@ def sgd(
     reproduces ``optax.sgd``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.sgd(0.1, momentum=0.9)
+    >>> opt, reference = curvature.sgd(0.1, 0.9), optax.sgd(0.1, 0.9)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> for _ in range(3):  # f(x) = |x|**2 / 2: the gradient is x
+    ...   updates, state = opt.update(params, state)
+    ...   expected, reference_state = reference.update(params, reference_state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (SGD, momentum), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Robbins & Monro 1951;
-    Polyak 1964; Sutskever et al., ICML 2013.
+    Robbins & Monro, "A stochastic approximation method", Annals of
+    Mathematical Statistics, 1951.
+
+    Polyak, "Some methods of speeding up the convergence of iteration
+    methods", USSR Computational Mathematics and Mathematical Physics, 1964.
+
+    Sutskever, Martens, Dahl & Hinton, "On the importance of initialization
+    and momentum in deep learning", ICML 2013.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   if momentum is None:
     first = optax.identity()
@@ -107,14 +127,15 @@ def heavy_ball(
     *,
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SGD with Polyak's heavy-ball momentum (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, "Momentum").
+  r"""SGD with Polyak's heavy-ball momentum.
 
   .. math::
-    v \leftarrow \alpha v - \epsilon g, \qquad \theta \leftarrow \theta + v.
+    v \leftarrow \alpha v - \epsilon g, \qquad \theta \leftarrow \theta + v
 
-  Implemented with the velocity in gradient units (:math:`v \leftarrow
-  \alpha v + g`, step :math:`-\epsilon v`), identical for a constant
-  :math:`\epsilon` and equal to ``optax.sgd(lr, momentum)``.
+  (Goodfellow, Bengio & Courville 2016, Algorithm 8.2). Implemented with the
+  velocity in gradient units (:math:`v \leftarrow \alpha v + g`, step
+  :math:`-\epsilon v`), identical for a constant :math:`\epsilon` and equal
+  to ``optax.sgd(lr, momentum)``.
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
@@ -125,12 +146,23 @@ def heavy_ball(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.heavy_ball(0.01, momentum=0.9)
+    >>> opt = curvature.heavy_ball(0.1, momentum=0.9)
+    >>> params = jnp.array([1.0])
+    >>> state = opt.init(params)
+    >>> for _ in range(2):  # f(x) = x**2 / 2: the gradient is x
+    ...   updates, state = opt.update(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(round(float(params[0]), 4))  # 0.9, then 0.9 - 0.1 (0.9 + 0.9)
+    0.72
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Polyak, Some methods of speeding up the convergence of
-    iteration methods, USSR Comput. Math. Math. Phys., 1964.
+    Polyak, "Some methods of speeding up the convergence of iteration
+    methods", USSR Computational Mathematics and Mathematical Physics, 1964.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   return sgd(
       learning_rate, momentum, max_consecutive_errors=max_consecutive_errors
@@ -144,18 +176,18 @@ def nesterov(
     form: str = "change_of_variables",
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""SGD with Nesterov momentum, in either of the two seed forms.
+  r"""SGD with Nesterov momentum, in its look-ahead or change-of-variables form.
 
-  ``form="lookahead"`` (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, first slide): the caller evaluates
-  the gradient at :func:`curvature.lookahead_params` (:math:`\theta +
-  \alpha v`), and
+  ``form="lookahead"`` (Sutskever et al. 2013; Goodfellow, Bengio & Courville
+  2016, Algorithm 8.3): the caller evaluates the gradient at
+  :func:`curvature.lookahead_params` (:math:`\theta + \alpha v`), and
 
   .. math::
     v \leftarrow \alpha v - \epsilon \nabla J(\theta + \alpha v), \qquad
     \theta \leftarrow \theta + v.
 
-  ``form="change_of_variables"`` (second slide; the gradient is taken at the
-  iterate :math:`\tilde\theta = \theta + \alpha v` itself):
+  ``form="change_of_variables"`` (the gradient is taken at the iterate
+  :math:`\tilde\theta = \theta + \alpha v` itself):
 
   .. math::
     v_{\text{new}} = \alpha v_{\text{old}} - \epsilon \nabla J(\tilde\theta),
@@ -164,7 +196,7 @@ def nesterov(
 
   The change-of-variables form equals ``optax.sgd(lr, momentum,
   nesterov=True)``. In the look-ahead form the learning rate comes before the
-  momentum, so ``v`` is the parameter step, as in the seed.
+  momentum, so ``v`` is the parameter step, as in the equation above.
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
@@ -176,13 +208,26 @@ def nesterov(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.nesterov(0.01, 0.9)
+    >>> opt = curvature.nesterov(0.1, 0.9)
+    >>> reference = optax.sgd(0.1, 0.9, nesterov=True)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> updates, state = opt.update(params, state)
+    >>> expected, reference_state = reference.update(params, reference_state)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Nesterov momentum, both forms). Nesterov, A method for
-    solving the convex programming problem with convergence rate O(1/k^2),
-    1983; Sutskever, Martens, Dahl & Hinton, ICML 2013.
+    Nesterov, "A method for solving the convex programming problem with
+    convergence rate O(1/k²)", Soviet Mathematics Doklady, 1983.
+
+    Sutskever, Martens, Dahl & Hinton, "On the importance of initialization
+    and momentum in deep learning", ICML 2013.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _validation.check_choice("form", form, ("change_of_variables", "lookahead"))
   _moments.check_decay("momentum", momentum)
@@ -218,26 +263,40 @@ def adagrad(
   ``scale_by_diagonal(scale_by_running_sum(), power=1/2)``: the running sum
   of the empirical-Fisher diagonal, square-rooted, with damping :math:`\nu`.
   Defaults reproduce ``optax.adagrad`` (:math:`a_0 = 0.1`, :math:`\nu` in the
-  root). The seed's code (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8) is ``initial_accumulator_value=0,
-  eps_in_root=False``.
+  root). Duchi, Hazan & Singer (2011) and Goodfellow, Bengio & Courville
+  (2016, Algorithm 8.4) start at :math:`a_0 = 0` with :math:`\nu` outside the
+  root: ``initial_accumulator_value=0, eps_in_root=False``.
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
     initial_accumulator_value: :math:`a_0 \geq 0`.
     eps: damping :math:`\nu \geq 0`.
-    eps_in_root: add :math:`\nu` inside (optax) or outside (seed) the root.
+    eps_in_root: add :math:`\nu` inside (optax) or outside (Duchi et al.) the
+      root.
     max_consecutive_errors: non-finite policy (module docstring).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.adagrad(0.1)
+    >>> opt, reference = curvature.adagrad(0.1), optax.adagrad(0.1)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> for g in ([0.5, -1.0], [0.25, 2.0]):
+    ...   updates, state = opt.update(jnp.array(g), state)
+    ...   expected, reference_state = reference.update(jnp.array(g),
+    ...                                                reference_state)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adagrad). Duchi, Hazan & Singer, Adaptive Subgradient
-    Methods for Online Learning and Stochastic Optimization, JMLR 2011.
+    Duchi, Hazan & Singer, "Adaptive subgradient methods for online learning
+    and stochastic optimization", JMLR 2011.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   return _finish(
       _diagonal.scale_by_diagonal(
@@ -270,20 +329,22 @@ def rmsprop(
     v \leftarrow \alpha v - \frac{\epsilon}{\sqrt{a + \nu}} \odot g, \qquad
     \theta \leftarrow \theta + v
 
-  (without momentum :math:`\alpha = 0`). A diagonal, square-rooted EMA of the
-  empirical Fisher, with damping :math:`\nu`; as in the seed the momentum acts
-  on the step after the learning rate. Defaults reproduce ``optax.rmsprop``
+  (without momentum :math:`\alpha = 0`). A diagonal, square-rooted EMA of
+  the empirical Fisher, with damping :math:`\nu`; the momentum acts on the
+  step after the learning rate, as in Graves (2013) and Goodfellow, Bengio &
+  Courville (2016, Algorithm 8.6). Defaults reproduce ``optax.rmsprop``
   (:math:`\beta = 0.9`, :math:`\nu = 10^{-8}` in the root, :math:`a_0 = 0`);
-  the seed uses :math:`\beta = 0.99`, :math:`\nu = 10^{-7}`. Some
-  implementations start at :math:`a_0 = 1` (``initial_scale=1``).
+  Goodfellow et al. (Algorithm 8.5) put :math:`\nu = 10^{-6}` in the root,
+  PyTorch puts it outside (``eps_in_root=False``). Some implementations start
+  at :math:`a_0 = 1` (``initial_scale=1``).
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
     decay: :math:`\beta \in [0, 1)`.
     eps: damping :math:`\nu \geq 0`.
     initial_scale: :math:`a_0`.
-    eps_in_root: :math:`\nu` inside (optax, seed slides) or outside (seed
-      code, PyTorch) the root.
+    eps_in_root: :math:`\nu` inside (optax, Goodfellow et al.) or outside
+      (PyTorch) the root.
     momentum: :math:`\alpha \in [0, 1)` or ``None``.
     nesterov: momentum form, see :func:`curvature.scale_by_momentum`.
     max_consecutive_errors: non-finite policy (module docstring).
@@ -292,13 +353,28 @@ def rmsprop(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.rmsprop(1e-3, decay=0.99, momentum=0.9)
+    >>> opt, reference = curvature.rmsprop(1e-3), optax.rmsprop(1e-3)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> for g in ([0.5, -1.0], [0.25, 2.0]):
+    ...   updates, state = opt.update(jnp.array(g), state)
+    ...   expected, reference_state = reference.update(jnp.array(g),
+    ...                                                reference_state)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (RMSProp, with momentum, with Nesterov), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
-    Tieleman & Hinton, Lecture 6.5 - RMSProp, COURSERA: Neural Networks for
+    Tieleman & Hinton, "Lecture 6.5 - RMSProp: divide the gradient by a
+    running average of its recent magnitude", COURSERA: Neural Networks for
     Machine Learning, 2012.
+
+    Graves, "Generating sequences with recurrent neural networks",
+    arXiv:1308.0850, 2013 (RMSProp with momentum).
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   second_moment = _moments.scale_by_ema(
       decay,
@@ -328,7 +404,7 @@ def adam(
     bias_correction: bool = True,
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Adam: a diagonal, square-rooted empirical-Fisher preconditioner with momentum.
+  r"""Adam: a square-rooted diagonal empirical-Fisher preconditioner, momentum.
 
   .. math::
     v \leftarrow \beta_1 v + (1-\beta_1) g, \quad
@@ -341,9 +417,10 @@ def adam(
   Built as ``scale_by_diagonal(curvature=scale_by_ema(b2, statistic=square),
   direction=scale_by_ema(b1), power=1/2, damping=eps,
   damping_in_root=eps_root)``: ``eps`` is damping of the curvature estimate.
-  With ``bias_correction=False`` this is the seed's "Adam with no bias
-  correction" (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8, which puts :math:`\nu` inside the root: use
-  ``eps=0, eps_root=nu``). Defaults reproduce ``optax.adam``.
+  With ``bias_correction=False`` both moments are used raw: RMSProp on an
+  EMA of the gradient, whose first steps are too small (Kingma & Ba 2015,
+  §3); to put the damping inside the root only, use ``eps=0, eps_root=nu``.
+  Defaults reproduce ``optax.adam``.
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
@@ -358,13 +435,23 @@ def adam(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.adam(1e-3)
+    >>> opt, reference = curvature.adam(1e-3), optax.adam(1e-3)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> for g in ([0.5, -1.0], [0.25, 2.0]):
+    ...   updates, state = opt.update(jnp.array(g), state)
+    ...   expected, reference_state = reference.update(jnp.array(g),
+    ...                                                reference_state)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam with and without bias correction), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8,
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Kingma & Ba, Adam: A Method for Stochastic Optimization,
-    ICLR 2015.
+    Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _moments.check_decay("b1", b1)
   _moments.check_decay("b2", b2)
@@ -406,22 +493,33 @@ def adadelta(
 
   Args:
     learning_rate: :math:`\epsilon \geq 0` or a schedule (default 1).
-    rho: decay :math:`\rho \in [0, 1)` (the seed's :math:`1 - \gamma`).
+    rho: decay :math:`\rho \in [0, 1)`.
     eps: damping :math:`\nu \geq 0`.
-    form: ``"updates"`` (Zeiler, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8) or ``"weights"``
-      (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8).
+    form: ``"updates"`` (Zeiler) or ``"weights"`` (running average of squared
+      weights); see :func:`curvature.scale_by_adadelta`.
     max_consecutive_errors: non-finite policy (module docstring).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
     >>> opt = curvature.adadelta(1.0, rho=0.95)
+    >>> reference = optax.adadelta(1.0, rho=0.95)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state, reference_state = opt.init(params), reference.init(params)
+    >>> for g in ([0.5, -1.0], [0.25, 2.0]):
+    ...   updates, state = opt.update(jnp.array(g), state, params)
+    ...   expected, reference_state = reference.update(
+    ...       jnp.array(g), reference_state, params)
+    >>> bool(jnp.allclose(updates, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Zeiler, ADADELTA: An Adaptive Learning
-    Rate Method, arXiv:1212.5701, 2012.
+    Zeiler, "ADADELTA: an adaptive learning rate method", arXiv:1212.5701,
+    2012.
   """
   return _finish(
       _adadelta.scale_by_adadelta(rho, eps, form=form),
@@ -457,12 +555,23 @@ def delta_bar_delta(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
     >>> import curvature
-    >>> opt = curvature.delta_bar_delta(0.01)
+    >>> opt = curvature.delta_bar_delta(0.1)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> for _ in range(20):  # f(x) = |x|**2 / 2: the gradient is x
+    ...   updates, state = opt.update(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(jnp.linalg.norm(params) < 0.5)
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (delta-bar-delta). Jacobs, Increased rates of
-    convergence through learning rate adaptation, Neural Networks, 1988.
+    Jacobs, "Increased rates of convergence through learning rate
+    adaptation", Neural Networks, 1988.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   return _finish(
       _adadelta.scale_by_delta_bar_delta(kappa, phi, theta),

@@ -33,6 +33,11 @@ def structural_args(factory: Callable[..., optax.GradientTransformation]):
 
   Returns:
     A tuple of parameter names.
+
+  Example:
+    >>> import curvature
+    >>> curvature.structural_args(curvature.scale_by_curvature_diagonal)
+    ('predict_fn', 'num_samples', 'statistics_batch_size', 'targets_fn', 'seed')
   """
   signature = inspect.signature(factory)
   return tuple(
@@ -65,10 +70,19 @@ def inject_hyperparams(
     The wrapped factory, as ``optax.inject_hyperparams`` returns it.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params
+    >>> params = jnp.zeros((3, 1))
     >>> opt = curvature.inject_hyperparams(curvature.hessian_free)(
-    ...     learning_rate=1.0, predict_fn=predict, loss=loss)
+    ...     learning_rate=1.0, predict_fn=predict,
+    ...     loss=curvature.losses.squared_error, max_cg_iterations=10)
     >>> state = opt.init(params)
-    >>> state.hyperparams["initial_damping"]
+    >>> float(state.hyperparams["initial_damping"])
+    1.0
+    >>> "max_cg_iterations" in state.hyperparams  # structural: kept static
+    False
   """
   static = {static_args} if isinstance(static_args, str) else set(static_args)
   static.update(structural_args(factory))

@@ -25,12 +25,13 @@ Conventions:
   identity for a unit-variance Gaussian), i.e. the output layer uses the
   *canonical link*. For such losses ``∇²_z L`` does not depend on the targets
   and equals the output-space Fisher, so **the GGN equals the true Fisher**
-  (Martens 2014, "New insights and perspectives on the natural gradient
-  method", §9.2). The two differ only for soft targets that do not sum to one
-  (the Hessian is then scaled by the targets' sum) and for non-canonical
+  (Martens, "New insights and perspectives on the natural gradient method",
+  JMLR 2020, §9.2). The two differ only for soft targets that do not sum to
+  one (the Hessian is then scaled by the targets' sum) and for non-canonical
   losses. The *empirical* Fisher, built from the data labels instead of
-  sampled ones, is a different matrix for every loss (Kunstner et al. 2019;
-  Martens, "New insights and perspectives on the natural gradient method", 2020).
+  sampled ones, is a different matrix for every loss (Kunstner, Hennig &
+  Balles, "Limitations of the empirical Fisher approximation for natural
+  gradient descent", NeurIPS 2019; Martens 2020).
 * Integer labels of :data:`softmax_cross_entropy` must lie in
   ``[0, num_classes)``. Concrete labels outside that range raise a
   ``ValueError``; traced ones (inside ``jit``) give that example a NaN loss
@@ -107,10 +108,13 @@ def _check_labels(labels: Array, num_classes: int) -> Array:
   """``0 <= labels < num_classes`` elementwise; raises if labels are concrete.
 
   Concrete labels (outside ``jit``) that fall outside the range raise a
-  ``ValueError`` at once. Traced labels cannot be checked at trace time: the
-  returned mask makes the loss NaN for the invalid ones instead.
+  ``ValueError`` at once. Traced labels, and global arrays that span other
+  processes' devices, cannot be read at trace time: the returned mask makes
+  the loss NaN for the invalid ones instead.
   """
-  if not isinstance(labels, jax.core.Tracer):
+  readable = not isinstance(labels, jax.core.Tracer) and (
+      not isinstance(labels, jax.Array) or labels.is_fully_addressable)
+  if readable:
     concrete = np.asarray(labels)
     bad = (concrete < 0) | (concrete >= num_classes)
     if np.any(bad):
@@ -284,5 +288,14 @@ def output_gradients(loss: Loss, outputs: Array, targets: Any) -> Array:
 
   Returns:
     An array shaped like ``outputs``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> grads = curvature.losses.output_gradients(
+    ...     curvature.losses.squared_error, jnp.array([[1.0], [3.0]]),
+    ...     jnp.array([[0.0], [1.0]]))
+    >>> print([round(float(g), 4) for g in grads[:, 0]])  # z - y, not / 2
+    [1.0, 2.0]
   """
   return jax.grad(lambda z: jnp.sum(loss.per_example(z, targets)))(outputs)

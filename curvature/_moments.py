@@ -48,14 +48,15 @@ def ema_update(moment: Any, statistic: Any, decay: Any) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from curvature._moments import ema_update
-    >>> ema_update(jnp.zeros(2), jnp.ones(2), 0.9)
-    Array([0.1, 0.1], dtype=float32)
+    >>> import curvature
+    >>> m = curvature.ema_update(jnp.zeros(2), jnp.ones(2), 0.9)
+    >>> print([round(float(x), 4) for x in m])
+    [0.1, 0.1]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam's first and second moments), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8
-    (running averages). Kingma & Ba, Adam: A Method for Stochastic
-    Optimization, ICLR 2015.
+    Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   return optax.tree.update_moment(statistic, moment, decay, 1)
 
@@ -77,14 +78,14 @@ def debias(moment: Any, decay: Any, count: Any) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from curvature._moments import debias, ema_update
-    >>> debias(ema_update(jnp.zeros(2), jnp.ones(2), 0.5), 0.5, 1)
-    Array([1., 1.], dtype=float32)
+    >>> import curvature
+    >>> m = curvature.ema_update(jnp.zeros(2), jnp.ones(2), 0.5)
+    >>> print([round(float(x), 4) for x in curvature.debias(m, 0.5, 1)])
+    [1.0, 1.0]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("bias correction in moments"), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 ("these
-    running averages have a lag time which we can remove"). Kingma & Ba,
-    ICLR 2015, Section 3.
+    Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015,
+    §3.
   """
   return optax.tree.bias_correction(moment, decay, count)
 
@@ -142,8 +143,8 @@ def scale_by_ema(
 
   Args:
     decay: :math:`\beta \in [0, 1)`.
-    bias_correction: divide by :math:`1 - \beta^t` (Adam's bias correction). Only
-      meaningful with ``initial_value=0``.
+    bias_correction: divide by :math:`1 - \beta^t` (Adam's bias correction).
+      Only meaningful with ``initial_value=0``.
     statistic: elementwise function applied to each update leaf before
       averaging: ``None`` (identity), ``"square"``, or a callable. A callable
       must be listed in ``static_args`` under ``optax.inject_hyperparams``
@@ -156,13 +157,18 @@ def scale_by_ema(
     An ``optax.GradientTransformation`` with state :class:`ScaleByEmaState`.
 
   Example:
-    >>> import jax.numpy as jnp, optax, curvature
-    >>> second_moment = curvature.scale_by_ema(0.999, statistic="square")
-    >>> state = second_moment.init({"w": jnp.zeros(3)})
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> second_moment = curvature.scale_by_ema(0.9, statistic="square")
+    >>> state = second_moment.init({"w": jnp.zeros(2)})
+    >>> out, state = second_moment.update({"w": jnp.array([3.0, -2.0])}, state)
+    >>> print([round(float(x), 3) for x in out["w"]])  # debiased: g ** 2
+    [9.0, 4.0]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Adam with and without bias correction), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
-    Kingma & Ba, Adam: A Method for Stochastic Optimization, ICLR 2015.
+    Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   check_decay("decay", decay)
   statistic = _statistic_fn(statistic)
@@ -220,16 +226,21 @@ def scale_by_running_sum(
     :class:`ScaleByRunningSumState`.
 
   Example:
-    >>> import jax.numpy as jnp, curvature
+    >>> import jax.numpy as jnp
+    >>> import curvature
     >>> accumulator = curvature.scale_by_running_sum(initial_value=0.1)
+    >>> state = accumulator.init(jnp.zeros(2))
+    >>> for g in ([1.0, 2.0], [3.0, -1.0]):
+    ...   total, state = accumulator.update(jnp.array(g), state)
+    >>> print([round(float(x), 4) for x in total])
+    [10.1, 5.1]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (AdaGrad: ``a <- a + g * g``). Duchi, Hazan & Singer,
-    Adaptive Subgradient Methods for Online Learning and Stochastic
-    Optimization, JMLR 2011.
+    Duchi, Hazan & Singer, "Adaptive subgradient methods for online learning
+    and stochastic optimization", JMLR 2011.
   """
   _validation.check_nonnegative(
-      "initial_value", initial_value, "Use 0 (the seed) or 0.1 (optax)."
+      "initial_value", initial_value, "Use 0 (Duchi et al.) or 0.1 (optax)."
   )
   statistic = _statistic_fn(statistic)
 

@@ -41,7 +41,7 @@ def scale_by_momentum(
   .. math::
     v_t = \alpha v_{t-1} + g_t, \qquad \text{output } v_t.
 
-  Nesterov in the change-of-variables form (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: no gradient at
+  Nesterov in the change-of-variables form (no gradient at
   :math:`\theta + \alpha v` is needed; the iterate is
   :math:`\tilde\theta = \theta + \alpha v`):
 
@@ -50,10 +50,10 @@ def scale_by_momentum(
     \text{output } v_t + \alpha (v_t - v_{t-1}) = g_t + \alpha v_t.
 
   Placed before ``scale_by_learning_rate(eps)`` (as in ``optax.sgd``) the
-  velocity is in gradient units, :math:`v^{\text{seed}} = -\epsilon v`.
-  Placed after it (as in RMSProp with momentum, Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8: ``v <- a v -
-  eps g / sqrt(a + nu)``) the velocity is the parameter step itself, which is
-  what :func:`lookahead_params` needs.
+  velocity is in gradient units: the parameter step is :math:`-\epsilon v`.
+  Placed after it (as in RMSProp with momentum, Goodfellow, Bengio &
+  Courville 2016, Algorithm 8.6: ``v <- a v - eps g / sqrt(r)``) the velocity
+  is the parameter step itself, which is what :func:`lookahead_params` needs.
 
   Args:
     decay: :math:`\alpha \in [0, 1)`.
@@ -69,18 +69,34 @@ def scale_by_momentum(
     :class:`ScaleByMomentumState`.
 
   Example:
-    >>> import optax, curvature
-    >>> sgd_nesterov = optax.chain(
-    ...     curvature.scale_by_momentum(0.9, nesterov=True),
-    ...     optax.scale_by_learning_rate(0.1))
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> momentum = curvature.scale_by_momentum(0.5, nesterov=True)
+    >>> state = momentum.init(jnp.zeros(1))
+    >>> for g in (1.0, 1.0):  # velocities 1 and 1.5; outputs g + 0.5 v
+    ...   out, state = momentum.update(jnp.array([g]), state)
+    >>> print(float(out[0]), float(state.velocity[0]))
+    1.75 1.5
+    >>> reference = optax.trace(0.5, nesterov=True)
+    >>> reference_state = reference.init(jnp.zeros(1))
+    >>> for g in (1.0, 1.0):
+    ...   expected, reference_state = reference.update(jnp.array([g]),
+    ...                                                reference_state)
+    >>> bool(jnp.allclose(out, expected))
+    True
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (momentum; Nesterov momentum in both forms),
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. Polyak, Some methods of speeding up the convergence of
-    iteration methods, 1964; Nesterov, A method for solving the convex
-    programming problem with convergence rate O(1/k^2), 1983; Sutskever,
-    Martens, Dahl & Hinton, On the importance of initialization and momentum
-    in deep learning, ICML 2013.
+    Polyak, "Some methods of speeding up the convergence of iteration
+    methods", USSR Computational Mathematics and Mathematical Physics, 1964.
+
+    Nesterov, "A method for solving the convex programming problem with
+    convergence rate O(1/k²)", Soviet Mathematics Doklady, 1983.
+
+    Sutskever, Martens, Dahl & Hinton, "On the importance of initialization
+    and momentum in deep learning", ICML 2013.
+
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _moments.check_decay("decay", decay)
   _validation.check_choice("nesterov", nesterov, NESTEROV_FORMS)
@@ -128,14 +144,24 @@ def lookahead_params(params: Any, opt_state: Any, decay: Any) -> Any:
     KeyError: if it holds several (pass the momentum's own state instead).
 
   Example:
-    >>> import jax, jax.numpy as jnp, curvature
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> value_fn = lambda p: 0.5 * jnp.sum(p ** 2)
     >>> opt = curvature.nesterov(0.1, 0.9, form="lookahead")
-    >>> params = jnp.ones(2); state = opt.init(params)
-    >>> g = jax.grad(lambda p: (p ** 2).sum())(
-    ...     curvature.lookahead_params(params, state, 0.9))
+    >>> params = jnp.ones(2)
+    >>> state = opt.init(params)
+    >>> for _ in range(2):
+    ...   ahead = curvature.lookahead_params(params, state, 0.9)
+    ...   updates, state = opt.update(jax.grad(value_fn)(ahead), state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print([round(float(p), 4) for p in ahead])  # 0.9 + 0.9 * (-0.1)
+    [0.81, 0.81]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Nesterov momentum). Sutskever et al., ICML 2013.
+    Sutskever, Martens, Dahl & Hinton, "On the importance of initialization
+    and momentum in deep learning", ICML 2013.
   """
   state = optax.tree.get(opt_state, "ScaleByMomentumState")
   if state is None:

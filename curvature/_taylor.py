@@ -17,7 +17,7 @@ Params = Any
 
 
 def first_order_change(grad: Params, step: Params) -> Array:
-  r"""The first-order Taylor prediction of ``f(θ + d) − f(θ)``: ``gᵀd``.
+  r"""The first-order Taylor prediction of ``f(θ + d) − f(θ)``, ``gᵀd``.
 
   Args:
     grad: ``∇f(θ)``.
@@ -26,8 +26,13 @@ def first_order_change(grad: Params, step: Params) -> Array:
   Returns:
     A scalar.
 
-  References:
-    Martens, "New insights and perspectives on the natural gradient method", 2020 (Taylor approximations in JAX).
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> change = curvature.first_order_change(jnp.array([1.0, 2.0]),
+    ...                                       jnp.array([-1.0, -0.5]))
+    >>> print(round(float(change), 4))
+    -2.0
   """
   return optax.tree.vdot(grad, step)
 
@@ -45,8 +50,19 @@ def second_order_change(
   Returns:
     A scalar.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> change = curvature.second_order_change(
+    ...     jnp.array([1.0, 2.0]), lambda v: 2.0 * v, jnp.array([-1.0, 0.5]))
+    >>> print(round(float(change), 4))  # 0 + 0.5 * 2 * 1.25
+    1.25
+
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 and Martens, "New insights and perspectives on the natural gradient method", 2020 (second-order Taylor models).
+    Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
+
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020.
   """
   return taylor_models(grad, matvec, step).second_order
 
@@ -69,8 +85,17 @@ def reduction_ratio(
   Returns:
     A scalar ``ρ``.
 
+  Example:
+    >>> import curvature
+    >>> rho = curvature.reduction_ratio(0.5, 1.0, -0.25)  # fell twice as much
+    >>> print(round(float(rho), 4))
+    2.0
+
   References:
-    Moré, "The Levenberg-Marquardt algorithm", 1978; Martens 2010 §4.1.
+    Moré, "The Levenberg-Marquardt algorithm: implementation and theory",
+    Numerical Analysis, Lecture Notes in Mathematics 630, Springer, 1978.
+
+    Martens, "Deep learning via Hessian-free optimization", ICML 2010, §4.1.
   """
   value_after = jnp.where(jnp.isnan(value_after), jnp.inf, value_after)
   return jnp.where(
@@ -100,7 +125,7 @@ class TaylorModels(NamedTuple):
 def taylor_models(
     grad: Params, matvec: Callable[[Params], Params], step: Params
 ) -> TaylorModels:
-  r"""Both Taylor predictions of the change along ``d``, for one product ``C d``.
+  r"""Both Taylor predictions of the change along ``d``, from one ``C d``.
 
   .. math::
     f(\theta + d) - f(\theta) \approx g^\top d
@@ -123,13 +148,30 @@ def taylor_models(
       match ``grad``'s pytree (naming the first differing leaf).
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return jnp.tanh(batch["inputs"] @ params)
+    >>> batch = {"inputs": jnp.array([[1.0, 0.5], [-0.5, 1.0]]),
+    ...          "targets": jnp.array([[0.5], [-0.5]])}
+    >>> params = jnp.zeros((2, 1))
+    >>> loss = curvature.losses.squared_error
     >>> lin = curvature.linearize(predict, loss, params, batch,
     ...                           curvature="hessian")
+    >>> step = -0.1 * lin.grad
     >>> models = curvature.taylor_models(lin.grad, lin.matvec, step)
+    >>> actual = loss.value(predict(params + step, batch), batch["targets"])
+    >>> error = abs(float(actual - lin.value - models.second_order))
+    >>> bool(error < abs(float(actual - lin.value - models.first_order)))
+    True
 
   References:
-    Martens, "New insights and perspectives on the natural gradient method", 2020 (first- and second-order Taylor approximations in
-    JAX); Nocedal & Wright, "Numerical Optimization", 2006, §2.2.
+    Martens, "New insights and perspectives on the natural gradient method",
+    JMLR 2020.
+
+    Nocedal & Wright, "Numerical Optimization", Springer, 2nd ed., 2006,
+    §2.2.
   """
   fix = ("`grad`, `step` and `matvec(step)` must be pytrees like the"
          " parameters.")

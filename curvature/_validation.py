@@ -65,8 +65,9 @@ def check_in_interval(
     )
 
 
-def check_at_least(name: str, value: Any, minimum: float, fix: str = "") -> None:
-  """Raises ``ValueError`` unless a concrete ``value`` is finite and ``>= minimum``."""
+def check_at_least(name: str, value: Any, minimum: float,
+                   fix: str = "") -> None:
+  """Raises ``ValueError`` unless a concrete ``value`` is finite, >= minimum."""
   concrete = concrete_value(value)
   if concrete is None:
     return
@@ -105,7 +106,7 @@ def check_learning_rate(learning_rate: Any) -> None:
 
 
 def check_not_schedule(name: str, value: Any, fix: str) -> None:
-  """Raises ``TypeError`` if ``value`` is a callable where a number is needed."""
+  """Raises ``TypeError`` if ``value`` is callable where a number is needed."""
   if callable(value):
     raise TypeError(
         f"`{name}` must be a number, got the callable {value!r} (a"

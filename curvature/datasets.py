@@ -11,21 +11,21 @@ only when those functions are called (``pip install -e ".[examples]"``).
 * :func:`make_quadratic`: ``½ xᵀAx − bᵀx`` with an exact condition number κ,
   also as a least-squares problem for :data:`curvature.losses.squared_error`.
 * :func:`beale`, :func:`rosenbrock`, :func:`narrow_valley`: 2-D test
-  functions as sums of squares, with their minima and the seeds' starts.
+  functions as sums of squares, with their minima and starting points.
 """
 
-from curvature._datasets import beale
-from curvature._datasets import beale_residuals
 from curvature._datasets import Curves
 from curvature._datasets import Function2D
-from curvature._datasets import functions_2d
 from curvature._datasets import LabeledData
+from curvature._datasets import Quadratic
+from curvature._datasets import beale
+from curvature._datasets import beale_residuals
+from curvature._datasets import functions_2d
 from curvature._datasets import load_digits
 from curvature._datasets import make_curves
 from curvature._datasets import make_mnist1d
 from curvature._datasets import make_quadratic
 from curvature._datasets import narrow_valley
-from curvature._datasets import Quadratic
 from curvature._datasets import quadratic_predict
 from curvature._datasets import quadratic_value
 from curvature._datasets import rosenbrock

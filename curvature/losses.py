@@ -14,7 +14,8 @@ Fisher, and ``sample`` draws targets from the model's predictive distribution.
   of a unit-variance Gaussian up to a constant.
 
 All three use the canonical link, so for them the generalized Gauss-Newton
-matrix equals the true Fisher (Martens 2014, §9.2).
+matrix equals the true Fisher (Martens, "New insights and perspectives on the
+natural gradient method", JMLR 2020, §9.2).
 """
 
 from curvature._losses import Loss
