@@ -514,7 +514,7 @@ def scale_by_block_diagonal(
     >>> import optax
     >>> loss = curvature.losses.softmax_cross_entropy
     >>> opt = optax.chain(
-    ...     curvature.scale_by_block_diagonal(predict, loss, max_block_size=15),
+    ...     curvature.scale_by_block_diagonal(predict, loss, grouping="layer"),
     ...     optax.scale_by_learning_rate(0.1))
     >>> state = opt.init(params)
     >>> grads = jax.grad(
