@@ -57,13 +57,54 @@ def _rademacher_like(flat: Array, key: Array) -> Array:
   return jax.random.rademacher(key, flat.shape, flat.dtype)
 
 
+def _trace_estimate(samples: Array, num_samples: int) -> TraceEstimate:
+  return TraceEstimate(
+      trace=jnp.mean(samples),
+      standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(num_samples),
+      num_samples=num_samples,
+      finite=jnp.all(jnp.isfinite(samples)),
+  )
+
+
+def _trace_samples(matvec, params, key, num_samples) -> Array:
+  """``zᵀAz`` for ``num_samples`` Rademacher probes, in ``lax.scan``."""
+  flat, unravel = ravel_pytree(params)
+  matvec = _lanczos.checked_matvec(matvec, params)
+
+  def quadratic_form(carry, probe_key):
+    probe = unravel(_rademacher_like(flat, probe_key))
+    return carry, optax.tree.vdot(probe, matvec(probe))
+
+  _, samples = jax.lax.scan(
+      quadratic_form, None, jax.random.split(key, num_samples))
+  return samples
+
+
+def _hutchinson(matvec, params, key, *, num_samples, named):
+  def core(operator, vector, probe_key, _):
+    return _trace_estimate(
+        _trace_samples(operator, vector, probe_key, num_samples), num_samples)
+
+  return _lanczos.on_blocks(core, matvec, params, key, named, None)
+
+
+def _with_num_samples(result, num_samples):
+  """Restores the Python int ``num_samples`` (a jitted call returns arrays)."""
+  if isinstance(result, dict):
+    return {n: r._replace(num_samples=num_samples) for n, r in result.items()}
+  return result._replace(num_samples=num_samples)
+
+
 def hutchinson_trace(
     matvec: Matvec,
     params: Params,
     *,
     num_samples: int = 100,
     key: Optional[Array] = None,
-) -> TraceEstimate:
+    blocks: _lanczos.Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[TraceEstimate, dict]:
   r"""Hutchinson's unbiased trace estimate with Rademacher probes.
 
   .. math::
@@ -76,20 +117,37 @@ def hutchinson_trace(
   ``A`` is recovered exactly. One operator product per probe, in
   ``lax.scan``.
 
+  **Outside jit.** Every diagnostic compiles itself when called outside
+  ``jit``, once per ``matvec`` object (a small cache keeps the 16 most
+  recent): call it again with the same ``matvec`` and it runs as fast as a
+  jitted call. The arrays ``matvec`` closes over become constants of that
+  program; to reuse one compiled program for fresh linearizations, call the
+  diagnostic inside your own ``jax.jit`` (it then runs in your trace).
+
   Args:
     matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
     params: a pytree with the shapes and dtypes ``A`` acts on.
     num_samples: probes ``S ≥ 2`` (PyHessian uses up to 100).
     key: PRNG key; ``jax.random.key(0)`` if ``None``.
+    blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
+      mapping ``{path pattern: block name}``: the trace of each diagonal
+      block ``C_bb``, from probes masked to the block (see
+      :func:`curvature.top_eigenpairs`). The block traces add up to the
+      whole trace.
+    predict_fn: ``(params, batch) -> outputs``, for ``blocks="layers"``.
+    batch: a batch, for ``blocks="layers"``.
 
   Returns:
-    A :class:`TraceEstimate`; the exact trace lies within a few standard
-    errors.
+    A :class:`TraceEstimate`, or ``{block name: TraceEstimate}`` with
+    ``blocks``; the exact trace lies within a few standard errors.
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch)
     >>> est = curvature.hutchinson_trace(lin.matvec, params, num_samples=50)
     >>> est.trace, est.standard_error
+    >>> per_layer = curvature.hutchinson_trace(
+    ...     lin.matvec, params, blocks="layers", predict_fn=predict,
+    ...     batch=batch)
 
   References:
     Hutchinson, "A stochastic estimator of the trace of the influence matrix
@@ -104,21 +162,11 @@ def hutchinson_trace(
   num_samples = _validation.check_static_int("num_samples", num_samples, 2)
   if _lanczos.dimension(params) == 0:
     raise ValueError("The parameter pytree is empty: there is no operator.")
-  flat, unravel = ravel_pytree(params)
-  matvec = _lanczos.checked_matvec(matvec, params)
-
-  def quadratic_form(carry, probe_key):
-    probe = unravel(_rademacher_like(flat, probe_key))
-    return carry, optax.tree.vdot(probe, matvec(probe))
-
-  _, samples = jax.lax.scan(
-      quadratic_form, None, jax.random.split(_key(key), num_samples))
-  return TraceEstimate(
-      trace=jnp.mean(samples),
-      standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(num_samples),
-      num_samples=num_samples,
-      finite=jnp.all(jnp.isfinite(samples)),
-  )
+  named = None if blocks is None else _lanczos.resolve_blocks(
+      blocks, params, predict_fn, batch)
+  result = _lanczos.jit_call(_hutchinson, matvec, params, _key(key),
+                             num_samples=num_samples, named=named)
+  return _with_num_samples(result, num_samples)
 
 
 # Stochastic Lanczos quadrature --------------------------------------------
@@ -142,6 +190,57 @@ class SpectralDensity(NamedTuple):
   finite: Array
 
 
+PROBE_MEMORY = 1 << 29
+"""Bytes of Lanczos bases that :func:`spectral_density` keeps at once (512 MiB)."""
+
+
+def _probe_batch_size(probe_batch_size, num_probes, num_iterations, n,
+                      itemsize, mode) -> int:
+  if probe_batch_size is not None:
+    return min(_validation.check_static_int(
+        "probe_batch_size", probe_batch_size, 1), num_probes)
+  rows = num_iterations if mode is not None else 3
+  fits = PROBE_MEMORY // max(1, rows * n * itemsize)
+  return int(max(1, min(num_probes, fits)))
+
+
+def _density(matvec, params, key, *, num_iterations, num_probes,
+             reorthogonalize, probe_batch_size):
+  """Nodes, weights and finiteness of ``num_probes`` SLQ runs."""
+  flat, unravel = ravel_pytree(params)
+  mode = _lanczos.reorthogonalization_mode(reorthogonalize)
+  batch_size = _probe_batch_size(
+      probe_batch_size, num_probes, num_iterations, flat.size,
+      _lanczos.compute_dtype(flat.dtype).itemsize, mode)
+
+  def one_probe(probe_key):
+    start_key, restart_key = jax.random.split(probe_key)
+    result = _lanczos.lanczos(
+        matvec, unravel(_rademacher_like(flat, start_key)), num_iterations,
+        reorthogonalize=reorthogonalize, key=restart_key)
+    nodes, vectors = _lanczos.eigh_tridiagonal(result)
+    return nodes, vectors[0] ** 2, result.finite
+
+  keys = jax.random.split(key, num_probes)
+  if batch_size == num_probes:
+    nodes, weights, finite = jax.vmap(one_probe)(keys)
+  else:
+    nodes, weights, finite = jax.lax.map(one_probe, keys,
+                                         batch_size=batch_size)
+  return SpectralDensity(nodes, weights, jnp.all(finite))
+
+
+def _spectral_density(matvec, params, key, *, num_iterations, num_probes,
+                      reorthogonalize, probe_batch_size, named):
+  def core(operator, vector, probe_key, steps):
+    return _density(operator, vector, probe_key, num_iterations=steps,
+                    num_probes=num_probes, reorthogonalize=reorthogonalize,
+                    probe_batch_size=probe_batch_size)
+
+  return _lanczos.on_blocks(core, matvec, params, key, named, num_iterations,
+                            default=100)
+
+
 def spectral_density(
     matvec: Matvec,
     params: Params,
@@ -150,7 +249,11 @@ def spectral_density(
     num_probes: int = 1,
     reorthogonalize: Union[bool, str] = True,
     key: Optional[Array] = None,
-) -> SpectralDensity:
+    probe_batch_size: Optional[int] = None,
+    blocks: _lanczos.Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[SpectralDensity, dict]:
   r"""Stochastic Lanczos quadrature (SLQ) estimate of the eigenvalue density.
 
   The density ``φ(t) = (1/n) Σᵢ δ(t − λᵢ)`` is approximated by averaging,
@@ -166,21 +269,33 @@ def spectral_density(
   (Ghorbani et al. 2019; PyHessian). :func:`density_on_grid` broadens the
   nodes with Gaussians; :func:`plot_spectral_density` draws it.
 
+  The probes run together under ``vmap`` (one batched operator product per
+  Lanczos step) as long as their bases fit in :data:`PROBE_MEMORY` bytes,
+  else in groups of that size under ``lax.map``.
+
   Args:
     matvec: ``v ↦ A v`` on pytrees, symmetric ``A``.
     params: a pytree with the shapes and dtypes ``A`` acts on.
     num_iterations: Lanczos steps per probe; ``min(100, n)`` if ``None``
       (PyHessian's 100).
-    num_probes: independent probes ``P``, run one after another with
-      ``lax.map`` (memory of one Lanczos basis).
+    num_probes: independent probes ``P``.
     reorthogonalize: ``True``/``"full"`` (PyHessian's default),
       ``"partial"`` (Simon 1984: only when the estimated loss of
       orthogonality exceeds √ε; same Ritz values, less work) or ``False``
       (``O(n)`` memory, but ghost copies of outliers appear).
     key: PRNG key; ``jax.random.key(0)`` if ``None``.
+    probe_batch_size: probes run at once; ``None`` picks the most whose
+      bases fit in :data:`PROBE_MEMORY`.
+    blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
+      mapping ``{path pattern: block name}``: the density of each diagonal
+      block ``C_bb`` (see :func:`curvature.top_eigenpairs`), each with
+      ``min(num_iterations, n_b)`` steps.
+    predict_fn: ``(params, batch) -> outputs``, for ``blocks="layers"``.
+    batch: a batch, for ``blocks="layers"``.
 
   Returns:
-    A :class:`SpectralDensity`.
+    A :class:`SpectralDensity`, or ``{block name: SpectralDensity}`` with
+    ``blocks``.
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch,
@@ -195,9 +310,7 @@ def spectral_density(
     "PyHessian", 2020. Sagun et al., "Empirical analysis of the Hessian of
     over-parametrized neural networks", 2017. Martens, "New insights and perspectives on the natural gradient method", 2020.
   """
-  if num_iterations is None:
-    num_iterations = min(100, _lanczos.dimension(params))
-  num_iterations = _lanczos.check_num_iterations(num_iterations, params)
+  _lanczos.reorthogonalization_mode(reorthogonalize)
   if isinstance(num_probes, int) and not isinstance(num_probes, bool) and (
       num_probes < 1):
     raise ValueError(
@@ -205,19 +318,21 @@ def spectral_density(
         " (PyHessian's default) or more."
     )
   num_probes = _validation.check_static_int("num_probes", num_probes, 1)
-  flat, unravel = ravel_pytree(params)
-
-  def one_probe(probe_key):
-    start_key, restart_key = jax.random.split(probe_key)
-    result = _lanczos.lanczos(
-        matvec, unravel(_rademacher_like(flat, start_key)), num_iterations,
-        reorthogonalize=reorthogonalize, key=restart_key)
-    nodes, vectors = _lanczos.eigh_tridiagonal(result)
-    return nodes, vectors[0] ** 2, result.finite
-
-  nodes, weights, finite = jax.lax.map(
-      one_probe, jax.random.split(_key(key), num_probes))
-  return SpectralDensity(nodes, weights, jnp.all(finite))
+  if probe_batch_size is not None:
+    _validation.check_static_int("probe_batch_size", probe_batch_size, 1)
+  if blocks is None:
+    named = None
+    if num_iterations is None:
+      num_iterations = min(100, _lanczos.dimension(params))
+    num_iterations = _lanczos.check_num_iterations(num_iterations, params)
+  else:
+    named = _lanczos.resolve_blocks(blocks, params, predict_fn, batch)
+    num_iterations = _lanczos.check_block_iterations(num_iterations)
+  return _lanczos.jit_call(
+      _spectral_density, matvec, params, _key(key),
+      num_iterations=num_iterations, num_probes=num_probes,
+      reorthogonalize=reorthogonalize, probe_batch_size=probe_batch_size,
+      named=named)
 
 
 class DensityOnGrid(NamedTuple):
@@ -343,11 +458,66 @@ class ConditionNumber(NamedTuple):
   finite: Array
 
 
-def _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize):
-  if num_iterations is None:
-    num_iterations = _lanczos.default_num_iterations(params)
-  return _lanczos.ritz_decomposition(matvec, params, num_iterations, key,
+def _ritz_summary(matvec, params, key, *, num_iterations, reorthogonalize,
+                  rtol, direction):
+  """The extreme Ritz values (and the lowest Ritz vector) of one run."""
+  ritz = _lanczos.ritz_decomposition(matvec, params, num_iterations, key,
                                      reorthogonalize)
+  smallest, largest = ritz.values[0], ritz.values[-1]
+  kappa = jnp.where(smallest > 0, largest / smallest, jnp.inf)
+  out = ConditionNumber(kappa, largest, smallest, ritz.lanczos.finite)
+  if not direction:
+    return out
+  lowest = _lanczos.select_pairs(ritz, params, jnp.arange(1))
+  negative = smallest < -rtol * jnp.abs(largest)
+  return NegativeCurvature(
+      has_negative_curvature=negative,
+      is_saddle=negative & (largest > 0),
+      smallest=smallest,
+      largest=largest,
+      negative_ratio=_negative_ratio(smallest, largest),
+      direction=jax.tree.map(lambda x: x[0], lowest.eigenvectors),
+      finite=ritz.lanczos.finite,
+  )
+
+
+def _extremes(matvec, params, key, *, num_iterations, reorthogonalize, rtol,
+              direction, named):
+  def core(operator, vector, block_key, steps):
+    return _ritz_summary(operator, vector, block_key, num_iterations=steps,
+                         reorthogonalize=reorthogonalize, rtol=rtol,
+                         direction=direction)
+
+  def finish(out, indices):
+    if not direction:
+      return out
+    return out._replace(direction=jax.tree.map(
+        lambda x: x[0],
+        _lanczos.embed_vectors(out.direction[None], indices, params)))
+
+  return _lanczos.on_blocks(core, matvec, params, key, named, num_iterations,
+                            finish=finish)
+
+
+def _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize,
+                  blocks, predict_fn, batch, rtol=0.0, direction=False):
+  """Validates, then one Lanczos run per block (or on the whole operator)."""
+  if _lanczos.reorthogonalization_mode(reorthogonalize) is None:
+    raise ValueError(
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        f" 'full' or 'partial', got {reorthogonalize!r}.")
+  if blocks is None:
+    named = None
+    if num_iterations is None:
+      num_iterations = _lanczos.default_num_iterations(params)
+    num_iterations = _lanczos.check_num_iterations(num_iterations, params)
+  else:
+    named = _lanczos.resolve_blocks(blocks, params, predict_fn, batch)
+    num_iterations = _lanczos.check_block_iterations(num_iterations)
+  return _lanczos.jit_call(
+      _extremes, matvec, params, _key(key), num_iterations=num_iterations,
+      reorthogonalize=reorthogonalize, rtol=rtol, direction=direction,
+      named=named)
 
 
 def condition_number(
@@ -357,7 +527,10 @@ def condition_number(
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
     reorthogonalize: Union[bool, str] = True,
-) -> ConditionNumber:
+    blocks: _lanczos.Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[ConditionNumber, dict]:
   r"""Estimates ``κ = λmax / λmin`` from one Lanczos run.
 
   Both ends of the spectrum come from the same Ritz values ``θ₁ ≤ … ≤ θ_m``
@@ -375,9 +548,14 @@ def condition_number(
     key: PRNG key of the start vector.
     reorthogonalize: ``True``/``"full"`` or ``"partial"`` (Simon 1984: the
       same Ritz values for less work on a large basis).
+    blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
+      mapping ``{path pattern: block name}``: ``κ`` of each diagonal block
+      ``C_bb`` (see :func:`curvature.top_eigenpairs`).
+    predict_fn: ``(params, batch) -> outputs``, for ``blocks="layers"``.
+    batch: a batch, for ``blocks="layers"``.
 
   Returns:
-    A :class:`ConditionNumber`.
+    A :class:`ConditionNumber`, or ``{block name: ConditionNumber}``.
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch, l2_reg=1e-3)
@@ -387,10 +565,8 @@ def condition_number(
     Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 and Martens, "New insights and perspectives on the natural gradient method", 2020 (the condition number and
     convergence). Lanczos 1950; Golub & Meurant 2010.
   """
-  ritz = _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize)
-  smallest, largest = ritz.values[0], ritz.values[-1]
-  kappa = jnp.where(smallest > 0, largest / smallest, jnp.inf)
-  return ConditionNumber(kappa, largest, smallest, ritz.lanczos.finite)
+  return _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize,
+                       blocks, predict_fn, batch)
 
 
 class NegativeCurvature(NamedTuple):
@@ -437,7 +613,10 @@ def negative_curvature(
     rtol: float = 1e-5,
     key: Optional[Array] = None,
     reorthogonalize: Union[bool, str] = True,
-) -> NegativeCurvature:
+    blocks: _lanczos.Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[NegativeCurvature, dict]:
   r"""Detects negative curvature and saddle points from one Lanczos run.
 
   At a critical point, ``H`` with eigenvalues of both signs is a saddle:
@@ -456,9 +635,12 @@ def negative_curvature(
     key: PRNG key of the start vector.
     reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
       :func:`condition_number`.
+    blocks: per-block results, as in :func:`condition_number`.
+    predict_fn: for ``blocks="layers"``.
+    batch: for ``blocks="layers"``.
 
   Returns:
-    A :class:`NegativeCurvature`.
+    A :class:`NegativeCurvature`, or ``{block name: NegativeCurvature}``.
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch,
@@ -472,19 +654,8 @@ def negative_curvature(
     et al. 2017; Yao et al., "PyHessian", 2020.
   """
   _validation.check_nonnegative("rtol", rtol)
-  ritz = _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize)
-  lowest = _lanczos.select_pairs(ritz, params, jnp.arange(1))
-  smallest, largest = ritz.values[0], ritz.values[-1]
-  negative = smallest < -rtol * jnp.abs(largest)
-  return NegativeCurvature(
-      has_negative_curvature=negative,
-      is_saddle=negative & (largest > 0),
-      smallest=smallest,
-      largest=largest,
-      negative_ratio=_negative_ratio(smallest, largest),
-      direction=jax.tree.map(lambda x: x[0], lowest.eigenvectors),
-      finite=ritz.lanczos.finite,
-  )
+  return _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize,
+                       blocks, predict_fn, batch, rtol=rtol, direction=True)
 
 
 # Monitoring ------------------------------------------------------------------

@@ -7,13 +7,18 @@ and the operator is applied exactly once per iteration. Vectors are raveled
 with ``jax.flatten_util.ravel_pytree`` inside; results come back as pytrees.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+import collections
+import fnmatch
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
 
+from curvature import _blocks
+from curvature import _layers
 from curvature import _validation
 
 Array = jax.Array
@@ -610,24 +615,358 @@ def select_pairs(
   )
 
 
+# Blocks of the operator -------------------------------------------------------
+
+Blocks = Union[None, str, Mapping[str, str]]
+"""``blocks=`` of the diagnostics: ``None``, ``"leaves"``, ``"layers"`` or a
+mapping from path patterns to block names."""
+
+BLOCKS = ("leaves", "layers")
+"""The named partitions of the parameters a diagnostic accepts."""
+
+NamedBlocks = tuple  # ((block name, (leaf index, ...)), ...), hashable.
+
+
+def _layer_names(paths: list, groups: list) -> list:
+  """A layer's block name: its kernel's parent path (``Dense_0``), if unique."""
+  names = []
+  for members in groups:
+    kernel = paths[members[0]]
+    names.append(kernel.rsplit("/", 1)[0] if "/" in kernel else kernel)
+  counts = collections.Counter(names)
+  return [name if counts[name] == 1 else paths[members[0]]
+          for name, members in zip(names, groups)]
+
+
+def _layer_blocks(params, predict_fn, batch) -> NamedBlocks:
+  if predict_fn is None or batch is None:
+    raise ValueError(
+        "blocks='layers' finds the layers by tracing the model: pass"
+        " `predict_fn=` and `batch=` too, or use blocks='leaves' or a mapping"
+        " {path pattern: block name}.")
+  paths = _blocks.leaf_paths(params)
+  found = _layers.discover_layers(predict_fn, params, batch)
+  groups, covered = [], set()
+  for layer in found.layers:
+    members = (layer.kernel,) + (() if layer.bias is None else (layer.bias,))
+    covered.update(members)
+    groups.append(members)
+  groups += [(i,) for i in range(len(paths)) if i not in covered]
+  groups.sort(key=min)
+  names = _layer_names(paths, groups)
+  return tuple((name, tuple(sorted(members)))
+               for name, members in zip(names, groups))
+
+
+def _matches(pattern: str, path: str) -> bool:
+  """A path matches itself, a glob (``fnmatch``) or a parent path."""
+  return (path == pattern or fnmatch.fnmatchcase(path, pattern)
+          or path.startswith(pattern.rstrip("/") + "/"))
+
+
+def _mapped_blocks(mapping: Mapping, paths: list) -> NamedBlocks:
+  assigned, unknown, conflicts = {}, [], []
+  for pattern, name in mapping.items():
+    if not isinstance(pattern, str) or not isinstance(name, str):
+      raise TypeError(
+          "A blocks= mapping goes from path patterns (str) to block names"
+          f" (str), got {pattern!r}: {name!r}.")
+    hits = [i for i, path in enumerate(paths) if _matches(pattern, path)]
+    if not hits:
+      unknown.append(pattern)
+    for i in hits:
+      if assigned.setdefault(i, name) != name:
+        conflicts.append(f"{paths[i]} ({assigned[i]!r} and {name!r})")
+  missing = [path for i, path in enumerate(paths) if i not in assigned]
+  problems = []
+  if unknown:
+    problems.append(f"patterns that match no parameter: {unknown}")
+  if missing:
+    problems.append(f"parameters assigned to no block: {missing}")
+  if conflicts:
+    problems.append(f"parameters assigned to two blocks: {conflicts}")
+  if problems:
+    raise ValueError(
+        "Bad blocks= mapping: " + "; ".join(problems) + f". The parameter"
+        f" paths are {paths}; map each (a path, a parent path or an fnmatch"
+        " glob such as 'Dense_0/*') to exactly one block name.")
+  order = {}
+  for i in sorted(assigned):
+    order.setdefault(assigned[i], []).append(i)
+  return tuple((name, tuple(members)) for name, members in order.items())
+
+
+def resolve_blocks(
+    blocks: Blocks, params: Params, predict_fn=None, batch=None
+) -> NamedBlocks:
+  """``blocks=`` as ``((name, leaf indices), ...)``, or a clear error.
+
+  ``"leaves"``: one block per leaf, named by its path. ``"layers"``: the
+  layers found by K-FAC's discovery (:func:`curvature.kfac_blocks`), a
+  kernel with its bias, named by the kernel's parent path; every other leaf
+  is a block of its own. A mapping ``{pattern: name}``: each parameter path
+  matching the pattern (the path itself, a parent path or an ``fnmatch``
+  glob) goes to block ``name``; every path must be matched by exactly one
+  block name and every pattern must match something.
+  """
+  if isinstance(blocks, str):
+    _validation.check_choice("blocks", blocks, BLOCKS)
+    if blocks == "leaves":
+      return tuple((path, (i,))
+                   for i, path in enumerate(_blocks.leaf_paths(params)))
+    return _layer_blocks(params, predict_fn, batch)
+  if isinstance(blocks, Mapping):
+    return _mapped_blocks(blocks, _blocks.leaf_paths(params))
+  raise TypeError(
+      f"`blocks` must be None, 'leaves', 'layers' or a mapping {{path"
+      f" pattern: block name}}, got {type(blocks).__name__}.")
+
+
+def diagnostic_blocks(
+    params: Params,
+    blocks: Blocks = "leaves",
+    *,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> dict:
+  """The parameter paths of each block a diagnostic's ``blocks=`` gives.
+
+  Args:
+    params: the parameters.
+    blocks: ``"leaves"``, ``"layers"`` or a mapping ``{path pattern: block
+      name}`` (see :func:`curvature.top_eigenpairs`).
+    predict_fn: ``(params, batch) -> outputs``, for ``"layers"``.
+    batch: a batch, for ``"layers"`` (only its shapes matter).
+
+  Returns:
+    ``{block name: (parameter path, ...)}`` in parameter order.
+
+  Example:
+    >>> import jax.numpy as jnp, curvature
+    >>> params = {"b": jnp.zeros(3), "w": jnp.ones((4, 3))}
+    >>> batch = jnp.ones((5, 4))
+    >>> curvature.diagnostic_blocks(params, "layers",
+    ...     predict_fn=lambda p, x: x @ p["w"] + p["b"], batch=batch)
+    {'w': ('b', 'w')}
+  """
+  paths = _blocks.leaf_paths(params)
+  return {name: tuple(paths[i] for i in members)
+          for name, members in resolve_blocks(blocks, params, predict_fn,
+                                              batch)}
+
+
+def _flat_indices(named: NamedBlocks, params: Params) -> list:
+  """Each block's positions in the ravel of ``params``."""
+  sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(params)]
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  out = []
+  for name, members in named:
+    idx = np.concatenate([np.arange(offsets[i], offsets[i + 1])
+                          for i in members]).astype(np.int32)
+    if idx.size == 0:
+      raise ValueError(f"Block {name!r} holds no parameters (empty leaves).")
+    out.append(idx)
+  return out
+
+
+def block_operator(matvec: Matvec, params: Params, indices: Array) -> Matvec:
+  """``P_b C P_b`` on the block's raveled coordinates ``v_b``.
+
+  The tangent is ``v_b`` at ``indices`` and zero elsewhere; the cotangent
+  keeps the same positions of the product. The model is not rebuilt.
+  """
+  flat, unravel = ravel_pytree(params)
+  matvec = checked_matvec(matvec, params)
+
+  def apply(vector):
+    full = jnp.zeros(flat.shape, flat.dtype).at[indices].set(
+        vector.astype(flat.dtype))
+    product, _ = ravel_pytree(matvec(unravel(full)))
+    return product[indices].astype(vector.dtype)
+
+  return apply
+
+
+def map_blocks(core: Callable, matvec: Matvec, params: Params,
+               named: NamedBlocks, key: Array) -> list:
+  """``core(operator_b, zeros [n_b], key_b)`` for every block, in order.
+
+  Blocks of the same size share one compiled body under ``lax.map`` (one
+  Lanczos basis in memory at a time); the others are traced one by one, in
+  the same jitted call.
+
+  Returns:
+    ``[(flat indices, core's output), ...]`` in block order.
+  """
+  flat, _ = ravel_pytree(params)
+  indices = _flat_indices(named, params)
+  keys = jax.random.split(key, len(named))
+  groups = collections.defaultdict(list)
+  for b, idx in enumerate(indices):
+    groups[idx.size].append(b)
+  out = [None] * len(named)
+  for size, members in groups.items():
+    zeros = jnp.zeros((size,), flat.dtype)
+
+    def one(args, zeros=zeros):
+      idx, block_key = args
+      return core(block_operator(matvec, params, idx), zeros, block_key)
+
+    if len(members) == 1:
+      (b,) = members
+      out[b] = one((jnp.asarray(indices[b]), keys[b]))
+      continue
+    stacked = jax.lax.map(one, (jnp.asarray(np.stack(
+        [indices[b] for b in members])), keys[np.asarray(members)]))
+    for j, b in enumerate(members):
+      out[b] = jax.tree.map(lambda x, j=j: x[j], stacked)
+  return list(zip(indices, out))
+
+
+def on_blocks(core: Callable, matvec: Matvec, params: Params, key: Array,
+              named: Optional[NamedBlocks], num_iterations: Optional[int], *,
+              k: int = 1, default: Optional[int] = None,
+              finish: Optional[Callable] = None) -> Any:
+  """``core(operator, params, key, num_iterations)`` on the whole operator,
+  or ``{block name: result}`` for each block of ``named``.
+
+  A block runs ``block_iterations(num_iterations, n_b, k, default)`` steps;
+  ``finish(result, flat indices)`` maps a block's result back to the
+  parameters (e.g. its Ritz vectors).
+  """
+  if named is None:
+    return core(matvec, params, key, num_iterations)
+  outs = map_blocks(
+      lambda op, zeros, block_key: core(
+          op, zeros, block_key,
+          block_iterations(num_iterations, zeros.size, k, default)),
+      matvec, params, named, key)
+  finish = finish or (lambda out, indices: out)
+  return {name: finish(out, indices)
+          for (name, _), (indices, out) in zip(named, outs)}
+
+
+def embed_vectors(vectors: Array, indices: np.ndarray, params: Params):
+  """Block coordinates ``[k, n_b]`` as ``k`` parameter pytrees (0 elsewhere)."""
+  flat, unravel = ravel_pytree(params)
+  full = jnp.zeros((vectors.shape[0], flat.size), flat.dtype).at[
+      :, indices].set(vectors.astype(flat.dtype))
+  return jax.vmap(unravel)(full)
+
+
+# Compiling outside jit --------------------------------------------------------
+
+
+def _under_transformation(*trees) -> bool:
+  """Whether we are being traced (an argument is a tracer, or a trace is on)."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees)):
+    return True
+  try:
+    from jax._src import core as jax_core  # pylint: disable=g-import-not-at-top
+    return not jax_core.trace_state_clean()
+  except (ImportError, AttributeError):  # pragma: no cover
+    return False
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(impl, matvec, static):
+  return jax.jit(functools.partial(impl, matvec, **dict(static)))
+
+
+def jit_call(impl: Callable, matvec: Matvec, params: Params, key: Array,
+             **static) -> Any:
+  """``impl(matvec, params, key, **static)``, compiled when called eagerly.
+
+  Outside ``jit`` the diagnostic compiles itself once per ``matvec`` object
+  (kept in a small cache of the 16 most recent), so a second call with the
+  same ``matvec`` runs at the speed of a jitted call; the arrays ``matvec``
+  closes over (the linearization) become constants of that program. Inside
+  ``jit``, ``vmap`` or ``grad`` it runs as part of the caller's trace.
+  """
+  if _under_transformation(params, key):
+    return impl(matvec, params, key, **static)
+  try:
+    compiled = _compiled(impl, matvec, tuple(sorted(static.items())))
+  except TypeError:  # An unhashable matvec or argument: run as is.
+    return impl(matvec, params, key, **static)
+  return compiled(params, key)
+
+
 def default_num_iterations(params: Params, k: int = 1) -> int:
   """``min(n, max(30, 3k))`` Lanczos steps for ``k`` extreme eigenpairs."""
   k = _validation.check_static_int("k", k, 1)
   return min(dimension(params), max(30, 3 * k))
 
 
-def _eigenpairs(
-    matvec, params, k, num_iterations, key, reorthogonalize, largest: bool
-) -> Eigenpairs:
-  if num_iterations is None:
-    num_iterations = default_num_iterations(params, k)
-  num_iterations = check_num_iterations(num_iterations, params)
-  k = _check_k(k, num_iterations, params)
+def _whole_eigenpairs(matvec, params, key, *, k, num_iterations,
+                      reorthogonalize, largest) -> Eigenpairs:
   ritz = ritz_decomposition(
       matvec, params, num_iterations, key, reorthogonalize)
   order = jnp.arange(num_iterations - 1, num_iterations - 1 - k, -1) if (
       largest) else jnp.arange(k)
   return select_pairs(ritz, params, order)
+
+
+def block_iterations(num_iterations: Optional[int], size: int,
+                     k: int = 1, default: Optional[int] = None) -> int:
+  """A block's Lanczos steps: the request (or default), at most its size."""
+  if num_iterations is None:
+    num_iterations = max(30, 3 * k) if default is None else default
+  return max(min(num_iterations, size), min(k, size))
+
+
+def _per_block_eigenpairs(matvec, params, key, *, named, k, num_iterations,
+                          reorthogonalize, largest) -> dict:
+  def core(operator, zeros, block_key, steps):
+    return _whole_eigenpairs(
+        operator, zeros, block_key, k=min(k, zeros.size),
+        num_iterations=steps, reorthogonalize=reorthogonalize,
+        largest=largest)
+
+  def finish(pairs, indices):
+    return pairs._replace(
+        eigenvectors=embed_vectors(pairs.eigenvectors, indices, params))
+
+  return on_blocks(core, matvec, params, key, named, num_iterations, k=k,
+                   finish=finish)
+
+
+def check_block_iterations(num_iterations: Any) -> Optional[int]:
+  """``None`` or a Python int ``≥ 1`` (clipped to each block's size later)."""
+  if num_iterations is None:
+    return None
+  if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
+    raise TypeError(
+        "`num_iterations` must be a Python int (it fixes the shape of the"
+        f" Lanczos basis), got {type(num_iterations).__name__}.")
+  if num_iterations < 1:
+    raise ValueError(
+        f"`num_iterations` must be >= 1, got {num_iterations}: pass a positive"
+        " number of operator products (PyHessian uses 100).")
+  return num_iterations
+
+
+def _eigenpairs(matvec, params, k, num_iterations, key, reorthogonalize,
+                largest: bool, blocks, predict_fn, batch):
+  if reorthogonalization_mode(reorthogonalize) is None:
+    raise ValueError(
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        f" 'full' or 'partial', got {reorthogonalize!r}.")
+  key = jax.random.key(0) if key is None else key
+  if blocks is not None:
+    named = resolve_blocks(blocks, params, predict_fn, batch)
+    return jit_call(
+        _per_block_eigenpairs, matvec, params, key, named=named,
+        k=_validation.check_static_int("k", k, 1),
+        num_iterations=check_block_iterations(num_iterations),
+        reorthogonalize=reorthogonalize, largest=largest)
+  if num_iterations is None:
+    num_iterations = default_num_iterations(params, k)
+  num_iterations = check_num_iterations(num_iterations, params)
+  k = _check_k(k, num_iterations, params)
+  return jit_call(_whole_eigenpairs, matvec, params, key, k=k,
+                  num_iterations=num_iterations,
+                  reorthogonalize=reorthogonalize, largest=largest)
 
 
 def top_eigenpairs(
@@ -638,7 +977,10 @@ def top_eigenpairs(
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
     reorthogonalize: Any = True,
-) -> Eigenpairs:
+    blocks: Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[Eigenpairs, dict]:
   r"""The ``k`` largest eigenvalues and their Ritz vectors, by Lanczos.
 
   Runs :func:`lanczos` with full reorthogonalization from a random Gaussian
@@ -662,9 +1004,33 @@ def top_eigenpairs(
     key: PRNG key of the start vector; ``jax.random.key(0)`` if ``None``.
     reorthogonalize: ``True``/``"full"`` or ``"partial"`` (see
       :func:`lanczos`); ``False`` is refused, Ritz vectors need the basis.
+    blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
+      mapping ``{path pattern: block name}``: the eigenpairs of each
+      diagonal block ``P_b C P_b`` instead (see *Per-block diagnostics*).
+    predict_fn: ``(params, batch) -> outputs``, for ``blocks="layers"``.
+    batch: a batch, for ``blocks="layers"`` (only its shapes matter).
 
   Returns:
-    :class:`Eigenpairs`, largest eigenvalue first.
+    :class:`Eigenpairs`, largest eigenvalue first; with ``blocks``, a dict
+    ``{block name: Eigenpairs}`` whose eigenvectors are parameter pytrees,
+    zero outside the block.
+
+  **Per-block diagnostics.** With ``blocks``, the operator is restricted to
+  each block ``b`` of parameters by masking: the tangent is zero outside
+  ``b`` and only ``b``'s entries of the product are kept, which is the
+  diagonal block ``C_bb`` (the model is not rebuilt). ``"leaves"`` gives one
+  block per parameter leaf, ``"layers"`` a kernel with its bias, as found by
+  K-FAC's layer discovery (:func:`curvature.kfac_blocks`; other leaves get a
+  block each), and a mapping assigns each parameter path (matched as a
+  path, a parent path or an ``fnmatch`` glob) to a named block; a mapping
+  that leaves a parameter out or names a path that does not exist raises a
+  ``ValueError`` listing them. :func:`curvature.diagnostic_blocks` shows
+  the partition. A block smaller than ``num_iterations`` (or ``k``) is run
+  with its size. All blocks run in one compiled call; blocks of the same
+  size share one body under ``lax.map``.
+
+  Outside ``jit`` the call compiles itself, once per ``matvec`` object (see
+  :func:`curvature.hutchinson_trace`).
 
   Example:
     >>> lin = curvature.linearize(predict, loss, params, batch,
@@ -677,7 +1043,7 @@ def top_eigenpairs(
     networks through the lens of the Hessian", 2020.
   """
   return _eigenpairs(matvec, params, k, num_iterations, key,
-                     reorthogonalize, largest=True)
+                     reorthogonalize, True, blocks, predict_fn, batch)
 
 
 def bottom_eigenpairs(
@@ -688,7 +1054,10 @@ def bottom_eigenpairs(
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
     reorthogonalize: Any = True,
-) -> Eigenpairs:
+    blocks: Blocks = None,
+    predict_fn: Optional[Callable[[Params, Any], Any]] = None,
+    batch: Any = None,
+) -> Union[Eigenpairs, dict]:
   r"""The ``k`` smallest (most negative) eigenvalues and their Ritz vectors.
 
   As :func:`top_eigenpairs`, from the other end of the Ritz spectrum. The
@@ -704,9 +1073,13 @@ def bottom_eigenpairs(
     key: PRNG key of the start vector.
     reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
       :func:`top_eigenpairs`.
+    blocks: per-block eigenpairs, as in :func:`top_eigenpairs`.
+    predict_fn: for ``blocks="layers"``.
+    batch: for ``blocks="layers"``.
 
   Returns:
-    :class:`Eigenpairs`, smallest eigenvalue first.
+    :class:`Eigenpairs`, smallest eigenvalue first; with ``blocks``, a dict
+    ``{block name: Eigenpairs}``.
 
   Example:
     >>> bottom = curvature.bottom_eigenpairs(lin.matvec, params, k=2)
@@ -715,7 +1088,7 @@ def bottom_eigenpairs(
     Lanczos 1950; Golub & Meurant 2010.
   """
   return _eigenpairs(matvec, params, k, num_iterations, key,
-                     reorthogonalize, largest=False)
+                     reorthogonalize, False, blocks, predict_fn, batch)
 
 
 class _PowerCarry(NamedTuple):
