@@ -3,8 +3,8 @@ CELLS = [
 # 2. Iterations to reach ε against the condition number κ
 
 On a strongly convex quadratic with curvatures between $\mu$ and $L$,
-$\kappa = L / \mu$, the seeds' bounds (`shared/seeds/000_*`, Martens 2020,
-after Nesterov 2004) are, for a relative accuracy $\varepsilon$:
+$\kappa = L / \mu$, the classical bounds (Nesterov, *Introductory Lectures on
+Convex Optimization*, 2004, as Martens quotes them in his 2020 lecture) are, for a relative accuracy $\varepsilon$:
 
 | method | tuned parameters | iterations |
 |---|---|---|

@@ -2,8 +2,7 @@ CELLS = [
 ("md", r"""
 # 4. The true Fisher against the empirical Fisher
 
-`shared/seeds/002_*` (Perone, *A short introduction to optimization in deep
-learning*) after Kunstner, Balles & Hennig, *Limitations of the empirical
+Perone's *A short introduction to optimization in deep learning*, after Kunstner, Balles & Hennig, *Limitations of the empirical
 Fisher approximation for natural gradient descent*, NeurIPS 2019:
 
 * the **true Fisher** $F = \frac1N\sum_i \mathbb{E}_{y\sim p_\theta(y|x_i)}

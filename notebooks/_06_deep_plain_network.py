@@ -2,8 +2,8 @@ CELLS = [
 ("md", r"""
 # 6. A deep plain network: K-FAC against Adam, with and without skip connections
 
-The lecture of `shared/seeds/000_*` (an optimization lecture on methods for
-neural networks, by one of K-FAC's authors) closes its second-order section
+Martens' lecture *Second-order optimization for neural networks* (2020, by
+one of K-FAC's authors) closes its second-order section
 with this experiment:
 
 > "you can consider networks that are say 100 layers deep but don't have skip

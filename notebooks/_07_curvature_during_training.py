@@ -7,26 +7,25 @@ descent trains it? The seeds state the classical facts this notebook measures:
 
 * the step size is bounded by the largest curvature: gradient descent's
   "maximum allowable learning rate is, up to a fudge constant, $1/L$" with
-  $L$ the maximum curvature (`shared/seeds/000_*`, Martens, *Second-order
-  optimization for neural networks*, lecture 2020), "if we only use SGD the
+  $L$ the maximum curvature (Martens, *Second-order
+  optimization for neural networks*, lecture, 2020), "if we only use SGD the
   step size is determined by the largest eigenvalue of the Hessian", and too
-  large a step diverges (`shared/seeds/003_*`, *Advanced Machine Learning:
+  large a step diverges (lecture notes *Advanced Machine Learning:
   SGD, momentum, step size, Adam*). On a quadratic, gradient descent with
   step $\eta$ is stable iff $\eta < 2/\lambda_{\max}$;
 * "in high dimensions the Hessian will have a spectrum of eigenvalues"
-  (`shared/seeds/003_*`); its condition number $\lambda_{\max}/\lambda_{\min}$
-  governs steepest descent (`shared/seeds/002_*`, Perone, *A short
+  (ibid.); its condition number $\lambda_{\max}/\lambda_{\min}$
+  governs steepest descent (Perone, *A short
   introduction to optimization in deep learning*), though Martens calls it
   "sort of too primitive of a quantity" because many directions are flat,
   and warns that eigenvalues computed at one point describe only that point
-  (`shared/seeds/000_*`);
+  (Martens 2020);
 * the Hessian of a network is indefinite: saddle points have "both positive
-  and negative eigenvalues" (`shared/seeds/004_*`, notes on Goodfellow et al.,
-  *Deep Learning*, ch. 8), and along a negative eigenvector a Newton step is
-  a gradient *ascent* step (`shared/seeds/001_*`, Kao, UCLA ECE C147,
-  lecture 10); the Gauss-Newton and Fisher matrices "are always positive
+  and negative eigenvalues" (Goodfellow, Bengio & Courville,
+  *Deep Learning*, 2016, ch. 8), and along a negative eigenvector a Newton step is
+  a gradient *ascent* step (Kao, UCLA ECE C147 lecture notes); the Gauss-Newton and Fisher matrices "are always positive
   semi-definite so there's no negative curvature in the matrix itself"
-  (`shared/seeds/000_*`).
+  (Martens 2020).
 
 The literature adds two pictures that we test here. **Edge of stability**
 (Cohen, Kaur, Li, Kolter & Talwalkar, *Gradient descent on neural networks
@@ -388,7 +387,7 @@ What the spectra show (full mode, η = 0.5; the checkpoints are step 0, step
 
 * **The Hessian is indefinite, the GGN is not.** Every GGN density has no
   Ritz node below zero and `negative_curvature` finds $\lambda_{\min} \le
-  +0.0000$, as `shared/seeds/000_*` says of Gauss-Newton matrices. The
+  +0.0000$, as Martens (2020) says of Gauss-Newton matrices. The
   Hessian has a negative tail throughout, largest at initialization:
   $\lambda_{\min} \approx -0.62$ against $\lambda_{\max} = 1.16$, and the
   negative eigenvalues carry 44 % of $\sum|\lambda|$ (SLQ). Training shrinks
@@ -433,7 +432,7 @@ What the spectra show (full mode, η = 0.5; the checkpoints are step 0, step
 3. With cross-entropy this is a transient: as the fit improves the sharpness
    falls far below $2/\eta$ (0.31 for η = 1.0 after 800 steps), so
    eigenvalues measured at one point describe only that point, as Martens
-   warns (`shared/seeds/000_*`).
+   warns (Martens 2020).
 4. The GGN's top eigenvalue is a good proxy for the sharpness here (within
    6 %, from below), but the GGN misses the negative tail, which matters most
    at initialization.
