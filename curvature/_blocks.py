@@ -582,6 +582,50 @@ def eigen_kronecker_block(
                apply, refit)
 
 
+def stacked_block(block: Block, size: int, evidence_axes=0) -> Block:
+  """``size`` independent copies of ``block``, one per slice of its leaves.
+
+  The block of a layer inside a ``scan`` stack (Flax ``nn.scan``,
+  ``nnx.scan``): its leaves have the stack as leading axis, and every stage
+  is ``jax.vmap``-ed over it, so each layer of the stack has its own
+  statistics and preconditioner.
+
+  Args:
+    block: the block of one slice.
+    size: the number of slices (the leaves' leading axis).
+    evidence_axes: ``in_axes`` of the evidence for ``jax.vmap`` (0, or a
+      pytree prefix with ``None`` for static entries).
+
+  Returns:
+    A :class:`Block` of the same kind over the stacked leaves.
+  """
+
+  def init():
+    return jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (size,) + x.shape).copy(), block.init())
+
+  def statistics(evidence):
+    return jax.vmap(block.statistics, in_axes=(evidence_axes,))(evidence)
+
+  refresh = None
+  if block.refresh is not None:
+    def refresh(estimate, damping):
+      return jax.vmap(block.refresh, in_axes=(0, None))(estimate, damping)
+
+  def apply(state, vectors, damping):
+    return jax.vmap(block.apply, in_axes=(0, 0, None))(state, vectors,
+                                                       damping)
+
+  refit = None
+  if block.refit is not None:
+    def refit(evidence, preconditioner):
+      return jax.vmap(block.refit, in_axes=(evidence_axes, 0))(
+          evidence, preconditioner)
+
+  return Block(block.kind, block.leaves, init, statistics, refresh, apply,
+               refit)
+
+
 # Dense and diagonal blocks ----------------------------------------------------
 
 

@@ -54,8 +54,12 @@ from curvature import _validation
 Array = jax.Array
 Params = Any
 
-LAYER_KINDS = ("dense", "conv", "diagonal")
+LAYER_KINDS = ("dense", "conv", "lookup", "diagonal")
 """Kinds accepted by ``layer_overrides``."""
+
+WEIGHT_SHARING = ("expand", "reduce")
+"""How a kernel shared over positions (sequence, image locations, uses) is
+factored: K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023)."""
 
 STATISTICS = ("true_fisher", "curvature_propagation", "empirical_fisher")
 """Output-gradient probes for the statistics: targets sampled from the model,
@@ -126,6 +130,11 @@ def _allocated_dims(shape, max_factor_dim):
   return dims if max(dims) <= max_factor_dim else None
 
 
+def _layer_dims(layer):
+  """``(stack, dim Ā, dim G)`` of a layer's block (stack 0: not stacked)."""
+  return (layer.stack, layer.input_dim + 1, layer.output_dim)
+
+
 def _check_overrides(overrides, paths):
   unknown = sorted(set(overrides) - set(paths))
   if unknown:
@@ -134,34 +143,87 @@ def _check_overrides(overrides, paths):
         f" Valid paths are: {paths}.")
 
 
-def _plan(predict_fn, params, batch, overrides, max_factor_dim):
+def _use_kinds(layer):
+  return tuple(dict.fromkeys(u.kind for u in _layers.layer_uses(layer)))
+
+
+def _layer_label(layer):
+  """The summary's name of a layer's block: its uses' kinds."""
+  uses = _layers.layer_uses(layer)
+  parts = [u.kind + (".T" if _layers.is_transposed(layer, u) else "")
+           for u in uses]
+  label = "+".join(dict.fromkeys(parts))
+  if len(uses) > 1:
+    label += f" x{len(uses)}"
+  return label
+
+
+def _allocation(predict_fn, params, example_batch, max_factor_dim):
+  """``{kernel path: (stack, dim Ā, dim G)}`` reserved at ``init``.
+
+  Without ``example_batch`` (``init(params)`` sees no batch), every leaf of
+  rank ≥ 2 within ``max_factor_dim`` is reserved as an unstacked
+  ``[..., out]`` kernel; with it, exactly the discovered layers are.
+  """
+  paths = leaf_paths(params)
+  if example_batch is None:
+    out = {}
+    for path, leaf in zip(paths, jax.tree.leaves(params)):
+      dims = _allocated_dims(leaf.shape, max_factor_dim)
+      if dims is not None:
+        out[path] = (0, *dims)
+    return out
+  found = _layers.discover_layers(predict_fn, params, example_batch)
+  return {paths[l.kernel]: _layer_dims(l) for l in found.layers
+          if max(_layer_dims(l)[1:]) <= max_factor_dim}
+
+
+def _fallback_reason(layer, wanted, allocated, max_factor_dim,
+                     reserved_from_batch):
+  """Why a discovered layer gets a diagonal block, or ``None``."""
+  kinds = _use_kinds(layer)
+  dims = _layer_dims(layer)
+  if wanted == "diagonal":
+    return "layer_overrides asks for a diagonal block"
+  if wanted is not None and wanted not in kinds:
+    allowed = ", ".join(repr(k) for k in kinds + ("diagonal",))
+    raise ValueError(
+        f"layer_overrides asks for a {wanted!r} block, but this kernel is"
+        f" used as a {'+'.join(kinds)} kernel. Allowed kinds here:"
+        f" {allowed}.")
+  if max(dims[1:]) > max_factor_dim:
+    return (f"factor sizes {dims[1:]} exceed max_factor_dim={max_factor_dim}"
+            " (an embedding or output layer of a large vocabulary): raise"
+            " max_factor_dim to get a Kronecker block")
+  if allocated != dims:
+    if reserved_from_batch:
+      return (f"its factors {dims} differ from those reserved at init"
+              f" {allocated} from example_batch: the batch changed the"
+              " layer's shapes")
+    what = ("a kernel of a scan stack of " + str(layer.stack) + " layers"
+            if layer.stack else f"a {layer.kind} kernel in a layout other"
+            " than [..., out]")
+    return (f"{what} (factors {dims[1:]}, reserved at init"
+            f" {None if allocated is None else allocated[1:]}): pass"
+            " example_batch= to reserve its factors at init (or transpose"
+            " the kernel to [in, out])")
+  return None
+
+
+def _plan(predict_fn, params, batch, overrides, max_factor_dim,
+          example_batch=None):
   """The usable layers and, for every diagonal leaf, the reason."""
   paths = leaf_paths(params)
   _check_overrides(overrides, paths)
-  leaves = jax.tree.leaves(params)
   found = _layers.discover_layers(predict_fn, params, batch)
+  allocation = _allocation(predict_fn, params, example_batch, max_factor_dim)
   reasons = dict(found.reasons)
   layers = []
   for layer in found.layers:
     kpath = paths[layer.kernel]
-    wanted = overrides.get(kpath)
-    dims = (layer.input_dim + 1, layer.output_dim)
-    allocated = _allocated_dims(leaves[layer.kernel].shape, max_factor_dim)
-    reason = None
-    if wanted == "diagonal":
-      reason = "layer_overrides asks for a diagonal block"
-    elif wanted is not None and wanted != layer.kind:
-      raise ValueError(
-          f"layer_overrides says {kpath!r} is a {wanted} layer, but it is"
-          f" used as a {layer.kind} kernel. Use kind {layer.kind!r} or"
-          " 'diagonal'.")
-    elif max(dims) > max_factor_dim:
-      reason = (f"factor sizes {dims} exceed max_factor_dim="
-                f"{max_factor_dim}")
-    elif allocated != dims:
-      reason = (f"{layer.kind} kernel in a layout other than [..., out]"
-                f" (factors {dims}, reserved at init {allocated}); transpose"
-                " the kernel to [in, out] (or HWIO) to get a Kronecker block")
+    reason = _fallback_reason(layer, overrides.get(kpath),
+                              allocation.get(kpath), max_factor_dim,
+                              example_batch is not None)
     if reason is not None:
       reasons[layer.kernel] = reason
       if layer.bias is not None:
@@ -174,12 +236,12 @@ def _plan(predict_fn, params, batch, overrides, max_factor_dim):
     layers.append(layer)
   for path, kind in overrides.items():
     index = paths.index(path)
-    if kind in ("dense", "conv") and not any(
+    if kind != "diagonal" and not any(
         l.kernel == index for l in found.layers):
       raise ValueError(
           f"layer_overrides says {path!r} is a {kind} layer, but it is not"
-          f" used as one: {reasons.get(index, 'bias of a layer')}. Only"
-          " 'diagonal' can be forced.")
+          f" used as one: {reasons.get(index, 'bias of a layer')}. Allowed"
+          " kinds here: 'diagonal' (the only one that can be forced).")
   return tuple(layers), reasons
 
 
@@ -190,6 +252,7 @@ def kfac_blocks(
     *,
     layer_overrides: Optional[Mapping[str, str]] = None,
     max_factor_dim: int = 4096,
+    example_batch: Any = None,
 ) -> tuple:
   """Which curvature block every parameter leaf gets, and why.
 
@@ -200,22 +263,27 @@ def kfac_blocks(
     batch: a batch (only its shapes matter).
     layer_overrides: as in :func:`scale_by_kfac`.
     max_factor_dim: as in :func:`scale_by_kfac`.
+    example_batch: as in :func:`scale_by_kfac` (what ``init`` reserves).
 
   Returns:
     A tuple of :class:`BlockRow`, one per leaf, in ``jax.tree.leaves``
-    order.
+    order. ``factors`` is ``(dim Ā, dim G)`` for a Kronecker kernel (per
+    layer of a stack).
   """
   layers, reasons = _plan(predict_fn, params, batch,
-                          dict(layer_overrides or {}), max_factor_dim)
+                          dict(layer_overrides or {}), max_factor_dim,
+                          example_batch)
   paths = leaf_paths(params)
   rows = {}
   for layer in layers:
     members = (paths[layer.kernel],) + (
         () if layer.bias is None else (paths[layer.bias],))
-    rows[layer.kernel] = (layer.kind, (layer.input_dim + 1,
-                                       layer.output_dim), "", members)
+    stack = f"{layer.stack} stacked layers" if layer.stack else ""
+    rows[layer.kernel] = (_layer_label(layer), (layer.input_dim + 1,
+                                                layer.output_dim), stack,
+                          members)
     if layer.bias is not None:
-      rows[layer.bias] = (f"bias of {paths[layer.kernel]}", None, "",
+      rows[layer.bias] = (f"bias of {paths[layer.kernel]}", None, stack,
                           members)
   out = []
   for i, leaf in enumerate(jax.tree.leaves(params)):
@@ -234,8 +302,13 @@ def kfac_summary(
     *,
     layer_overrides: Optional[Mapping[str, str]] = None,
     max_factor_dim: int = 4096,
+    example_batch: Any = None,
 ) -> str:
   """A printable table of :func:`kfac_blocks`.
+
+  A Kronecker kernel shows its factors (per layer of a ``scan`` stack); a
+  diagonal leaf shows why it is not part of a Kronecker block. The last
+  line is the share of parameters, by count, in Kronecker blocks.
 
   Example:
     >>> import jax.numpy as jnp, curvature
@@ -245,18 +318,32 @@ def kfac_summary(
     >>> print(curvature.kfac_summary(predict, params, batch))
     b  (3,)            bias of w
     w  (4, 3)          dense       A 5x5, G 3x3
+    Kronecker blocks hold 15 of 15 parameters (100.0%).
   """
   rows = kfac_blocks(predict_fn, params, batch,
                      layer_overrides=layer_overrides,
-                     max_factor_dim=max_factor_dim)
+                     max_factor_dim=max_factor_dim,
+                     example_batch=example_batch)
   width = max(len(r.path) for r in rows)
   lines = []
   for r in rows:
     detail = (f"A {r.factors[0]}x{r.factors[0]}, G {r.factors[1]}x"
               f"{r.factors[1]}" if r.factors else r.reason)
+    if r.factors and r.reason:
+      detail += f" ({r.reason})"
     lines.append(f"{r.path:<{width}}  {str(r.shape):<14}  {r.block:<10}"
                  f"  {detail}".rstrip())
+  covered = kronecker_share(rows)
+  total = sum(r.size for r in rows)
+  lines.append(f"Kronecker blocks hold {covered} of {total} parameters"
+               f" ({100.0 * covered / max(total, 1):.1f}%).")
   return "\n".join(lines)
+
+
+def kronecker_share(rows) -> int:
+  """Parameters (by count) of the rows of :func:`kfac_blocks` that are in a
+  Kronecker block (kernels and their biases)."""
+  return sum(r.size for r in rows if r.block != "diagonal")
 
 
 # Kernel <-> matrix ----------------------------------------------------------
@@ -306,67 +393,183 @@ class LayerEvidence(NamedTuple):
   """What one batch says about one layer.
 
   Attributes:
-    inputs: the layer's input rows ``[rows, in]`` (patches for a conv).
-    output_grads: ``[samples, rows', out]`` back-propagated output
-      gradients, one set per sampled target.
+    inputs: one ``[examples, positions, in]`` array per use of the kernel
+      (:func:`curvature._layers.use_inputs`: the activations, the image
+      patches of a convolution, one-hot rows of a lookup).
+    output_grads: one ``[samples, examples, positions, out]`` array per use:
+      back-propagated output gradients, one set per sampled target.
     num_examples: the batch size ``N``.
+
+  A layer of a ``scan`` stack has the stack as leading axis of every array.
   """
 
-  inputs: Array
-  output_grads: Array
+  inputs: tuple
+  output_grads: tuple
   num_examples: int
 
 
-def _layer_factors(layer, axis_name):
-  """``evidence -> (Ā, G)``: the statistics of a K-FAC Kronecker block."""
+STACKED_EVIDENCE = LayerEvidence(0, 0, None)
+"""``jax.vmap`` axes of a stacked layer's evidence."""
+
+
+class _Group(NamedTuple):
+  """The uses of a kernel that see it in one orientation, as one set of rows.
+
+  ``left``/``right`` are the vectors on the block's ``Ā`` and ``G`` sides:
+  ``(ā, g)`` for uses in the block's orientation, ``(g, a)`` for transposed
+  uses (a tied output layer ``h @ E.T`` of a lookup ``E[tokens]``).
+  ``left`` has a sample axis when it holds output gradients.
+  """
+
+  transposed: bool
+  lookup: bool
+  activations: Array  # [N, P, in side]
+  grads: Array  # [S, N, P, out side]
+
+
+def _groups(layer, evidence, dtype):
+  """Same-orientation uses concatenated along their positions.
+
+  The homogeneous coordinate (``1`` with a bias, ``0`` without) is appended
+  on the block's ``Ā`` side: to the activations of uses in the block's
+  orientation, as a zero to the output gradients of transposed uses.
+  """
+  grouped = {}
+  for use, x, g in zip(_layers.layer_uses(layer), evidence.inputs,
+                       evidence.output_grads):
+    key = (_layers.is_transposed(layer, use), use.kind == "lookup")
+    grouped.setdefault(key, []).append((x.astype(dtype), g.astype(dtype)))
+  out = []
+  for (transposed, lookup), items in grouped.items():
+    x = jnp.concatenate([x for x, _ in items], axis=1)
+    g = jnp.concatenate([g for _, g in items], axis=2)
+    if transposed:
+      g = jnp.concatenate([g, jnp.zeros_like(g[..., :1])], axis=-1)
+    else:
+      ones = jnp.ones_like(x[..., :1])
+      x = jnp.concatenate(
+          [x, ones if layer.bias is not None else jnp.zeros_like(ones)],
+          axis=-1)
+    out.append(_Group(transposed, lookup, x, g))
+  return out
+
+
+def _moments(activations, grads, num_examples, mode):
+  r"""``(Ā, G)`` of one group, K-FAC-expand or K-FAC-reduce.
+
+  * expand: every position is a row: ``Ā = (1/N) Σ_{n,p} ā ā^\top``,
+    ``G = (1/(SNP)) Σ_{s,n,p} g g^\top``;
+  * reduce: ``â_n = (1/P) Σ_p ā_{np}``, ``ĝ_{sn} = Σ_p g_{snp}``,
+    ``Ā = (1/N) Σ_n â â^\top``, ``G = (1/(SN)) Σ_{s,n} ĝ ĝ^\top``.
+  """
+  if mode == "reduce":
+    activations = jnp.mean(activations, axis=1, keepdims=True)
+    grads = jnp.sum(grads, axis=2, keepdims=True)
+  rows = activations.reshape(-1, activations.shape[-1])
+  a = rows.T @ rows / num_examples
+  grads = grads.reshape(-1, grads.shape[-1])
+  g = grads.T @ grads / grads.shape[0]
+  return a, g
+
+
+def _balanced_sum(pairs):
+  r"""One Kronecker product for ``Σ_k L_k ⊗ R_k`` (uses in two orientations).
+
+  Each term is first balanced, ``L_k ⊗ R_k = (s_k L_k) ⊗ (R_k / s_k)`` with
+  ``s_k`` making both factors' mean eigenvalues equal; then
+  ``L = Σ_k s_k L_k`` and ``R = (1/K) Σ_k R_k / s_k``, whose product is the
+  sum exactly when the balanced terms agree (and is the K-FAC-expand rule
+  for uses that are copies of each other).
+  """
+  if len(pairs) == 1:
+    return pairs[0]
+  lefts, rights = [], []
+  for left, right in pairs:
+    tl = jnp.trace(left) / left.shape[0]
+    tr = jnp.trace(right) / right.shape[0]
+    ok = (tl > 0) & (tr > 0)
+    s = jnp.where(ok, jnp.sqrt(jnp.where(ok, tr / tl, 1.0)), 1.0)
+    lefts.append(s * left)
+    rights.append(right / s)
+  return sum(lefts), sum(rights) / len(pairs)
+
+
+def _evidence_dtype(evidence):
+  return _blocks.accumulation_dtype(jnp.result_type(
+      *evidence.output_grads, *evidence.inputs))
+
+
+def _layer_factors(layer, axis_name, weight_sharing="expand", dtype=None):
+  """``evidence -> (Ā, G)``: the statistics of a K-FAC Kronecker block.
+
+  Uses in the block's orientation are rows of one group (the uses are one
+  more shared axis, expanded or reduced like the positions); lookups are
+  always expanded (their ``Ā`` stays the diagonal of token counts); a
+  group of transposed uses contributes its ``G`` on the ``Ā`` side and its
+  ``Ā`` on the ``G`` side, combined by :func:`_balanced_sum`.
+  """
 
   def statistics(evidence):
-    rows = evidence.inputs
-    rows = rows.astype(_blocks.accumulation_dtype(rows.dtype))
-    ones = jnp.ones_like(rows[:, :1])
-    homogeneous = ones if layer.bias is not None else jnp.zeros_like(ones)
-    rows = jnp.concatenate([rows, homogeneous], axis=1)
-    a = rows.T @ rows / evidence.num_examples
-    grads = evidence.output_grads.reshape(-1, evidence.output_grads.shape[-1])
-    grads = grads.astype(_blocks.accumulation_dtype(grads.dtype))
-    g = grads.T @ grads / grads.shape[0]
+    acc = dtype or _evidence_dtype(evidence)
+    pairs = []
+    for group in _groups(layer, evidence, acc):
+      mode = "expand" if group.lookup else weight_sharing
+      if group.transposed:
+        # Rows of the G side (activations) and of the Ā side (gradients).
+        right, left = _moments(group.activations, group.grads,
+                               evidence.num_examples, mode)
+      else:
+        left, right = _moments(group.activations, group.grads,
+                               evidence.num_examples, mode)
+      pairs.append((left, right))
+    a, g = _balanced_sum(pairs)
     return _products.batch_mean(_blocks.KroneckerFactors(a, g), axis_name)
 
   return statistics
 
 
-def _per_example_projection(layer, axis_name):
+def _per_example_projection(layer, axis_name, dtype=None):
   r"""EKFAC's re-fit: ``(1/NS) Σ_{i,s} (Q_Aᵀ ∇W̄_{is} Q_G)²`` (George et al.).
 
-  ``∇W̄_{is} = Σ_t ā_{it} g_{ist}ᵀ`` is example ``i``'s gradient (sample
-  ``s``), summed over the ``T`` rows it has (one for a dense layer on
-  ``[batch, in]`` inputs, the output locations of a convolution). With one
-  row per example the square of the rank-one projection is the outer
-  product of the squared projections, a single matmul.
+  ``∇W̄_{is} = Σ_u Σ_t ā_{iut} g_{iust}ᵀ`` is example ``i``'s gradient
+  (sample ``s``), summed over the rows it has (positions of every use; the
+  factors of a transposed use swapped). With one row per example the square
+  of the rank-one projection is the outer product of the squared
+  projections, a single matmul.
   """
 
   def refit(evidence, basis):
-    rows = evidence.inputs
-    dtype = _blocks.accumulation_dtype(rows.dtype)
-    ones = jnp.ones_like(rows[:, :1])
-    homogeneous = ones if layer.bias is not None else jnp.zeros_like(ones)
-    rows = jnp.concatenate([rows, homogeneous], axis=1).astype(dtype)
-    grads = evidence.output_grads.astype(dtype)
-    samples, n = grads.shape[0], evidence.num_examples
-    pa = rows @ basis.basis_a  # [N·T, a]
-    pg = grads @ basis.basis_g  # [S, N·T', g]
-    if pa.shape[0] == n and pg.shape[1] == n:
+    acc = dtype or _evidence_dtype(evidence)
+    groups = _groups(layer, evidence, acc)
+    n = evidence.num_examples
+    samples = groups[0].grads.shape[0]
+    if (len(groups) == 1 and not groups[0].transposed
+        and groups[0].activations.shape[1] == 1):
+      pa = groups[0].activations[:, 0] @ basis.basis_a  # [N, a]
+      pg = groups[0].grads[:, :, 0] @ basis.basis_g  # [S, N, g]
       out = (pa ** 2).T @ jnp.sum(pg ** 2, axis=0) / (n * samples)
-    else:
-      pa = pa.reshape(n, -1, pa.shape[-1])
-      pg = pg.reshape(samples, n, -1, pg.shape[-1])
+      return _products.batch_mean(out, axis_name)
+    projected = []
+    for group in groups:
+      if group.transposed:
+        left = jnp.moveaxis(group.grads @ basis.basis_a, 1, 0)  # [N,S,P,a]
+        right = group.activations @ basis.basis_g  # [N, P, g]
+        projected.append((True, left, right))
+      else:
+        left = group.activations @ basis.basis_a  # [N, P, a]
+        right = jnp.moveaxis(group.grads @ basis.basis_g, 1, 0)  # [N,S,P,g]
+        projected.append((False, left, right))
 
-      def one_example(args):
-        a_i, g_i = args  # [T, a], [S, T, g]
-        return jnp.sum(jnp.einsum("ta,stg->sag", a_i, g_i) ** 2, axis=0)
+    def one_example(args):
+      total = 0.0
+      for (transposed, _, _), (left, right) in zip(projected, args):
+        spec = "spa,pg->sag" if transposed else "pa,spg->sag"
+        total = total + jnp.einsum(spec, left, right)
+      return jnp.sum(total ** 2, axis=0)
 
-      per_example = jax.lax.map(one_example, (pa, jnp.moveaxis(pg, 1, 0)))
-      out = jnp.sum(per_example, axis=0) / (n * samples)
+    per_example = jax.lax.map(one_example,
+                              [(l, r) for _, l, r in projected])
+    out = jnp.sum(per_example, axis=0) / (n * samples)
     return _products.batch_mean(out, axis_name)
 
   return refit
@@ -384,6 +587,30 @@ def _check_outputs(outputs, num_examples):
         f" of {num_examples} examples: the outputs need a leading batch axis"
         " of that size (one row per example). Do not reduce over the batch"
         " inside predict_fn.")
+
+
+def _layer_evidence(layers, inputs, output_grads, num_examples):
+  """Every layer's :class:`LayerEvidence` from the taps of its uses.
+
+  Args:
+    layers: the layers.
+    inputs: one recorded input per use (:func:`_layers.tapped_forward`).
+    output_grads: one ``[samples, ...]`` output gradient per use.
+    num_examples: the batch size.
+  """
+  per_layer = [([], []) for _ in layers]
+  for j, (k, use) in enumerate(_layers._all_uses(layers)):  # pylint: disable=protected-access
+    rows = lambda x, u=use: _layers.use_inputs(u, x, num_examples)
+    grads = jax.vmap(
+        lambda g, u=use: _layers.use_output_grads(u, g, num_examples))
+    x, g = inputs[j], output_grads[j]
+    if layers[k].stack:  # [L, ...] and [S, L, ...]: one slice per layer.
+      rows, grads = jax.vmap(rows), jax.vmap(grads)
+      g = jnp.moveaxis(g, 1, 0)
+    per_layer[k][0].append(rows(x))
+    per_layer[k][1].append(grads(g))
+  return [LayerEvidence(tuple(x), tuple(g), num_examples)
+          for x, g in per_layer]
 
 
 def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
@@ -411,12 +638,7 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
     cots = jax.vmap(lambda k: _losses.output_gradients(
         loss, outputs, loss.sample(k, outputs)))(keys)
   output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
-  evidence = []
-  for k, layer in enumerate(layers):
-    grads = jax.vmap(lambda g: _layers.layer_output_grads(layer, g))(
-        output_grads[k])
-    evidence.append(LayerEvidence(_layers.layer_inputs(layer, inputs[k]),
-                                  grads, num_examples))
+  evidence = _layer_evidence(layers, inputs, output_grads, num_examples)
   diagonal = ()
   if diag_leaves:
     leaves, treedef = jax.tree.flatten(params)
@@ -449,33 +671,39 @@ def _candidates(params, max_factor_dim):
   return out
 
 
-def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name):
+def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name,
+                 weight_sharing="expand"):
   leaves = (layer.kernel,) + (() if layer.bias is None else (layer.bias,))
   view = _layer_view(layer)
-  statistics = _layer_factors(layer, axis_name)
+  statistics = _layer_factors(layer, axis_name, weight_sharing, dtype)
   if structure == "eigen_kronecker":
-    return _blocks.eigen_kronecker_block(
+    block = _blocks.eigen_kronecker_block(
         leaves, a_dim, g_dim, dtype, statistics=statistics,
-        refit=_per_example_projection(layer, axis_name), view=view,
+        refit=_per_example_projection(layer, axis_name, dtype), view=view,
         power=1.0, damping_in_root=True)
-  a_used = a_dim if layer.bias is not None else a_dim - 1
-  return _blocks.kronecker_block(
-      leaves, a_dim, g_dim, dtype, statistics=statistics,
-      inverse=_blocks.factored_damped_inverse(a_used), view=view)
+  else:
+    a_used = a_dim if layer.bias is not None else a_dim - 1
+    block = _blocks.kronecker_block(
+        leaves, a_dim, g_dim, dtype, statistics=statistics,
+        inverse=_blocks.factored_damped_inverse(a_used), view=view)
+  if layer.stack:
+    return _blocks.stacked_block(block, layer.stack, STACKED_EVIDENCE)
+  return block
 
 
-def _blocks_for(layers, params, max_factor_dim, structure, axis_name):
+def _blocks_for(layers, params, max_factor_dim, structure, axis_name,
+                weight_sharing="expand"):
   """``{kernel path: Block}`` for the discovered layers."""
+  del max_factor_dim  # _plan kept only the layers whose factors fit.
   paths = leaf_paths(params)
-  candidates = _candidates(params, max_factor_dim)
   leaves = jax.tree.leaves(params)
   out = {}
   for layer in layers:
-    path = paths[layer.kernel]
-    _, a_dim, g_dim = candidates[path]
+    _, a_dim, g_dim = _layer_dims(layer)
     dtype = _blocks.accumulation_dtype(leaves[layer.kernel].dtype)
-    out[path] = _layer_block(layer, a_dim, g_dim, dtype, structure,
-                             axis_name)
+    out[paths[layer.kernel]] = _layer_block(layer, a_dim, g_dim, dtype,
+                                            structure, axis_name,
+                                            weight_sharing)
   return out
 
 
@@ -612,6 +840,8 @@ def scale_by_kfac(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     axis_name=None,
+    weight_sharing: str = "expand",
+    example_batch: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC direction (Martens & Grosse 2015), layers found automatically.
 
@@ -764,6 +994,9 @@ def scale_by_kfac(
   """
   _validation.check_choice("statistics", statistics, STATISTICS)
   _validation.check_choice("structure", structure, STRUCTURES)
+  _validation.check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+  if example_batch is not None:
+    example_batch = _layers._abstract(example_batch)  # pylint: disable=protected-access
   if statistics == "curvature_propagation" and getattr(
       loss, "fisher_factor", None) is None:
     raise ValueError(
@@ -822,11 +1055,13 @@ def scale_by_kfac(
     _check_overrides(overrides, leaf_paths(params))
     leaves = jax.tree.leaves(params)
     blocks = {}
-    for path, (i, a_dim, g_dim) in _candidates(params,
-                                               max_factor_dim).items():
+    paths = leaf_paths(params)
+    for path, (stack, a_dim, g_dim) in _allocation(
+        predict_fn, params, example_batch, max_factor_dim).items():
+      i = paths.index(path)
       dtype = _blocks.accumulation_dtype(leaves[i].dtype)
       fake = _layers.Layer("dense", i, 0, 0, False, 0, None, (), a_dim - 1,
-                           g_dim)
+                           g_dim, stack=stack)
       blocks[path] = _layer_block(fake, a_dim, g_dim, dtype, structure,
                                   axis_name).init()
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
@@ -851,7 +1086,8 @@ def scale_by_kfac(
       gamma_every, initial_damping, min_damping, max_damping,
       quadratic_batch_size, overrides,
       max_factor_dim, targets_fn, axis_name,
-      (19.0 / 20.0) ** damping_every, math.sqrt(19.0 / 20.0) ** gamma_every)
+      (19.0 / 20.0) ** damping_every, math.sqrt(19.0 / 20.0) ** gamma_every,
+      weight_sharing, example_batch)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -915,6 +1151,8 @@ class _Config(NamedTuple):
   axis_name: Any
   omega1: float
   omega2: float
+  weight_sharing: str = "expand"
+  example_batch: Any = None
 
 
 class _StepPlan(NamedTuple):
@@ -946,13 +1184,14 @@ def _plan_step(config, params, batch) -> _StepPlan:
   stats_batch = _products.take_examples(
       batch, min(config.statistics_batch_size or num_examples, num_examples))
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
-                    config.max_factor_dim)
+                    config.max_factor_dim, config.example_batch)
   in_layer = {l.kernel for l in layers} | {
       l.bias for l in layers if l.bias is not None}
   diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
                       if i not in in_layer)
   blocks = _blocks_for(layers, params, config.max_factor_dim,
-                       config.structure, config.axis_name)
+                       config.structure, config.axis_name,
+                       config.weight_sharing)
   blocks["diagonal"] = _diagonal_block(params, diag_leaves, config.axis_name)
   return _StepPlan(blocks, layers, diag_leaves, batch, stats_batch,
                    num_examples, jax.tree.structure(params))
@@ -1147,6 +1386,8 @@ def kfac(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     axis_name=None,
+    weight_sharing: str = "expand",
+    example_batch: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC optimizer (Martens & Grosse 2015) as an ``optax.chain``.
 
@@ -1189,6 +1430,9 @@ def kfac(
     seed: PRNG seed.
     axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
       over.
+    weight_sharing: ``"expand"`` or ``"reduce"`` (see
+      :func:`scale_by_kfac`).
+    example_batch: a batch whose shapes reserve the factors at ``init``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1220,9 +1464,11 @@ def kfac(
       damping_every=damping_every, gamma_search=gamma_search,
       gamma_every=gamma_every, quadratic_batch_size=quadratic_batch_size,
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,
-      targets_fn=targets_fn, seed=seed, axis_name=axis_name)]
+      targets_fn=targets_fn, seed=seed, axis_name=axis_name,
+      weight_sharing=weight_sharing, example_batch=example_batch)]
   if not adaptive and not (isinstance(momentum, (int, float))
                            and momentum == 0):
     parts.append(_momentum.scale_by_momentum(momentum))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+

@@ -4,30 +4,45 @@ No registration by the user. :func:`discover_layers` traces
 ``predict_fn(params, batch)`` to a jaxpr (``jax.make_jaxpr``) and walks it,
 following every parameter leaf through *structural* operations only
 (``convert_element_type``, ``copy``, a 2-D ``transpose``, and, for biases,
-``reshape``/``broadcast_in_dim``/``squeeze``/``expand_dims``) and into nested
-``jit``/``closed_call``/``checkpoint`` calls. A parameter leaf is
+``reshape``/``broadcast_in_dim``/``squeeze``/``expand_dims``), into nested
+``jit``/``closed_call``/``checkpoint`` (remat) calls, and into the body of a
+``scan`` whose scanned-over inputs (``xs``) are stacked parameters (Flax
+``nn.scan``/``nnx.scan`` layer stacks, ``lax.scan`` over a stacked pytree).
+Every *use* of a leaf is one of
 
-* a **dense kernel** when its only use is as the 2-D weight operand of a
-  ``dot_general`` with one contracting dimension and no batch dimensions,
-  whose other operand is not a parameter (Flax ``nn.Dense``/``nnx.Linear``,
-  ``x @ w``, ``jnp.dot``, ``einsum('...i,io->...o')``);
-* a **conv kernel** when its only use is as the right-hand side of a
-  ``conv_general_dilated`` with ``feature_group_count == batch_group_count ==
-  1`` (Flax ``nn.Conv``/``nnx.Conv``, ``lax.conv_general_dilated``);
-* a **bias** when it is 1-D, of the layer's output size, and its only use is an
-  ``add`` to the layer's raw output (which nothing else reads).
+* a **dense** use: the 2-D weight operand of a ``dot_general`` with one
+  contracting dimension and no batch dimensions, whose other operand is not
+  a parameter (Flax ``nn.Dense``/``nnx.Linear``, ``x @ w``, ``x @ w.T``,
+  ``jnp.dot``, ``einsum('...i,io->...o')``, ``einsum('...i,oi->...o')``); the
+  activations may have any number of leading axes (batch, sequence, heads:
+  *weight sharing*);
+* a **conv** use: the right-hand side of a ``conv_general_dilated`` with
+  ``feature_group_count == batch_group_count == 1``;
+* a **lookup**: a ``gather`` of whole rows of a 2-D leaf by integer indices
+  (``jnp.take(E, tokens, axis=0)``, ``E[tokens]``, Flax ``Embed``): the same
+  as a dense use on one-hot inputs;
+* a **bias**: a 1-D leaf of the layer's output size whose only use is an
+  ``add`` to the raw output of a single-use layer (which nothing else reads).
 
-Every other leaf (embeddings, layer-norm scales, weights used twice, weights
-used inside ``scan``/``while``/``custom_jvp`` bodies, products of two
-parameters, grouped convolutions...) is reported with the reason it was not
-matched; K-FAC gives it a diagonal block.
+A leaf whose every use is a dense use or a lookup is a :class:`Layer` with
+one Kronecker block, even when it is used several times (tied embeddings
+``E[tokens]`` and ``h @ E.T``, ``f(p, x) + f(p, x)``); the uses' statistics
+are combined by K-FAC (see :func:`curvature.scale_by_kfac`). A leaf sliced
+by a ``scan`` is a *stacked* layer: one block per slice (layer of the
+stack). Every other leaf (layer-norm scales, products of two parameters, an
+einsum that contracts two axes of a parameter or has batch dimensions,
+weights used as loop constants of ``scan``/``while``, grouped
+convolutions...) is reported with the reason it was not matched; K-FAC
+gives it a diagonal block.
 
 :func:`tapped_forward` then evaluates the *same* jaxpr with a small
-interpreter (the ``eval_jaxpr`` loop of JAX, with jit-like calls inlined) that
+interpreter (the ``eval_jaxpr`` loop of JAX, with jit-like calls inlined,
+and a ``scan`` that holds a tap re-run as a ``lax.scan`` of the interpreted
+body) that
 
-* records the input operand of every discovered layer (the activations ``a``,
-  or the image patches of a convolution), and
-* adds a zero *perturbation* to the layer's raw output; the gradient of the
+* records the input operand of every use (the activations ``a``, the
+  image patches of a convolution, the indices of a lookup), and
+* adds a zero *perturbation* to the use's raw output; the gradient of the
   per-example loss with respect to that perturbation is the back-propagated
   output gradient ``g`` of K-FAC.
 
@@ -51,11 +66,39 @@ _IDENTITY_OPS = ("convert_element_type", "copy", "copy_p", "reduce_precision")
 _BROADCAST_OPS = ("reshape", "broadcast_in_dim", "squeeze", "expand_dims")
 
 
-class Layer(NamedTuple):
-  """A discovered layer.
+class Use(NamedTuple):
+  """One use of a layer's kernel in the program.
 
   Attributes:
-    kind: ``"dense"`` or ``"conv"``.
+    kind: ``"dense"``, ``"conv"`` or ``"lookup"``.
+    path: the position of the equation in the (inlined) jaxpr; inside a
+      ``scan`` body it continues the ``scan`` equation's path.
+    in_axis: dense and lookup: the kernel leaf's input axis (0 or 1).
+    weight_is_lhs: dense only: the kernel is the left operand of the dot.
+    input_axis: dense only: the contracted axis of the activations.
+    conv: conv only: as in :class:`Layer`.
+    input_dim: rows of this use's ``A`` (without the homogeneous coordinate).
+    output_dim: rows of this use's ``G``.
+  """
+
+  kind: str
+  path: tuple
+  in_axis: int
+  weight_is_lhs: bool
+  input_axis: int
+  conv: Optional[tuple]
+  input_dim: int
+  output_dim: int
+
+
+class Layer(NamedTuple):
+  """A discovered layer: one Kronecker block over a kernel (and its bias).
+
+  The first fields describe the first use of the kernel, which fixes the
+  block's orientation (``A`` on its input side); ``uses`` lists every use.
+
+  Attributes:
+    kind: ``"dense"``, ``"conv"`` or ``"lookup"`` (of the first use).
     kernel: index of the kernel leaf in ``jax.tree.leaves(params)``.
     bias: index of the bias leaf, or ``None``.
     in_axis: dense only: the kernel leaf's input (contracted) axis, 0 or 1.
@@ -66,6 +109,11 @@ class Layer(NamedTuple):
     path: the position of the equation in the (inlined) jaxpr.
     input_dim: rows of ``A`` without the homogeneous coordinate.
     output_dim: rows of ``G``.
+    uses: every :class:`Use` of the kernel, in program order (``()`` means
+      the one use described by the fields above).
+    stack: the number of layers of a ``scan`` stack whose slices the uses
+      see (the leaf has this leading axis, one block per slice); 0 when the
+      kernel is not stacked.
   """
 
   kind: str
@@ -78,6 +126,27 @@ class Layer(NamedTuple):
   path: tuple
   input_dim: int
   output_dim: int
+  uses: tuple = ()
+  stack: int = 0
+
+
+def layer_uses(layer: Layer) -> tuple:
+  """The uses of a layer (its first use when ``uses`` is empty)."""
+  if layer.uses:
+    return layer.uses
+  return (Use(layer.kind, layer.path, layer.in_axis, layer.weight_is_lhs,
+              layer.input_axis, layer.conv, layer.input_dim,
+              layer.output_dim),)
+
+
+def is_transposed(layer: Layer, use: Use) -> bool:
+  """Whether ``use`` sees the kernel with its input and output sides swapped.
+
+  A tied output layer ``h @ E.T`` uses the embedding ``E`` of a lookup with
+  its vocabulary on the output side: its ``G`` is on the block's ``A``
+  side and its ``A`` on the ``G`` side.
+  """
+  return use.kind != "conv" and use.in_axis != layer.in_axis
 
 
 class Discovery(NamedTuple):
@@ -95,6 +164,7 @@ class Discovery(NamedTuple):
 class _Origin(NamedTuple):
   leaf: int
   mode: str  # "exact", "transposed" (2-D) or "broadcast" (reshaped).
+  stack: Optional[tuple] = None  # (scan path, length) of a scanned slice.
 
 
 def _inner_jaxpr(eqn):
@@ -109,6 +179,13 @@ def _inner_jaxpr(eqn):
   return inner, ()
 
 
+def _scan_parts(eqn):
+  """``(body jaxpr, body consts, num_consts, num_carry)`` of a ``scan``."""
+  body = eqn.params["jaxpr"]
+  return (body.jaxpr, body.consts, eqn.params["num_consts"],
+          eqn.params["num_carry"])
+
+
 def _is_var(v) -> bool:
   return not isinstance(v, jex_core.Literal)
 
@@ -119,7 +196,7 @@ class _Walk:
   def __init__(self, num_params):
     self.uses = {i: [] for i in range(num_params)}  # leaf -> [(desc, info)]
     self.candidates = {}  # path -> partial layer dict
-    self.bias_adds = []  # (layer path, bias leaf, add path)
+    self.bias_adds = []  # (layer path, bias leaf, bias stack)
     self.output_reads = {}  # layer path -> number of readers of raw output
 
   def run(self, jaxpr, origins, outputs, path):
@@ -149,6 +226,9 @@ class _Walk:
             env_l[ov] = out_l[iv]
         continue
       derived = [(k, o) for k, o in enumerate(ins) if o is not None]
+      if eqn.primitive.name == "scan" and derived:
+        self._scan(eqn, ins, here)
+        continue
       if not derived:
         continue
       name = eqn.primitive.name
@@ -159,15 +239,18 @@ class _Walk:
         origin = ins[0]
         if origin.mode in ("exact", "transposed") and eqn.invars[0].aval.ndim == 2:
           mode = "transposed" if origin.mode == "exact" else "exact"
-          env_o[eqn.outvars[0]] = _Origin(origin.leaf, mode)
+          env_o[eqn.outvars[0]] = origin._replace(mode=mode)
           continue
       if name in _BROADCAST_OPS and len(derived) == 1:
-        env_o[eqn.outvars[0]] = _Origin(ins[0].leaf, "broadcast")
+        env_o[eqn.outvars[0]] = ins[0]._replace(mode="broadcast")
         continue
       if name == "dot_general" and self._dense(eqn, ins, here):
         env_l[eqn.outvars[0]] = here
         continue
       if name == "conv_general_dilated" and self._conv(eqn, ins, here):
+        env_l[eqn.outvars[0]] = here
+        continue
+      if name == "gather" and self._lookup(eqn, ins, here):
         env_l[eqn.outvars[0]] = here
         continue
       if name == "add" and self._bias(eqn, ins, lays, here):
@@ -181,6 +264,27 @@ class _Walk:
         lay = env_l[v]
         self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
     return out_o, out_l
+
+  def _scan(self, eqn, ins, here):
+    """Follows stacked parameters (``xs``) into a ``scan`` body."""
+    body, _, num_consts, num_carry = _scan_parts(eqn)
+    sub_o = {}
+    for k, (inner_var, origin) in enumerate(zip(body.invars, ins)):
+      if origin is None:
+        continue
+      if k < num_consts + num_carry:
+        self.uses[origin.leaf].append(
+            ("`scan` as a loop constant or carry (applied at every"
+             " iteration)", None))
+      elif origin.stack is not None:
+        self.uses[origin.leaf].append(("a nested `scan` stack", None))
+      elif origin.mode != "exact":
+        self.uses[origin.leaf].append(
+            ("`scan` after a reshape or transpose of the stack", None))
+      else:
+        sub_o[inner_var] = origin._replace(
+            stack=(here, int(eqn.params["length"])))
+    self.run(body, sub_o, {}, here)
 
   def _dense(self, eqn, ins, here):
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
@@ -205,12 +309,37 @@ class _Walk:
       return True
     in_w = c_w[0]
     in_axis = in_w if origin.mode == "exact" else 1 - in_w
-    self.uses[origin.leaf].append(("dense", here))
+    self.uses[origin.leaf].append(("dense", here, origin.stack))
     self.candidates[here] = dict(
         kind="dense", kernel=origin.leaf, in_axis=in_axis,
         weight_is_lhs=weight_is_lhs, input_axis=c_x[0], conv=None, path=here,
         input_dim=weight.aval.shape[in_w],
         output_dim=weight.aval.shape[1 - in_w])
+    return True
+
+  def _lookup(self, eqn, ins, here):
+    """``E[indices]``: whole rows of a 2-D leaf gathered by integer indices."""
+    if ins[0] is None or ins[1] is not None:
+      return False
+    origin = ins[0]
+    operand, indices = eqn.invars
+    out = eqn.outvars[0].aval
+    dn = eqn.params["dimension_numbers"]
+    ok = (origin.mode == "exact" and operand.aval.ndim == 2
+          and tuple(dn.collapsed_slice_dims) == (0,)
+          and tuple(dn.start_index_map) == (0,)
+          and tuple(dn.offset_dims) == (out.ndim - 1,)
+          and not tuple(getattr(dn, "operand_batching_dims", ()))
+          and tuple(eqn.params["slice_sizes"]) == (1, operand.aval.shape[1])
+          and indices.aval.shape[-1:] == (1,)
+          and jnp.issubdtype(indices.aval.dtype, jnp.integer))
+    if not ok:
+      return False
+    self.uses[origin.leaf].append(("lookup", here, origin.stack))
+    self.candidates[here] = dict(
+        kind="lookup", kernel=origin.leaf, in_axis=0, weight_is_lhs=False,
+        input_axis=0, conv=None, path=here,
+        input_dim=operand.aval.shape[0], output_dim=operand.aval.shape[1])
     return True
 
   def _conv(self, eqn, ins, here):
@@ -231,7 +360,7 @@ class _Walk:
     shape = eqn.invars[1].aval.shape
     out_dim = shape[dn.rhs_spec[0]]
     in_dim = int(np.prod([shape[d] for d in dn.rhs_spec[1:]]))
-    self.uses[origin.leaf].append(("conv", here))
+    self.uses[origin.leaf].append(("conv", here, origin.stack))
     self.candidates[here] = dict(
         kind="conv", kernel=origin.leaf, in_axis=0, weight_is_lhs=False,
         input_axis=0,
@@ -254,16 +383,41 @@ class _Walk:
       if (cand is None or bias_var.aval.size != cand["output_dim"]
           or eqn.outvars[0].aval.shape != eqn.invars[k].aval.shape):
         continue
-      self.uses[origin.leaf].append(("bias", here))
-      self.bias_adds.append((lay, origin.leaf, bias_var.aval.shape))
+      self.uses[origin.leaf].append(("bias", here, origin.stack))
+      self.bias_adds.append((lay, origin.leaf, origin.stack))
       return True
     return False
+
+
+def _use_of(candidate) -> Use:
+  return Use(candidate["kind"], candidate["path"], candidate["in_axis"],
+             candidate["weight_is_lhs"], candidate["input_axis"],
+             candidate["conv"], candidate["input_dim"],
+             candidate["output_dim"])
+
+
+def _layer_reason(uses):
+  """Why the uses of one leaf do not make a layer, or ``None`` if they do."""
+  if len(uses) == 1 and uses[0][1] is None:
+    return "used by " + uses[0][0]
+  unfactored = sorted({u[0] for u in uses if u[1] is None or u[0] == "bias"})
+  if unfactored:
+    return (f"used {len(uses)} times (weight sharing), and not every use is"
+            " a dense layer or a lookup: " + ", ".join(unfactored))
+  kinds = [u[0] for u in uses]
+  if "conv" in kinds and len(uses) > 1:
+    return (f"used {len(uses)} times (weight sharing) as a convolution"
+            " kernel: only dense uses and lookups can share a block")
+  if len({u[2] for u in uses}) > 1:
+    return ("used both inside and outside a `scan` stack (or in two stacks):"
+            " its uses see different slices")
+  return None
 
 
 def discover_layers(
     predict_fn: Callable[[Any, Any], Any], params: Any, batch: Any
 ) -> Discovery:
-  """Finds the dense and convolution layers of ``predict_fn`` and their biases.
+  """Finds the dense, convolution and lookup layers of ``predict_fn``.
 
   Args:
     predict_fn: ``(params, batch) -> outputs``.
@@ -285,30 +439,40 @@ def discover_layers(
   origins = {v: _Origin(i, "exact")
              for i, v in enumerate(closed.jaxpr.invars[:len(leaves)])}
   walk.run(closed.jaxpr, origins, {}, ())
-  kernels = {}
+  kernels = {}  # first use path -> leaf
   reasons = {}
   for leaf, uses in walk.uses.items():
     if not uses:
       reasons[leaf] = "not used by predict_fn (or only through constants)"
-    elif len(uses) > 1:
-      reasons[leaf] = (f"used {len(uses)} times (weight sharing): "
-                       + ", ".join(sorted({d for d, _ in uses})))
-    elif uses[0][1] is None:
-      reasons[leaf] = "used by " + uses[0][0]
-    elif uses[0][0] in ("dense", "conv"):
+      continue
+    if len(uses) == 1 and uses[0][0] == "bias":
+      continue
+    reason = _layer_reason(uses)
+    if reason is None:
       kernels[uses[0][1]] = leaf
+    else:
+      reasons[leaf] = reason
   biases = {}
-  for lay, leaf, _ in walk.bias_adds:
+  for lay, leaf, stack in walk.bias_adds:
     single = len(walk.uses[leaf]) == 1
+    kernel = kernels.get(lay)
+    fits = (kernel is not None and len(walk.uses[kernel]) == 1
+            and walk.uses[kernel][0][2] == stack)
     raw_read_once = walk.output_reads.get(lay, 0) == 1
-    if single and raw_read_once and lay in kernels:
+    if single and raw_read_once and fits:
       biases[lay] = leaf
     elif single:
-      reasons[leaf] = ("bias of a layer whose raw output is read elsewhere or"
-                       " whose kernel is not a K-FAC layer")
+      reasons[leaf] = ("bias of a layer whose raw output is read elsewhere,"
+                       " whose kernel is used several times, or whose kernel"
+                       " is not a K-FAC layer")
   layers = []
   for lay in sorted(kernels):
-    layers.append(Layer(bias=biases.get(lay), **walk.candidates[lay]))
+    leaf = kernels[lay]
+    uses = tuple(_use_of(walk.candidates[u[1]]) for u in walk.uses[leaf])
+    stack = walk.uses[leaf][0][2]
+    layers.append(Layer(bias=biases.get(lay), **walk.candidates[lay],
+                        uses=uses if len(uses) > 1 else (),
+                        stack=0 if stack is None else stack[1]))
   return Discovery(tuple(layers), reasons)
 
 
@@ -330,6 +494,43 @@ def _bind(eqn, invals):
   return out if eqn.primitive.multiple_results else [out]
 
 
+def _taps_under(taps, here):
+  return sorted(index for path, (index, _) in taps.items()
+                if path[:len(here)] == here and len(path) > len(here))
+
+
+def _tapped_scan(eqn, invals, taps, here, record, perturbations):
+  """A ``scan`` that holds taps, re-run as a ``lax.scan`` of the interpreter.
+
+  The taps' perturbations are scanned over (one slice per iteration) and
+  the recorded inputs are stacked, so both have the ``scan`` length as
+  leading axis.
+  """
+  body, consts, num_consts, num_carry = _scan_parts(eqn)
+  inner = _taps_under(taps, here)
+  loop_consts = invals[:num_consts]
+  init = invals[num_consts:num_consts + num_carry]
+  xs = invals[num_consts + num_carry:]
+
+  def step(carry, sliced):
+    x, perturbation = sliced
+    local_record = [None] * len(record)
+    local_perturbations = list(perturbations)
+    for index, p in zip(inner, perturbation):
+      local_perturbations[index] = p
+    outs = _evaluate(body, consts, list(loop_consts) + list(carry) + list(x),
+                     taps, here, local_record, local_perturbations)
+    return outs[:num_carry], (outs[num_carry:],
+                              [local_record[i] for i in inner])
+
+  carry, (ys, recorded) = lax.scan(
+      step, list(init), (list(xs), [perturbations[i] for i in inner]),
+      length=eqn.params["length"], reverse=eqn.params["reverse"])
+  for index, value in zip(inner, recorded):
+    record[index] = value
+  return list(carry) + list(ys)
+
+
 def _evaluate(jaxpr, consts, args, taps, path, record, perturbations):
   env = {}
 
@@ -344,19 +545,28 @@ def _evaluate(jaxpr, consts, args, taps, path, record, perturbations):
     here = path + (i,)
     invals = [read(v) for v in eqn.invars]
     inner = _inner_jaxpr(eqn)
-    if inner is not None and any(t[:len(here)] == here for t in taps):
+    if inner is not None and _taps_under(taps, here):
       outs = _evaluate(inner[0], inner[1], invals, taps, here, record,
                        perturbations)
+    elif eqn.primitive.name == "scan" and _taps_under(taps, here):
+      outs = _tapped_scan(eqn, invals, taps, here, record, perturbations)
     else:
       outs = _bind(eqn, invals)
     if here in taps:
-      index, layer = taps[here]
-      record[index] = invals[0 if (layer.kind == "conv"
-                                   or not layer.weight_is_lhs) else 1]
+      index, use = taps[here]
+      operand = 1 if (use.kind == "dense" and use.weight_is_lhs) else (
+          1 if use.kind == "lookup" else 0)
+      record[index] = invals[operand]
       outs = [outs[0] + perturbations[index].astype(outs[0].dtype)]
     for v, x in zip(eqn.outvars, outs):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+def _all_uses(layers):
+  """``[(layer index, use)]``: every use of every layer, in layer order."""
+  return [(k, use) for k, layer in enumerate(layers)
+          for use in layer_uses(layer)]
 
 
 def tapped_forward(
@@ -365,12 +575,15 @@ def tapped_forward(
     params: Any,
     batch: Any,
 ) -> Callable[[tuple], tuple]:
-  """``perturbations ↦ (outputs, layer inputs)`` for the given layers.
+  """``perturbations ↦ (outputs, use inputs)`` for the given layers.
 
   The returned function evaluates ``predict_fn(params, batch)`` with
-  ``perturbations[k]`` (zeros of the shape of layer ``k``'s raw output) added
-  to layer ``k``'s output, and also returns every layer's input operand. Its
-  VJP with respect to the perturbations gives K-FAC's output gradients.
+  ``perturbations[k]`` (zeros of the shape of use ``k``'s raw output) added
+  to use ``k``'s output, and also returns every use's input operand. Uses
+  are numbered layer by layer (:func:`layer_uses`); a layer used once has
+  one use, so for such layers ``k`` is the layer's index. A use inside a
+  ``scan`` stack has the stack's length as leading axis of both. The VJP
+  with respect to the perturbations gives K-FAC's output gradients.
 
   Args:
     predict_fn: ``(params, batch) -> outputs``.
@@ -383,13 +596,14 @@ def tapped_forward(
   """
   closed, out_shape = jax.make_jaxpr(predict_fn, return_shape=True)(
       _abstract(params), _abstract(batch))
-  taps = {layer.path: (k, layer) for k, layer in enumerate(layers)}
+  uses = _all_uses(layers)
+  taps = {use.path: (k, use) for k, (_, use) in enumerate(uses)}
   shapes = _raw_output_shapes(closed.jaxpr, taps)
-  zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+  zeros = tuple(jnp.zeros(s, d) for s, d in shapes)
   args = jax.tree.leaves((params, batch))
 
   def fn(perturbations):
-    record = [None] * len(layers)
+    record = [None] * len(uses)
     flat = _evaluate(closed.jaxpr, closed.consts, args, taps, (), record,
                      perturbations)
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat), tuple(
@@ -401,23 +615,50 @@ def tapped_forward(
 def _raw_output_shapes(jaxpr, taps):
   shapes = [None] * len(taps)
 
-  def visit(jaxpr, path):
+  def visit(jaxpr, path, lead):
     for i, eqn in enumerate(jaxpr.eqns):
       here = path + (i,)
       if here in taps:
-        shapes[taps[here][0]] = eqn.outvars[0].aval
+        aval = eqn.outvars[0].aval
+        shapes[taps[here][0]] = (lead + tuple(aval.shape), aval.dtype)
       inner = _inner_jaxpr(eqn)
       if inner is not None:
-        visit(inner[0], here)
+        visit(inner[0], here, lead)
+      elif eqn.primitive.name == "scan":
+        visit(_scan_parts(eqn)[0], here, lead + (eqn.params["length"],))
 
-  visit(jaxpr, ())
+  visit(jaxpr, (), ())
   return shapes
 
 
 # Statistics -----------------------------------------------------------------
 
 
-def layer_inputs(layer: Layer, inputs: Array) -> Array:
+def use_inputs(use: Use, inputs: Array, num_examples: int) -> Array:
+  """A use's input as ``[examples, positions, input_dim]``.
+
+  Positions are what the weight is shared over: the sequence (and any other
+  leading axis) of a dense use, the output locations of a convolution (its
+  image patches), the indices of a lookup (one-hot rows). The leading axis
+  of the activations is the batch.
+  """
+  if use.kind == "lookup":
+    rows = jax.nn.one_hot(inputs[..., 0], use.input_dim,
+                          dtype=jnp.float32)
+    return rows.reshape(num_examples, -1, use.input_dim)
+  rows = layer_inputs(use, inputs)
+  return rows.reshape(num_examples, -1, rows.shape[-1])
+
+
+def use_output_grads(use: Use, grads: Array, num_examples: int) -> Array:
+  """A use's output gradients as ``[examples, positions, output_dim]``."""
+  if use.kind == "lookup":
+    return grads.reshape(num_examples, -1, grads.shape[-1])
+  rows = layer_output_grads(use, grads)
+  return rows.reshape(num_examples, -1, rows.shape[-1])
+
+
+def layer_inputs(layer, inputs: Array) -> Array:
   """The layer's input as rows ``[positions, input_dim]`` (patches for conv)."""
   if layer.kind == "conv":
     (strides, padding, lhs_dil, rhs_dil, lhs_spec, _, out_spec,
@@ -435,11 +676,11 @@ def layer_inputs(layer: Layer, inputs: Array) -> Array:
   return moved.reshape(-1, moved.shape[-1])
 
 
-def layer_output_grads(layer: Layer, grads: Array) -> Array:
+def layer_output_grads(layer, grads: Array) -> Array:
   """Output gradients as rows ``[positions, output_dim]``."""
   if layer.kind == "conv":
     feature = layer.conv[6][1]
-  elif layer.weight_is_lhs:
+  elif layer.kind == "dense" and layer.weight_is_lhs:
     feature = 0
   else:
     feature = grads.ndim - 1

@@ -236,25 +236,31 @@ def test_runs_unmodified_on_models(name):
 def test_summary_reports_fallbacks_and_overrides():
   def predict(p, b):
     h = jnp.tanh(b["inputs"] @ p["w"] + p["b"])
-    return h @ p["w"].T @ p["out"] * p["scale"]  # w tied; scale elementwise.
+    z = h @ p["w"].T @ p["out"] * p["scale"]  # w tied; scale elementwise.
+    return z + b["inputs"][:, :3] @ p["v"] + jnp.sum(p["v"] * p["v"])
 
   params = {"w": jnp.ones((4, 5)) * 0.1, "b": jnp.zeros(5),
-            "out": jnp.ones((4, 3)) * 0.1, "scale": jnp.ones(3)}
+            "out": jnp.ones((4, 3)) * 0.1, "scale": jnp.ones(3),
+            "v": jnp.ones((3, 3)) * 0.1}
   batch = {"inputs": jnp.ones((6, 4)), "targets": jnp.arange(6) % 3}
   text = curvature.kfac_summary(predict, params, batch)
-  assert "used 2 times" in text and "`mul`" in text
+  assert "used 3 times" in text and "`mul`" in text
   blocks = {b.path: b for b in curvature.kfac_blocks(predict, params, batch)}
-  assert blocks["out"].block == "dense" and blocks["w"].block == "diagonal"
+  assert blocks["out"].block == "dense" and blocks["v"].block == "diagonal"
+  # The tied kernel is one block over both uses; its bias stays diagonal.
+  assert blocks["w"].block == "dense+dense.T x2"
+  assert blocks["w"].factors == (5, 5)
   assert blocks["b"].block == "diagonal"
+  assert "used several times" in blocks["b"].reason
   forced = curvature.kfac_blocks(predict, params, batch,
                                  layer_overrides={"out": "diagonal"})
   assert {b.path: b.block for b in forced}["out"] == "diagonal"
-  # A tied weight does not crash the optimizer: it gets a diagonal block.
   opt = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2)
   updates, state = _one_update(opt, params, batch, predict)
   assert np.all(np.isfinite(flat(updates)))
-  w_index = _kfac.leaf_paths(params).index("w")
-  assert float(jnp.sum(state.diagonal.statistics[w_index])) > 0
+  v_index = _kfac.leaf_paths(params).index("v")
+  assert float(jnp.sum(state.diagonal.statistics[v_index])) > 0
+  assert float(jnp.sum(state.blocks["w"].statistics.a)) > 0
 
 
 def test_bad_input():
@@ -591,3 +597,240 @@ def test_sampled_statistics_have_the_exact_fisher_factor_as_expectation(
   with pytest.raises(ValueError, match="true_fisher"):
     curvature.scale_by_kfac(predict, CE._replace(fisher_factor=None),
                             statistics="curvature_propagation")
+
+
+# Weight sharing (Eschenhagen et al. 2023): expand, reduce, reuse, stacks ----
+
+MSE = losses.squared_error
+
+
+def _exact_factors(predict, params, batch, weight_sharing, example_batch=None):
+  """``{kernel leaf: (Ā, G)}`` with G from every output direction.
+
+  The squared error's output Hessian is ``I``, so the cotangents ``√S eₖ``
+  for all ``S`` output coordinates of an example give the exact GGN factor
+  in place of sampled targets (the statistics average over samples).
+  """
+  from curvature import _layers  # pylint: disable=g-import-not-at-top
+  n = batch["inputs"].shape[0]
+  found = _layers.discover_layers(predict, params, batch)
+  fn, zeros = _layers.tapped_forward(predict, found.layers, params, batch)
+  outputs, vjp_fn, inputs = jax.vjp(fn, zeros, has_aux=True)
+  size = int(np.prod(outputs.shape[1:]))
+  basis = jnp.eye(size, dtype=outputs.dtype).reshape(size, *outputs.shape[1:])
+  cots = jnp.broadcast_to(basis[:, None], (size,) + outputs.shape)
+  output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(np.sqrt(size) * cots)
+  evidence = _kfac._layer_evidence(found.layers, inputs, output_grads, n)
+  out = {}
+  for layer, ev in zip(found.layers, evidence):
+    stats = _kfac._layer_factors(layer, None, weight_sharing)
+    if layer.stack:
+      stats = jax.vmap(stats, in_axes=(_kfac.STACKED_EVIDENCE,))
+    out[layer.kernel] = stats(ev)
+  return found.layers, out
+
+
+def _view_indices(params, kernel_path, bias_path):
+  """Flat indices (ravel_pytree order) of the rows of ``[W; b]``."""
+  index = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.tree_util.keystr(p), params)
+  offsets, start = {}, 0
+  for key, leaf in zip(jax.tree.leaves(index), jax.tree.leaves(params)):
+    offsets[key] = (start, leaf.shape)
+    start += leaf.size
+  w0, (rows, cols) = offsets[kernel_path]
+  idx = [w0 + np.arange(rows * cols).reshape(rows, cols)]
+  if bias_path is not None:
+    idx.append(offsets[bias_path][0] + np.arange(cols)[None])
+  return np.concatenate(idx).reshape(-1)
+
+
+def _deep_linear(key, sizes, shared, reduce_setting):
+  """A deep linear network on ``[N, R, in]`` inputs, float64.
+
+  ``reduce_setting``: the shared axis is averaged before the loss (outputs
+  ``[N, out]``); else every position has its own output (``[N, R, out]``).
+  """
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  params = [{"w": jax.random.normal(jax.random.fold_in(k1, i), (a, b)) / a,
+             "b": 0.1 * jax.random.normal(jax.random.fold_in(k2, i), (b,))}
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+  def predict(p, batch):
+    h = batch["inputs"]
+    for layer in p:
+      h = h @ layer["w"] + layer["b"]
+    return jnp.mean(h, axis=1) if reduce_setting else h
+
+  inputs = jax.random.normal(k3, (5, shared, sizes[0]))
+  out_shape = (5, sizes[-1]) if reduce_setting else (5, shared, sizes[-1])
+  batch = {"inputs": inputs, "targets": jnp.zeros(out_shape)}
+  return params, predict, batch
+
+
+@pytest.mark.parametrize("setting", ["expand", "reduce"])
+def test_weight_sharing_is_exact_for_deep_linear_networks(setting):
+  # Eschenhagen et al. 2023: K-FAC-expand is the exact GGN block in the
+  # expand setting, K-FAC-reduce in the reduce setting (deep linear
+  # network, squared error, exact output Hessian).
+  params, predict, batch = _deep_linear(0, (3, 4, 2), 3, setting == "reduce")
+  ggn = dense_ggn(predict, MSE, params, batch)
+  layers, factors = _exact_factors(predict, params, batch, setting)
+  for i, layer in enumerate(layers):
+    a, g = factors[layer.kernel]
+    idx = _view_indices(params, f"[{i}]['w']", f"[{i}]['b']")
+    np.testing.assert_allclose(np.kron(a, g), ggn[np.ix_(idx, idx)],
+                               atol=1e-8)
+  # The other approximation is not exact there: the oracle discriminates.
+  other = "reduce" if setting == "expand" else "expand"
+  _, wrong = _exact_factors(predict, params, batch, other)
+  a, g = wrong[layers[0].kernel]
+  idx = _view_indices(params, "[0]['w']", "[0]['b']")
+  assert np.max(np.abs(np.kron(a, g) - ggn[np.ix_(idx, idx)])) > 1e-3
+
+
+def test_reused_kernel_is_one_block_exact_with_reduce():
+  # f(p, x) + f(p, x) (kfac-jax#273): the uses are one more shared axis;
+  # K-FAC-reduce sums their output gradients and is exact here.
+  key = jax.random.key(1)
+  params = {"w": jax.random.normal(key, (3, 2)), "b": jnp.zeros(2)}
+  predict = lambda p, b: (b["inputs"] @ p["w"]) + (b["inputs"] @ p["w"])
+  batch = {"inputs": jax.random.normal(jax.random.fold_in(key, 1), (6, 3)),
+           "targets": jnp.zeros((6, 2))}
+  layers, factors = _exact_factors(predict, params, batch, "reduce")
+  (layer,) = layers
+  assert len(layer.uses) == 2 and layer.bias is None
+  ggn = dense_ggn(predict, MSE, params, batch)
+  a, g = factors[layer.kernel]
+  idx = _view_indices(params, "['w']", None)
+  np.testing.assert_allclose(np.kron(a[:3, :3], g), ggn[np.ix_(idx, idx)],
+                             atol=1e-8)
+  rows = {r.path: r for r in curvature.kfac_blocks(predict, params, batch)}
+  assert rows["w"].block == "dense x2"
+
+
+def test_lookup_is_the_dense_layer_on_one_hot_inputs():
+  # E[tokens] has the block of one_hot(tokens) @ E: a diagonal Ā (token
+  # counts / N) with a dense G.
+  key = jax.random.key(2)
+  emb = {"e": jax.random.normal(key, (5, 3)), "w": jnp.ones((3, 2)) / 3}
+  tokens = jax.random.randint(jax.random.fold_in(key, 1), (4, 6), 0, 5)
+  batch = {"inputs": tokens, "targets": jnp.zeros((4, 6, 2))}
+  lookup = lambda p, b: jnp.tanh(p["e"][b["inputs"]]) @ p["w"]
+  dense = lambda p, b: jnp.tanh(jax.nn.one_hot(b["inputs"], 5) @ p["e"]) @ p["w"]
+  (lk, _), got = _exact_factors(lookup, emb, batch, "expand")
+  assert lk.kind == "lookup"
+  (dk, _), want = _exact_factors(dense, emb, batch, "expand")
+  for x, y in zip(got[lk.kernel], want[dk.kernel]):
+    np.testing.assert_allclose(x, y, atol=1e-12)
+  a = got[lk.kernel][0]
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=5) / 4
+  np.testing.assert_allclose(a[:5, :5], np.diag(counts), atol=1e-12)
+  # Lookups stay expanded under weight_sharing="reduce" (a diagonal Ā).
+  _, reduced = _exact_factors(lookup, emb, batch, "reduce")
+  np.testing.assert_allclose(reduced[lk.kernel][0], a, atol=1e-12)
+
+
+def test_transposed_and_einsum_kernels_match_the_plain_layout():
+  key = jax.random.key(3)
+  w = jax.random.normal(key, (4, 3))
+  x = jax.random.normal(jax.random.fold_in(key, 1), (5, 2, 4))
+  batch = {"inputs": x, "targets": jnp.zeros((5, 2, 3))}
+  plain = lambda p, b: jnp.tanh(b["inputs"] @ p["w"])
+  forms = {
+      "x @ w.T": (lambda p, b: jnp.tanh(b["inputs"] @ p["w"].T), w.T),
+      "einsum oi": (lambda p, b: jnp.tanh(
+          jnp.einsum("nsi,oi->nso", b["inputs"], p["w"])), w.T),
+      "einsum io": (lambda p, b: jnp.tanh(
+          jnp.einsum("nsi,io->nso", b["inputs"], p["w"])), w),
+      "w.T @ x.T": (lambda p, b: jnp.tanh(
+          jnp.swapaxes(p["w"] @ jnp.swapaxes(b["inputs"], 1, 2), 1, 2)),
+                    w.T),
+  }
+  for setting in ("expand", "reduce"):
+    (_,), want = _exact_factors(plain, {"w": w}, batch, setting)
+    for name, (predict, kernel) in forms.items():
+      (layer,), got = _exact_factors(predict, {"w": kernel}, batch, setting)
+      for x_, y_ in zip(got[layer.kernel], want[0]):
+        np.testing.assert_allclose(x_, y_, atol=1e-12, err_msg=name)
+      row = curvature.kfac_blocks(predict, {"w": kernel}, batch,
+                                  example_batch=batch)[0]
+      assert row.factors == (5, 3), name
+
+
+def test_scan_stack_has_one_block_per_layer_equal_to_the_unrolled_model():
+  params, batch = classification_problem(n=4, sizes=(3, 3, 3, 3))
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *params)
+
+  def scanned(p, b):
+    def body(h, layer):
+      return jnp.tanh(h @ layer["w"] + layer["b"]), None
+    return jax.lax.scan(body, b["inputs"], p)[0]
+
+  batch = dict(batch, targets=jnp.zeros((4, 3)))
+  unrolled = lambda p, b: jnp.tanh(mlp_predict(p, b))
+  layers, got = _exact_factors(scanned, stacked, batch, "expand")
+  (layer,) = layers
+  assert layer.stack == 3 and layer.bias is not None
+  want_layers, want = _exact_factors(unrolled, params, batch, "expand")
+  for k, wl in enumerate(want_layers):
+    for x_, y_ in zip(got[layer.kernel], want[wl.kernel]):
+      np.testing.assert_allclose(x_[k], y_, atol=1e-12)
+  # The optimizer reserves one block per layer with example_batch and
+  # preconditions each slice with its own factors.
+  opt = curvature.scale_by_kfac(scanned, MSE, initial_damping=1e-3,
+                                statistics="curvature_propagation",
+                                example_batch=batch)
+  state = opt.init(stacked)
+  assert state.blocks["w"].statistics.a.shape == (3, 4, 4)
+  grads = _grads(scanned, stacked, batch, MSE)
+  updates, state = jax.jit(opt.update)(grads, state, stacked, batch=batch)
+  assert np.all(np.isfinite(flat(updates)))
+  # Without example_batch the stack is not reserved: a stated fallback.
+  rows = {r.path: r for r in curvature.kfac_blocks(scanned, stacked, batch)}
+  assert rows["w"].block == "diagonal" and "example_batch" in rows["w"].reason
+
+
+def test_weight_sharing_argument_reaches_the_optimizer_and_is_validated():
+  params, predict, batch = _deep_linear(4, (3, 4, 2), 3, True)
+  for setting in ("expand", "reduce"):
+    opt = curvature.kfac(1e-2, predict_fn=predict, loss=MSE,
+                         weight_sharing=setting,
+                         statistics="curvature_propagation")
+    updates, state = _one_update(opt, params, batch, predict, MSE)
+    assert np.all(np.isfinite(flat(updates)))
+    a = state[0].blocks["0/w"].statistics.a
+    x = batch["inputs"]
+    rows = x.mean(1) if setting == "reduce" else x.reshape(-1, 3)
+    rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
+    # The first update's average is (1 − β) times the batch statistic.
+    np.testing.assert_allclose(a / 0.05, rows.T @ rows / 5, rtol=1e-10)
+  with pytest.raises(ValueError, match="weight_sharing"):
+    curvature.kfac(1e-2, predict_fn=predict, loss=MSE, weight_sharing="mean")
+
+
+def test_unfactorable_uses_fall_back_with_a_reason_and_overrides_name_kinds():
+  key = jax.random.key(5)
+  params = {"w": jax.random.normal(key, (3, 4, 2)),
+            "v": jax.random.normal(key, (3, 2)),
+            "h": jax.random.normal(key, (2, 3, 2))}
+  batch = {"inputs": jnp.ones((5, 3, 4)), "targets": jnp.zeros((5, 2))}
+
+  def predict(p, b):
+    x = jnp.einsum("nij,ijo->no", b["inputs"], p["w"])  # two contracted axes
+    y = jnp.einsum("nij,hio->no", b["inputs"][:, :, :2], p["h"][:, :, :])
+    return x + y + b["inputs"][:, :, 0] @ p["v"] @ jnp.eye(2)
+
+  rows = {r.path: r for r in curvature.kfac_blocks(predict, params, batch)}
+  assert rows["w"].block == "diagonal"
+  assert "several contracting dimensions" in rows["w"].reason
+  assert rows["v"].block == "dense"
+  opt = curvature.scale_by_kfac(predict, MSE, initial_damping=1e-2)
+  updates, _ = _one_update(opt, params, batch, predict, MSE)
+  assert np.all(np.isfinite(flat(updates)))
+  with pytest.raises(ValueError, match="Allowed kinds here: 'dense', 'diagonal'"):
+    curvature.kfac_blocks(predict, params, batch,
+                          layer_overrides={"v": "lookup"})
+  with pytest.raises(ValueError, match="Allowed kinds here: 'diagonal'"):
+    curvature.kfac_blocks(predict, params, batch,
+                          layer_overrides={"w": "dense"})
