@@ -149,7 +149,8 @@ def with_objective(
     dtype = jnp.promote_types(
         jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
     return WithObjectiveState(
-        inner=inner.init(params),
+        inner=_cast_floating(inner.init(_cast_floating(params, dtype)),
+                             dtype),
         rejected_steps=jnp.zeros((), jnp.int32),
         objective_value=jnp.zeros((), dtype))
 
@@ -158,6 +159,9 @@ def with_objective(
     del extra_args  # value_fn and the rest: the objective is built here.
     check_update_args("with_objective", updates, params, batch)
     _products.batch_size(batch, targets_fn)  # A clear error for bad batches.
+    original_params = params
+    compute_dtype = state.objective_value.dtype  # At least float32.
+    params, updates = _cast_floating((params, updates), compute_dtype)
 
     def objective(p):
       return _products.objective(
@@ -169,7 +173,8 @@ def with_objective(
     value = objective(params) if value is None else _products.batch_mean(
         jnp.asarray(value) + _products._l2_value(params, l2_reg), axis_name)
     grad = updates if grad is None else optax.tree.add_scale(
-        _products.batch_mean(grad, axis_name), l2_reg, params)
+        _products.batch_mean(_cast_floating(grad, compute_dtype), axis_name),
+        l2_reg, params)
     finite_input = (jnp.isfinite(value) & _validation.all_finite(updates)
                     & _validation.all_finite(grad))
 
@@ -183,8 +188,9 @@ def with_objective(
     new_updates, new_inner = jax.lax.cond(finite_input, step, skip)
     accepted = (finite_input & _validation.all_finite(new_updates)
                 & _line_search_finite(new_inner))
-    new_updates = optax.tree.where(
-        accepted, new_updates, optax.tree.zeros_like(new_updates))
+    new_updates = optax.tree.cast_like(optax.tree.where(
+        accepted, new_updates, optax.tree.zeros_like(new_updates)),
+                                       original_params)
     new_inner = optax.tree.where(accepted, new_inner, state.inner)
     return new_updates, WithObjectiveState(
         inner=new_inner,
@@ -193,6 +199,20 @@ def with_objective(
             state.objective_value.dtype))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _cast_floating(tree, dtype):
+  """``tree`` with its floating leaves in ``dtype``.
+
+  The objective, the direction and the line search run in the parameters'
+  dtype, but at least float32 (bfloat16 parameters are upcast and only the
+  update is cast back). optax's zoom search keeps its ``info`` errors as
+  Python-float arrays (float64 under x64); cast once at ``init``, they stay
+  in that dtype, as the search casts its new state like the old one.
+  """
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(
+          jnp.result_type(x), jnp.floating) else x, tree)
 
 
 def _check_model(predict_fn, loss) -> None:
