@@ -5,6 +5,7 @@ Each direction adds back a multiple of the previous one, ``d_k = −g_k +
 descent's zigzag is undone. The step length comes from
 ``optax.scale_by_zoom_linesearch``; the objective it evaluates is built from
 ``predict_fn``, ``loss`` and ``batch=`` (:func:`curvature.with_objective`).
+The examples assume the least-squares model of :mod:`curvature._quasi_newton`.
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -107,9 +108,12 @@ def scale_by_nonlinear_cg(
       ``restart_every`` below 1.
 
   Example:
-    >>> opt = optax.chain(curvature.scale_by_nonlinear_cg("fletcher_reeves"),
-    ...                   optax.scale(-1.0),
-    ...                   optax.scale_by_zoom_linesearch(20, curv_rtol=0.1))
+    >>> direction = curvature.scale_by_nonlinear_cg("fletcher_reeves")
+    >>> state = direction.init(jnp.zeros(2))
+    >>> u, state = direction.update(jnp.asarray([1., 0.]), state)  # β = 0
+    >>> u, state = direction.update(jnp.asarray([0., 1.]), state)  # β = 1
+    >>> u.tolist()
+    [1.0, 1.0]
 
   References:
     Fletcher & Reeves, "Function minimization by conjugate gradients", The
@@ -206,7 +210,12 @@ def nonlinear_cg(
     ...     predict_fn=predict, loss=curvature.losses.squared_error,
     ...     beta="fletcher_reeves", restart_every=50)
     >>> state = opt.init(params)
-    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> for _ in range(4):
+    ...   grads = jax.grad(loss_fn)(params, batch)
+    ...   updates, state = opt.update(grads, state, params, batch=batch)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss_fn(params, batch) < 1e-6)
+    True
 
   References:
     Fletcher & Reeves 1964; Polak & Ribière 1969; Hestenes & Stiefel 1952.

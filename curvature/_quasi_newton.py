@@ -9,6 +9,17 @@ at trial points. Wrappers that forward only the gradient (Flax's
 and rejects non-finite steps. :func:`lbfgs` is ``optax.lbfgs`` wrapped so;
 :func:`bfgs` is the dense method, with the inverse-Hessian update written out
 in :func:`scale_by_bfgs`, under the same line search.
+
+The examples assume a model ``predict(params, batch)``, its ``params``, a
+``batch`` and ``loss_fn(params, batch)``, e.g. linear least squares::
+
+  predict = lambda params, batch: batch["inputs"] @ params["w"]
+  batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+           "targets": jnp.asarray([[1.], [3.], [5.]])}
+  params = {"w": jnp.zeros((2, 1))}
+  loss_fn = lambda params, batch: curvature.losses.squared_error.value(
+      predict(params, batch), batch["targets"])
+  grads = jax.grad(loss_fn)(params, batch)
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -135,6 +146,9 @@ def with_objective(
     ...     predict, curvature.losses.squared_error)
     >>> state = opt.init(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> bool(loss_fn(optax.apply_updates(params, updates), batch)
+    ...      < loss_fn(params, batch))
+    True
 
   References:
     Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, ch. 3
@@ -299,9 +313,12 @@ def lbfgs(
     >>> opt = curvature.lbfgs(predict_fn=predict,
     ...                       loss=curvature.losses.squared_error)
     >>> state = opt.init(params)
-    >>> grads = jax.grad(loss_fn)(params, batch)
-    >>> updates, state = opt.update(grads, state, params, batch=batch)
-    >>> params = optax.apply_updates(params, updates)
+    >>> for _ in range(5):
+    ...   grads = jax.grad(loss_fn)(params, batch)
+    ...   updates, state = opt.update(grads, state, params, batch=batch)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss_fn(params, batch) < 1e-8)
+    True
 
   References:
     Liu & Nocedal, "On the limited memory BFGS method for large scale
@@ -379,8 +396,11 @@ def scale_by_bfgs(
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
   Example:
-    >>> opt = optax.chain(curvature.scale_by_bfgs(), optax.scale(-1.0),
-    ...                   optax.scale_by_zoom_linesearch(20))
+    >>> direction = curvature.scale_by_bfgs()
+    >>> state = direction.init(params)
+    >>> u, state = direction.update(grads, state, params)  # g / max(1, ‖g‖)
+    >>> state.inverse_hessian.shape  # n × n, n = 2 parameters
+    (2, 2)
 
   References:
     Broyden 1970; Fletcher 1970; Goldfarb 1970; Shanno 1970.
@@ -494,6 +514,8 @@ def bfgs(
     ...                      loss=curvature.losses.squared_error)
     >>> state = opt.init(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> int(state[0].rejected_steps)
+    0
 
   References:
     Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, ch. 6

@@ -17,6 +17,7 @@ from test_quasi_newton import _run
 from test_quasi_newton import check_monotone_descent
 from test_quasi_newton import exact_linesearch
 from test_quasi_newton import quadratic_problem
+from test_quasi_newton import run_doctests
 
 LOSS = losses.squared_error
 
@@ -146,3 +147,7 @@ def test_mismatched_state_raises():
   state = opt.init(jnp.zeros(3))
   with pytest.raises(ValueError, match="gradient does not match the state"):
     opt.update(jnp.zeros(4), state)
+
+
+def test_docstring_examples():
+  run_doctests(_nonlinear_cg)
