@@ -1,6 +1,6 @@
 """Writes the notebooks in this folder from their cells (run from anywhere).
 
-``python notebooks/_build.py`` rewrites ``0*.ipynb`` without outputs; execute
+``python notebooks/_build.py`` rewrites ``NN_*.ipynb`` without outputs; execute
 them with ``python notebooks/_build.py --execute`` (full mode, in place) to
 commit them with outputs.
 """
@@ -51,7 +51,7 @@ def load_cells(name):
 
 
 def main(argv):
-  names = sorted(p.stem[1:] for p in HERE.glob("_0*.py"))
+  names = sorted(p.stem[1:] for p in HERE.glob("_[0-9][0-9]_*.py"))
   only = [a for a in argv if not a.startswith("--")]
   for name in names:
     if only and not any(name.startswith(o) for o in only):
