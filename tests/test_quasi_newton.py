@@ -2,6 +2,9 @@
 inverse-Hessian update, the batch= contract and non-finite steps."""
 
 import doctest
+import os
+import subprocess
+import sys
 import textwrap
 
 from flax import nnx
@@ -315,3 +318,50 @@ def run_doctests(module):
 
 def test_docstring_examples():
   run_doctests(_quasi_newton)
+
+
+
+SHARD_MAP_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+import numpy as np
+jax.config.update("jax_enable_x64", True)
+from jax.sharding import NamedSharding, PartitionSpec as P
+import curvature
+from helpers import flat, mlp_predict, regression_problem
+LOSS = curvature.losses.squared_error
+params, batch = regression_problem(n=8, sizes=(3, 4, 2))
+loss = lambda p, b: LOSS.value(mlp_predict(p, b), b["targets"])
+mesh = jax.make_mesh((2,), ("b",))
+sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("b")))
+for name, kwargs in [("lbfgs", {}), ("saddle_free_newton",
+                                     dict(num_iterations=5))]:
+  factory = getattr(curvature, name)
+  full = factory(predict_fn=mlp_predict, loss=LOSS, **kwargs)
+  expected, _ = full.update(jax.grad(loss)(params, batch), full.init(params),
+                            params, batch=batch)
+  opt = factory(predict_fn=mlp_predict, loss=LOSS, axis_name="b", **kwargs)
+
+  def step(shard):
+    grads = jax.grad(lambda p: jax.lax.pmean(loss(p, shard), "b"))(params)
+    return opt.update(grads, opt.init(params), params, batch=shard)[0]
+
+  got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("b"),),
+                              out_specs=P()))(sharded_batch)
+  print(name, np.abs(flat(got) - flat(expected)).max())
+"""
+
+
+def test_shard_map_with_axis_name_matches_full_batch():
+  """Two host devices, each with half the batch, take the full-batch step:
+  the objective, the gradient (and the Hessian products) are pmean-ed."""
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  result = subprocess.run(
+      [sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=tests_dir,
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  errors = dict(line.split() for line in result.stdout.strip().splitlines())
+  assert set(errors) == {"lbfgs", "saddle_free_newton"}, result.stdout
+  for name, error in errors.items():
+    assert float(error) < 1e-12, (name, error)
