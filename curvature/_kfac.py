@@ -17,7 +17,12 @@ Fisher of the mean loss ``(1/N) Σ ℓᵢ`` and matches the GGN of
 loss, ``gᵢ / N``, and so its ``G`` is ours divided by ``N``.)
 So ``F_ℓ⁻¹ vec(∇W̄) = vec(Ā⁻¹ ∇W̄ G⁻¹)``. A convolution is the same with
 ``ā`` the image patches, summed over the ``T`` output locations in ``Ā`` and
-averaged over them in ``G`` (KFC, Grosse & Martens 2016).
+averaged over them in ``G`` (KFC, Grosse & Martens 2016). The same rule
+holds for any kernel shared over positions (a sequence, heads) and is
+K-FAC-expand; ``weight_sharing="reduce"`` is K-FAC-reduce (Eschenhagen et
+al. 2023): kernels reused several times (tied embeddings), embedding
+lookups and the layers of ``scan`` stacks get Kronecker blocks too (see
+:func:`scale_by_kfac`).
 
 Layers are found automatically (:mod:`curvature._layers`); every other
 parameter gets a diagonal block (Monte-Carlo Fisher diagonal). Use
@@ -118,21 +123,25 @@ class ScaleByKfacState(NamedTuple):
 leaf_paths = _blocks.leaf_paths
 
 
-def _allocated_dims(shape, max_factor_dim):
-  """Factor sizes reserved at ``init`` (no batch yet): ``[..., out]`` kernels.
-
-  Dense ``[in, out]`` and HWIO convolution kernels (Flax, plain JAX) get
-  ``Ā`` of size ``prod(shape[:-1]) + 1`` and ``G`` of size ``shape[-1]``.
-  """
-  if len(shape) < 2:
-    return None
-  dims = (int(np.prod(shape[:-1])) + 1, int(shape[-1]))
-  return dims if max(dims) <= max_factor_dim else None
-
-
 def _layer_dims(layer):
   """``(stack, dim Ā, dim G)`` of a layer's block (stack 0: not stacked)."""
   return (layer.stack, layer.input_dim + 1, layer.output_dim)
+
+
+def _reserved(dims, max_factor_dim):
+  """``(stack, dim Ā, dim G, Ā diagonal, G diagonal)``, or ``None``.
+
+  A side larger than ``max_factor_dim`` (a vocabulary) is kept diagonal
+  when the other side fits; when neither fits the leaf is not reserved.
+  """
+  stack, a, g = dims
+  if min(a, g) > max_factor_dim:
+    return None
+  return (stack, a, g, a > max_factor_dim, g > max_factor_dim)
+
+
+def _diagonal_sides(reserved):
+  return tuple(reserved[3:5])
 
 
 def _check_overrides(overrides, paths):
@@ -158,31 +167,37 @@ def _layer_label(layer):
   return label
 
 
-def _allocation(predict_fn, params, example_batch, max_factor_dim):
+def _allocation(predict_fn, params, example_batch, max_factor_dim,
+                structure="kronecker", found=None):
   """``{kernel path: (stack, dim Ā, dim G)}`` reserved at ``init``.
 
   Without ``example_batch`` (``init(params)`` sees no batch), every leaf of
   rank ≥ 2 within ``max_factor_dim`` is reserved as an unstacked
-  ``[..., out]`` kernel; with it, exactly the discovered layers are.
+  ``[..., out]`` kernel; with it, exactly the discovered layers are
+  (``found``: their discovery, when the caller already traced that batch).
   """
   paths = leaf_paths(params)
+  out = {}
   if example_batch is None:
-    out = {}
     for path, leaf in zip(paths, jax.tree.leaves(params)):
-      dims = _allocated_dims(leaf.shape, max_factor_dim)
-      if dims is not None:
-        out[path] = (0, *dims)
-    return out
-  found = _layers.discover_layers(predict_fn, params, example_batch)
-  return {paths[l.kernel]: _layer_dims(l) for l in found.layers
-          if max(_layer_dims(l)[1:]) <= max_factor_dim}
+      if leaf.ndim >= 2:
+        dims = (0, int(np.prod(leaf.shape[:-1])) + 1, int(leaf.shape[-1]))
+        out[path] = _reserved(dims, max_factor_dim)
+  else:
+    if found is None:
+      found = _layers.discover_layers(predict_fn, params, example_batch)
+    out = {paths[l.kernel]: _reserved(_layer_dims(l), max_factor_dim)
+           for l in found.layers}
+  eigen = structure == "eigen_kronecker"
+  return {p: r for p, r in out.items()
+          if r is not None and not (eigen and any(_diagonal_sides(r)))}
 
 
 def _fallback_reason(layer, wanted, allocated, max_factor_dim,
-                     reserved_from_batch):
+                     reserved_from_batch, structure="kronecker"):
   """Why a discovered layer gets a diagonal block, or ``None``."""
   kinds = _use_kinds(layer)
-  dims = _layer_dims(layer)
+  dims = _reserved(_layer_dims(layer), max_factor_dim)
   if wanted == "diagonal":
     return "layer_overrides asks for a diagonal block"
   if wanted is not None and wanted not in kinds:
@@ -191,10 +206,13 @@ def _fallback_reason(layer, wanted, allocated, max_factor_dim,
         f"layer_overrides asks for a {wanted!r} block, but this kernel is"
         f" used as a {'+'.join(kinds)} kernel. Allowed kinds here:"
         f" {allowed}.")
-  if max(dims[1:]) > max_factor_dim:
-    return (f"factor sizes {dims[1:]} exceed max_factor_dim={max_factor_dim}"
-            " (an embedding or output layer of a large vocabulary): raise"
-            " max_factor_dim to get a Kronecker block")
+  if dims is None:
+    return (f"factor sizes {_layer_dims(layer)[1:]} both exceed"
+            f" max_factor_dim={max_factor_dim}: raise max_factor_dim to get a"
+            " Kronecker block")
+  if structure == "eigen_kronecker" and any(_diagonal_sides(dims)):
+    return (f"factor sizes {dims[1:3]}: one exceeds max_factor_dim="
+            f"{max_factor_dim}, and EKFAC needs the eigenbasis of both")
   if allocated != dims:
     if reserved_from_batch:
       return (f"its factors {dims} differ from those reserved at init"
@@ -203,27 +221,30 @@ def _fallback_reason(layer, wanted, allocated, max_factor_dim,
     what = ("a kernel of a scan stack of " + str(layer.stack) + " layers"
             if layer.stack else f"a {layer.kind} kernel in a layout other"
             " than [..., out]")
-    return (f"{what} (factors {dims[1:]}, reserved at init"
-            f" {None if allocated is None else allocated[1:]}): pass"
+    return (f"{what} (factors {dims[1:3]}, reserved at init"
+            f" {None if allocated is None else allocated[1:3]}): pass"
             " example_batch= to reserve its factors at init (or transpose"
             " the kernel to [in, out])")
   return None
 
 
 def _plan(predict_fn, params, batch, overrides, max_factor_dim,
-          example_batch=None):
+          example_batch=None, structure="kronecker"):
   """The usable layers and, for every diagonal leaf, the reason."""
   paths = leaf_paths(params)
   _check_overrides(overrides, paths)
   found = _layers.discover_layers(predict_fn, params, batch)
-  allocation = _allocation(predict_fn, params, example_batch, max_factor_dim)
+  same = example_batch is not None and (
+      _layers._abstract(example_batch) == _layers._abstract(batch))  # pylint: disable=protected-access
+  allocation = _allocation(predict_fn, params, example_batch, max_factor_dim,
+                           structure, found if same else None)
   reasons = dict(found.reasons)
   layers = []
   for layer in found.layers:
     kpath = paths[layer.kernel]
     reason = _fallback_reason(layer, overrides.get(kpath),
                               allocation.get(kpath), max_factor_dim,
-                              example_batch is not None)
+                              example_batch is not None, structure)
     if reason is not None:
       reasons[layer.kernel] = reason
       if layer.bias is not None:
@@ -278,7 +299,13 @@ def kfac_blocks(
   for layer in layers:
     members = (paths[layer.kernel],) + (
         () if layer.bias is None else (paths[layer.bias],))
-    stack = f"{layer.stack} stacked layers" if layer.stack else ""
+    notes = [f"{layer.stack} stacked layers"] if layer.stack else []
+    for side, diag in zip("AG", _diagonal_sides(
+        _reserved(_layer_dims(layer), max_factor_dim))):
+      if diag:
+        notes.append(f"{side} kept diagonal: larger than max_factor_dim="
+                     f"{max_factor_dim}")
+    stack = "; ".join(notes)
     rows[layer.kernel] = (_layer_label(layer), (layer.input_dim + 1,
                                                 layer.output_dim), stack,
                           members)
@@ -454,7 +481,7 @@ def _groups(layer, evidence, dtype):
   return out
 
 
-def _moments(activations, grads, num_examples, mode):
+def _moments(activations, grads, num_examples, mode, diagonal=(False, False)):
   r"""``(Ā, G)`` of one group, K-FAC-expand or K-FAC-reduce.
 
   * expand: every position is a row: ``Ā = (1/N) Σ_{n,p} ā ā^\top``,
@@ -466,10 +493,11 @@ def _moments(activations, grads, num_examples, mode):
     activations = jnp.mean(activations, axis=1, keepdims=True)
     grads = jnp.sum(grads, axis=2, keepdims=True)
   rows = activations.reshape(-1, activations.shape[-1])
-  a = rows.T @ rows / num_examples
   grads = grads.reshape(-1, grads.shape[-1])
-  g = grads.T @ grads / grads.shape[0]
-  return a, g
+  # A side kept diagonal (``diagonal``) is never formed as a matrix.
+  a = (jnp.sum(rows ** 2, axis=0) if diagonal[0] else rows.T @ rows)
+  g = (jnp.sum(grads ** 2, axis=0) if diagonal[1] else grads.T @ grads)
+  return a / num_examples, g / grads.shape[0]
 
 
 def _balanced_sum(pairs):
@@ -485,8 +513,8 @@ def _balanced_sum(pairs):
     return pairs[0]
   lefts, rights = [], []
   for left, right in pairs:
-    tl = jnp.trace(left) / left.shape[0]
-    tr = jnp.trace(right) / right.shape[0]
+    tl = _blocks.factor_trace(left) / left.shape[0]
+    tr = _blocks.factor_trace(right) / right.shape[0]
     ok = (tl > 0) & (tr > 0)
     s = jnp.where(ok, jnp.sqrt(jnp.where(ok, tr / tl, 1.0)), 1.0)
     lefts.append(s * left)
@@ -499,7 +527,8 @@ def _evidence_dtype(evidence):
       *evidence.output_grads, *evidence.inputs))
 
 
-def _layer_factors(layer, axis_name, weight_sharing="expand", dtype=None):
+def _layer_factors(layer, axis_name, weight_sharing="expand", dtype=None,
+                   diagonal=(False, False)):
   """``evidence -> (Ā, G)``: the statistics of a K-FAC Kronecker block.
 
   Uses in the block's orientation are rows of one group (the uses are one
@@ -517,10 +546,10 @@ def _layer_factors(layer, axis_name, weight_sharing="expand", dtype=None):
       if group.transposed:
         # Rows of the G side (activations) and of the Ā side (gradients).
         right, left = _moments(group.activations, group.grads,
-                               evidence.num_examples, mode)
+                               evidence.num_examples, mode, diagonal[::-1])
       else:
         left, right = _moments(group.activations, group.grads,
-                               evidence.num_examples, mode)
+                               evidence.num_examples, mode, diagonal)
       pairs.append((left, right))
     a, g = _balanced_sum(pairs)
     return _products.batch_mean(_blocks.KroneckerFactors(a, g), axis_name)
@@ -604,6 +633,8 @@ def _layer_evidence(layers, inputs, output_grads, num_examples):
     grads = jax.vmap(
         lambda g, u=use: _layers.use_output_grads(u, g, num_examples))
     x, g = inputs[j], output_grads[j]
+    if use.batch_axis is not None:  # A vmap-ed stack: its axis first.
+      x = jnp.moveaxis(x, use.batch_axis, 0)
     if layers[k].stack:  # [L, ...] and [S, L, ...]: one slice per layer.
       rows, grads = jax.vmap(rows), jax.vmap(grads)
       g = jnp.moveaxis(g, 1, 0)
@@ -660,22 +691,12 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
 # Blocks -----------------------------------------------------------------------
 
 
-def _candidates(params, max_factor_dim):
-  """``{path: (leaf index, a_dim, g_dim)}`` of the leaves that can be kernels."""
-  out = {}
-  for i, (path, leaf) in enumerate(zip(leaf_paths(params),
-                                       jax.tree.leaves(params))):
-    dims = _allocated_dims(leaf.shape, max_factor_dim)
-    if dims is not None:
-      out[path] = (i, *dims)
-  return out
-
-
 def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name,
-                 weight_sharing="expand"):
+                 weight_sharing="expand", diagonal=(False, False)):
   leaves = (layer.kernel,) + (() if layer.bias is None else (layer.bias,))
   view = _layer_view(layer)
-  statistics = _layer_factors(layer, axis_name, weight_sharing, dtype)
+  statistics = _layer_factors(layer, axis_name, weight_sharing, dtype,
+                              diagonal)
   if structure == "eigen_kronecker":
     block = _blocks.eigen_kronecker_block(
         leaves, a_dim, g_dim, dtype, statistics=statistics,
@@ -685,7 +706,8 @@ def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name,
     a_used = a_dim if layer.bias is not None else a_dim - 1
     block = _blocks.kronecker_block(
         leaves, a_dim, g_dim, dtype, statistics=statistics,
-        inverse=_blocks.factored_damped_inverse(a_used), view=view)
+        inverse=_blocks.factored_damped_inverse(a_used), view=view,
+        diagonal=diagonal)
   if layer.stack:
     return _blocks.stacked_block(block, layer.stack, STACKED_EVIDENCE)
   return block
@@ -694,16 +716,15 @@ def _layer_block(layer, a_dim, g_dim, dtype, structure, axis_name,
 def _blocks_for(layers, params, max_factor_dim, structure, axis_name,
                 weight_sharing="expand"):
   """``{kernel path: Block}`` for the discovered layers."""
-  del max_factor_dim  # _plan kept only the layers whose factors fit.
   paths = leaf_paths(params)
   leaves = jax.tree.leaves(params)
   out = {}
   for layer in layers:
-    _, a_dim, g_dim = _layer_dims(layer)
+    reserved = _reserved(_layer_dims(layer), max_factor_dim)
     dtype = _blocks.accumulation_dtype(leaves[layer.kernel].dtype)
-    out[paths[layer.kernel]] = _layer_block(layer, a_dim, g_dim, dtype,
-                                            structure, axis_name,
-                                            weight_sharing)
+    out[paths[layer.kernel]] = _layer_block(
+        layer, reserved[1], reserved[2], dtype, structure, axis_name,
+        weight_sharing, _diagonal_sides(reserved))
   return out
 
 
@@ -910,11 +931,54 @@ def scale_by_kfac(
   :mod:`curvature._layers`): Flax linen ``model.apply``, Flax nnx (with
   ``nnx.merge`` inside ``predict_fn``) and plain-JAX functions all work as
   they are. ``layer_overrides`` maps a leaf path (see :func:`kfac_summary`)
-  to ``"diagonal"`` (force a diagonal block) or ``"dense"``/``"conv"``
-  (assert the discovery). Factor buffers are reserved at ``init(params)``
-  for kernels laid out ``[..., out]`` (Flax, ``x @ w``, HWIO convolutions);
-  a kernel in another layout falls back to a diagonal block, as reported by
-  the summary.
+  to ``"diagonal"`` (force a diagonal block) or to the kind of its use,
+  ``"dense"``/``"conv"``/``"lookup"`` (assert the discovery). Factor
+  buffers are reserved at ``init(params)`` for kernels laid out
+  ``[..., out]`` (Flax, ``x @ w``, HWIO convolutions); a kernel in another
+  layout (``x @ w.T`` with ``w`` not square, a kernel of a ``scan`` stack)
+  falls back to a diagonal block, as reported by the summary, unless
+  ``example_batch`` is given: ``init`` then traces the model on its shapes
+  and reserves exactly the discovered layers' factors (one pair per layer
+  of a stack).
+
+  **Weight sharing** (Eschenhagen et al. 2023). A kernel applied at ``P``
+  positions of each example (a sequence, image locations, attention heads,
+  the ``K`` uses of a reused kernel) has the gradient
+  ``∇W̄ = Σ_p ā_p g_pᵀ``. ``weight_sharing="expand"`` treats positions as
+  examples (the shared axis folded into the batch; for convolutions this
+  is KFC):
+
+  .. math::
+    \bar A = \tfrac1N \textstyle\sum_{n,p} \bar a_{np} \bar a_{np}^\top,
+    \qquad G = \tfrac{1}{NP} \textstyle\sum_{n,p} g_{np} g_{np}^\top,
+
+  exact for deep linear networks when every position has its own loss
+  term. ``"reduce"`` reduces the shared axis first,
+  ``â_n = (1/P) Σ_p ā_{np}`` and ``ĝ_n = Σ_p g_{np}``:
+
+  .. math::
+    \bar A = \tfrac1N \textstyle\sum_n \hat a_n \hat a_n^\top, \qquad
+    G = \tfrac1N \textstyle\sum_n \hat g_n \hat g_n^\top,
+
+  exact for deep linear networks when the shared axis is pooled before the
+  loss, with factors ``P`` times smaller to accumulate (their paper's
+  Propositions; the product ``Ā ⊗ G`` is the same as theirs, with ``G``
+  averaged over examples like the rest of this module).
+
+  **Reused kernels** get one block. Uses that see the kernel in the same
+  orientation are one more shared axis: their rows are concatenated along
+  the positions and expanded or reduced with them (K-FAC-reduce is then
+  exact for ``f(W, x) + f(W, x)``). A use that sees it transposed (a tied
+  output layer ``h @ E.T`` of an embedding ``E``) puts its ``G`` on the
+  block's ``Ā`` side and its ``Ā`` on the ``G`` side; the two orientations'
+  terms ``L_k ⊗ R_k`` are balanced (``s_k L_k ⊗ R_k / s_k`` with equal mean
+  eigenvalues) and summed into ``(Σ s_k L_k) ⊗ (Σ R_k / s_k) / K``, which is
+  their sum when the balanced terms agree. An **embedding lookup**
+  (``E[tokens]``, Flax ``Embed``) is the dense layer on one-hot inputs: its
+  ``Ā`` is the diagonal of token frequencies (always expanded) and its
+  ``G`` is dense. Kernels of a ``scan`` stack (Flax ``nn.scan``,
+  ``nnx.scan``, ``lax.scan`` over stacked parameters) get one block per
+  layer of the stack (pass ``example_batch``).
 
   **Non-finite values.** Non-finite statistics are discarded (the averages
   keep their value, ``rejected_statistics`` counts them); an inverse or
@@ -957,12 +1021,17 @@ def scale_by_kfac(
     max_damping: ceiling of ``λ``.
     quadratic_batch_size: leading examples used by the exact quadratic model
       (``None``: all).
-    layer_overrides: ``{path: "dense" | "conv" | "diagonal"}``.
+    layer_overrides: ``{path: "dense" | "conv" | "lookup" | "diagonal"}``.
     max_factor_dim: layers with a larger factor get a diagonal block.
     targets_fn: finds the targets in a batch.
     seed: PRNG seed (kept in the state).
     axis_name: for ``jax.shard_map``: the mesh axis name (str or tuple of
       str) the batch is sharded over. ``None``: no cross-device reduction.
+    weight_sharing: ``"expand"`` (default) or ``"reduce"``: how a kernel
+      shared over positions or uses is factored (see above).
+    example_batch: a batch (only its shapes matter) from which ``init``
+      reserves the factors of exactly the discovered layers: needed for
+      ``scan`` stacks and kernels not laid out ``[..., out]``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -988,6 +1057,9 @@ def scale_by_kfac(
     approximate Fisher matrix for convolution layers", ICML 2016. George,
     Laurent, Bouthillier, Ballas & Vincent, "Fast approximate natural gradient
     descent in a Kronecker-factored eigenbasis", NeurIPS 2018 (EKFAC).
+    Eschenhagen, Immer, Turner, Schneider & Hennig, "Kronecker-factored
+    approximate curvature for modern neural network architectures",
+    NeurIPS 2023 (K-FAC-expand and K-FAC-reduce).
     Amari, "Natural gradient works efficiently in learning", 1998. Kunstner,
     Balles & Hennig, "Limitations of the empirical Fisher approximation for
     natural gradient descent", NeurIPS 2019.
@@ -1056,14 +1128,17 @@ def scale_by_kfac(
     leaves = jax.tree.leaves(params)
     blocks = {}
     paths = leaf_paths(params)
-    for path, (stack, a_dim, g_dim) in _allocation(
-        predict_fn, params, example_batch, max_factor_dim).items():
+    for path, reserved in _allocation(
+        predict_fn, params, example_batch, max_factor_dim,
+        structure).items():
+      stack, a_dim, g_dim = reserved[:3]
       i = paths.index(path)
       dtype = _blocks.accumulation_dtype(leaves[i].dtype)
       fake = _layers.Layer("dense", i, 0, 0, False, 0, None, (), a_dim - 1,
                            g_dim, stack=stack)
       blocks[path] = _layer_block(fake, a_dim, g_dim, dtype, structure,
-                                  axis_name).init()
+                                  axis_name,
+                                  diagonal=_diagonal_sides(reserved)).init()
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
     zero = jnp.zeros((), dtype)
     damping = jnp.asarray(initial_damping, dtype)
@@ -1184,7 +1259,8 @@ def _plan_step(config, params, batch) -> _StepPlan:
   stats_batch = _products.take_examples(
       batch, min(config.statistics_batch_size or num_examples, num_examples))
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
-                    config.max_factor_dim, config.example_batch)
+                    config.max_factor_dim, config.example_batch,
+                    config.structure)
   in_layer = {l.kernel for l in layers} | {
       l.bias for l in layers if l.bias is not None}
   diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))

@@ -15,7 +15,9 @@ Every *use* of a leaf is one of
   a parameter (Flax ``nn.Dense``/``nnx.Linear``, ``x @ w``, ``x @ w.T``,
   ``jnp.dot``, ``einsum('...i,io->...o')``, ``einsum('...i,oi->...o')``); the
   activations may have any number of leading axes (batch, sequence, heads:
-  *weight sharing*);
+  *weight sharing*); a ``dot_general`` whose one batch dimension is the
+  leading axis of a 3-D kernel is a ``vmap``-ed stack (``nnx.vmap``) of
+  dense layers;
 * a **conv** use: the right-hand side of a ``conv_general_dilated`` with
   ``feature_group_count == batch_group_count == 1``;
 * a **lookup**: a ``gather`` of whole rows of a 2-D leaf by integer indices
@@ -79,6 +81,10 @@ class Use(NamedTuple):
     conv: conv only: as in :class:`Layer`.
     input_dim: rows of this use's ``A`` (without the homogeneous coordinate).
     output_dim: rows of this use's ``G``.
+    batch_axis: a ``vmap``-ed stack (a ``dot_general`` whose batch
+      dimension is the kernel's leading axis): the activations' axis that
+      runs over the stack; ``None`` otherwise. ``input_axis`` and
+      ``in_axis`` then count without the stack axis.
   """
 
   kind: str
@@ -89,6 +95,7 @@ class Use(NamedTuple):
   conv: Optional[tuple]
   input_dim: int
   output_dim: int
+  batch_axis: Optional[int] = None
 
 
 class Layer(NamedTuple):
@@ -284,7 +291,9 @@ class _Walk:
       else:
         sub_o[inner_var] = origin._replace(
             stack=(here, int(eqn.params["length"])))
-    self.run(body, sub_o, {}, here)
+    _, out_l = self.run(body, sub_o, {}, here)
+    for lay in out_l.values():  # A raw output leaving the body is read.
+      self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
 
   def _dense(self, eqn, ins, here):
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
@@ -299,6 +308,12 @@ class _Walk:
     weight, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     c_w, c_x = ((contract_l, contract_r) if weight_is_lhs
                 else (contract_r, contract_l))
+    b_w, b_x = (batch_l, batch_r) if weight_is_lhs else (batch_r, batch_l)
+    if (origin.mode == "exact" and origin.stack is None
+        and weight.aval.ndim == 3 and tuple(b_w) == (0,) and len(c_w) == 1
+        and len(c_x) == 1):
+      return self._vmapped_dense(origin, weight, weight_is_lhs, c_w[0],
+                                 c_x[0], b_x[0], here)
     ok = (origin.mode in ("exact", "transposed") and weight.aval.ndim == 2
           and len(c_w) == 1 and len(c_x) == 1 and not batch_l and not batch_r
           and x.aval.ndim >= 1)
@@ -315,6 +330,20 @@ class _Walk:
         weight_is_lhs=weight_is_lhs, input_axis=c_x[0], conv=None, path=here,
         input_dim=weight.aval.shape[in_w],
         output_dim=weight.aval.shape[1 - in_w])
+    return True
+
+  def _vmapped_dense(self, origin, weight, weight_is_lhs, c_w, c_x, b_x,
+                     here):
+    """A stack of dense layers applied by ``vmap`` (``nnx.vmap``)."""
+    length = weight.aval.shape[0]
+    in_w = c_w - 1
+    self.uses[origin.leaf].append(("dense", here, (here, length)))
+    self.candidates[here] = dict(
+        kind="dense", kernel=origin.leaf, in_axis=in_w,
+        weight_is_lhs=weight_is_lhs,
+        input_axis=c_x - (1 if b_x < c_x else 0), conv=None, path=here,
+        input_dim=weight.aval.shape[c_w],
+        output_dim=weight.aval.shape[1 + (1 - in_w)], batch_axis=b_x)
     return True
 
   def _lookup(self, eqn, ins, here):
@@ -393,7 +422,7 @@ def _use_of(candidate) -> Use:
   return Use(candidate["kind"], candidate["path"], candidate["in_axis"],
              candidate["weight_is_lhs"], candidate["input_axis"],
              candidate["conv"], candidate["input_dim"],
-             candidate["output_dim"])
+             candidate["output_dim"], candidate.get("batch_axis"))
 
 
 def _layer_reason(uses):
@@ -470,8 +499,11 @@ def discover_layers(
     leaf = kernels[lay]
     uses = tuple(_use_of(walk.candidates[u[1]]) for u in walk.uses[leaf])
     stack = walk.uses[leaf][0][2]
-    layers.append(Layer(bias=biases.get(lay), **walk.candidates[lay],
-                        uses=uses if len(uses) > 1 else (),
+    first = {k: v for k, v in walk.candidates[lay].items()
+             if k != "batch_axis"}
+    vmapped = walk.candidates[lay].get("batch_axis") is not None
+    layers.append(Layer(bias=biases.get(lay), **first,
+                        uses=uses if len(uses) > 1 or vmapped else (),
                         stack=0 if stack is None else stack[1]))
   return Discovery(tuple(layers), reasons)
 

@@ -784,8 +784,11 @@ def test_scan_stack_has_one_block_per_layer_equal_to_the_unrolled_model():
   state = opt.init(stacked)
   assert state.blocks["w"].statistics.a.shape == (3, 4, 4)
   grads = _grads(scanned, stacked, batch, MSE)
-  updates, state = jax.jit(opt.update)(grads, state, stacked, batch=batch)
+  update = jax.jit(opt.update)
+  updates, state = update(grads, state, stacked, batch=batch)
   assert np.all(np.isfinite(flat(updates)))
+  updates, state = update(grads, state, stacked, batch=batch)
+  assert update._cache_size() == 1  # The second step does not recompile.
   # Without example_batch the stack is not reserved: a stated fallback.
   rows = {r.path: r for r in curvature.kfac_blocks(scanned, stacked, batch)}
   assert rows["w"].block == "diagonal" and "example_batch" in rows["w"].reason
@@ -834,3 +837,96 @@ def test_unfactorable_uses_fall_back_with_a_reason_and_overrides_name_kinds():
   with pytest.raises(ValueError, match="Allowed kinds here: 'diagonal'"):
     curvature.kfac_blocks(predict, params, batch,
                           layer_overrides={"w": "dense"})
+
+
+def test_a_side_over_max_factor_dim_is_kept_diagonal_with_the_reason():
+  # A vocabulary-sized output layer: G (vocab x vocab) is kept as its
+  # diagonal, Ā stays dense; the diagonal is the full factor's.
+  key = jax.random.key(6)
+  params = {"w": jax.random.normal(key, (4, 9)) / 2, "b": jnp.zeros(9)}
+  tokens = jax.random.randint(jax.random.fold_in(key, 1), (6, 3), 0, 9)
+  batch = {"inputs": jax.random.normal(jax.random.fold_in(key, 2), (6, 3, 4)),
+           "targets": tokens}
+  predict = lambda p, b: b["inputs"] @ p["w"] + p["b"]
+  rows = curvature.kfac_blocks(predict, params, batch, max_factor_dim=8)
+  w_row = [r for r in rows if r.path == "w"][0]
+  assert w_row.block == "dense" and "G kept diagonal" in w_row.reason
+  assert "G kept diagonal" in curvature.kfac_summary(
+      predict, params, batch, max_factor_dim=8)
+  grads = _grads(predict, params, batch)
+  results = {}
+  for dim in (8, 4096):
+    opt = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2,
+                                  statistics="empirical_fisher",
+                                  max_factor_dim=dim)
+    state = opt.init(params)
+    updates, state = jax.jit(opt.update)(grads, state, params, batch=batch)
+    assert np.all(np.isfinite(flat(updates)))
+    results[dim] = state.blocks["w"].statistics
+  small, full = results[8], results[4096]
+  assert small.g.shape == (9,) and small.a.shape == (5, 5)
+  np.testing.assert_allclose(small.g, np.diag(full.g), rtol=1e-10)
+  np.testing.assert_allclose(small.a, full.a, rtol=1e-10)
+  # EKFAC needs both eigenbases: the whole layer falls back, with the reason.
+  opt = curvature.scale_by_kfac(predict, CE, structure="eigen_kronecker",
+                                max_factor_dim=8)
+  assert "w" not in opt.init(params).blocks
+
+
+def test_vmapped_stack_has_one_block_per_layer():
+  # nnx.vmap / jax.vmap over stacked kernels: a dot_general whose batch
+  # dimension is the kernel's leading axis; one block per slice, equal to
+  # the factors of the same layers written out one by one.
+  key = jax.random.key(7)
+  w = jax.random.normal(key, (3, 4, 2))
+  x = jax.random.normal(jax.random.fold_in(key, 1), (5, 3, 4))
+  batch = {"inputs": x, "targets": jnp.zeros((5, 3, 2))}
+
+  def stacked(p, b):
+    return jax.vmap(lambda w, x: jnp.tanh(x @ w), in_axes=(0, 1),
+                    out_axes=1)(p["w"], b["inputs"])
+
+  def unrolled(p, b):
+    return jnp.stack([jnp.tanh(b["inputs"][:, l] @ p[l]) for l in range(3)],
+                     axis=1)
+
+  (layer,), got = _exact_factors(stacked, {"w": w}, batch, "expand")
+  assert layer.stack == 3
+  layers, want = _exact_factors(unrolled, list(w), batch, "expand")
+  for k, wl in enumerate(layers):
+    for x_, y_ in zip(got[layer.kernel], want[wl.kernel]):
+      np.testing.assert_allclose(x_[k], y_, atol=1e-12)
+  row = curvature.kfac_blocks(stacked, {"w": w}, batch,
+                              example_batch=batch)[0]
+  assert row.factors == (5, 2) and "3 stacked layers" in row.reason
+
+
+def test_ekfac_refit_of_a_tied_embedding_is_its_per_example_gradient_square():
+  # With identity bases the re-fitted diagonal is the mean over examples and
+  # samples of the squared per-example gradient of [E; 0] (both uses).
+  from curvature import _blocks  # pylint: disable=g-import-not-at-top
+  from curvature import _layers  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(8)
+  params = {"e": jax.random.normal(key, (5, 3))}
+  tokens = jax.random.randint(jax.random.fold_in(key, 1), (4, 2), 0, 5)
+  batch = {"inputs": tokens}
+  predict = lambda p, b: jnp.tanh(p["e"][b["inputs"]]) @ p["e"].T
+  found = _layers.discover_layers(predict, params, batch)
+  (layer,) = found.layers
+  fn, zeros = _layers.tapped_forward(predict, found.layers, params, batch)
+  outputs, vjp_fn, inputs = jax.vjp(fn, zeros, has_aux=True)
+  cots = jax.random.normal(jax.random.fold_in(key, 2), (3,) + outputs.shape)
+  output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
+  (evidence,) = _kfac._layer_evidence(found.layers, inputs, output_grads, 4)
+  refit = _kfac._per_example_projection(layer, None)(
+      evidence, _blocks.Eigenbasis(jnp.eye(6), jnp.eye(3)))
+
+  def example_grad(c, n):
+    f = lambda e: jnp.vdot(c[n], predict({"e": e}, batch)[n])
+    return jax.grad(f)(params["e"])
+
+  per = jnp.stack([jnp.stack([example_grad(c, n) for n in range(4)])
+                   for c in cots])  # [S, N, 5, 3]
+  want = jnp.mean(per ** 2, axis=(0, 1))
+  np.testing.assert_allclose(refit[:5], want, rtol=1e-10)
+  np.testing.assert_allclose(refit[5], 0.0, atol=1e-14)

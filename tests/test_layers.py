@@ -253,3 +253,20 @@ def test_nnx_transformer_coverage():
   batch = helpers.transformer_batch(**DIMS)
   state, predict = helpers.nnx_transformer(**DIMS)
   _assert_transformer_coverage(predict, state, batch)
+
+
+def test_a_raw_output_leaving_a_scan_body_keeps_its_bias_out_of_the_block():
+  params, batch = classification_problem(n=4, sizes=(3, 3, 3))
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *params)
+
+  def predict(p, b):
+    def body(h, layer):
+      raw = h @ layer["w"]
+      return jnp.tanh(raw + layer["b"]), raw  # raw is also a scan output.
+    h, raws = jax.lax.scan(body, b["inputs"], p)
+    return h + jnp.sum(raws, axis=0)
+
+  found = _layers.discover_layers(predict, stacked, batch)
+  (layer,) = found.layers
+  assert layer.stack == 2 and layer.bias is None
+  assert "read elsewhere" in found.reasons[0]
