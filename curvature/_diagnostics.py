@@ -206,28 +206,44 @@ def _probe_batch_size(probe_batch_size, num_probes, num_iterations, n,
 
 def _density(matvec, params, key, *, num_iterations, num_probes,
              reorthogonalize, probe_batch_size):
-  """Nodes, weights and finiteness of ``num_probes`` SLQ runs."""
+  """Nodes, weights and finiteness of ``num_probes`` SLQ runs.
+
+  Groups of ``probe_batch_size`` probes run together
+  (:func:`curvature._lanczos.lanczos_probes`); the groups, and the probes of
+  ``"partial"`` reorthogonalization, run one after another in ``lax.map``.
+  """
   flat, unravel = ravel_pytree(params)
   mode = _lanczos.reorthogonalization_mode(reorthogonalize)
-  batch_size = _probe_batch_size(
+  dtype = _lanczos.compute_dtype(flat.dtype)
+  batch_size = 1 if mode == "partial" else _probe_batch_size(
       probe_batch_size, num_probes, num_iterations, flat.size,
-      _lanczos.compute_dtype(flat.dtype).itemsize, mode)
+      dtype.itemsize, mode)
+  num_groups = -(-num_probes // batch_size)
+  keys = jax.random.split(key, num_groups * batch_size).reshape(
+      num_groups, batch_size)
 
-  def one_probe(probe_key):
-    start_key, restart_key = jax.random.split(probe_key)
-    result = _lanczos.lanczos(
-        matvec, unravel(_rademacher_like(flat, start_key)), num_iterations,
-        reorthogonalize=reorthogonalize, key=restart_key)
-    nodes, vectors = _lanczos.eigh_tridiagonal(result)
-    return nodes, vectors[0] ** 2, result.finite
+  def group(group_keys):
+    starts = jax.vmap(lambda k: _rademacher_like(
+        flat.astype(dtype), jax.random.split(k)[0]))(group_keys)
+    if mode == "partial":
+      result = _lanczos.lanczos(
+          matvec, unravel(starts[0]), num_iterations,
+          reorthogonalize=reorthogonalize,
+          key=jax.random.split(group_keys[0])[1])
+      result = jax.tree.map(lambda x: x[None], result._replace(
+          basis=None, num_reorthogonalizations=None, valid_start=None))
+    else:
+      result = _lanczos.lanczos_probes(
+          matvec, params, starts, num_iterations,
+          reorthogonalize=reorthogonalize,
+          key=jax.random.split(group_keys[0])[1])
+    nodes, vectors = jax.vmap(_lanczos.eigh_tridiagonal)(result)
+    return nodes, vectors[:, 0] ** 2, result.finite
 
-  keys = jax.random.split(key, num_probes)
-  if batch_size == num_probes:
-    nodes, weights, finite = jax.vmap(one_probe)(keys)
-  else:
-    nodes, weights, finite = jax.lax.map(one_probe, keys,
-                                         batch_size=batch_size)
-  return SpectralDensity(nodes, weights, jnp.all(finite))
+  nodes, weights, finite = jax.lax.map(group, keys)
+  flatten = lambda x: x.reshape((-1,) + x.shape[2:])[:num_probes]
+  return SpectralDensity(flatten(nodes), flatten(weights),
+                         jnp.all(flatten(finite)))
 
 
 def _spectral_density(matvec, params, key, *, num_iterations, num_probes,

@@ -546,6 +546,97 @@ def lanczos(
                        valid_start)
 
 
+def _batch_project(basis: Array, vectors: Array) -> Array:
+  """``vectors − Vᵀ(V vectors)`` for each probe: ``basis [P, m, n]``."""
+  coefficients = jnp.einsum("pmn,pn->pm", basis, vectors)
+  return vectors - jnp.einsum("pmn,pm->pn", basis, coefficients)
+
+
+def lanczos_probes(
+    matvec: Matvec, params: Params, starts: Array, num_iterations: int, *,
+    reorthogonalize: Any = True, key: Optional[Array] = None,
+) -> LanczosResult:
+  """:func:`lanczos` from ``P`` raveled starts ``[P, n]`` at once.
+
+  The operator is applied to all ``P`` vectors in one ``vmap``-ed product
+  per step and the Gram-Schmidt passes read each probe's basis once;
+  unlike ``vmap(lanczos)``, whose ``lax.cond`` branches would all run under
+  ``vmap``, the second Gram-Schmidt pass and the restarts run (for every
+  probe) only when some probe needs them. ``reorthogonalize`` is ``"full"``
+  (``True``) or ``False``; the ``"partial"`` recurrence is per probe, use
+  :func:`lanczos` for it.
+
+  Returns:
+    A :class:`LanczosResult` whose fields have a leading probe axis
+    (``basis`` is ``None``).
+  """
+  mode = reorthogonalization_mode(reorthogonalize)
+  if mode == "partial":
+    raise ValueError("lanczos_probes runs 'full' or no reorthogonalization;"
+                     " use lanczos for 'partial'.")
+  key = jax.random.key(0) if key is None else key
+  flat, _, apply = _flat_operator(matvec, params)
+  apply_all = jax.vmap(apply)
+  num_probes, n = starts.shape
+  dtype = flat.dtype
+  eps = jnp.asarray(jnp.finfo(dtype).eps, dtype)
+  starts = starts.astype(dtype)
+  first = starts / jnp.linalg.norm(starts, axis=1, keepdims=True)
+  basis = None
+  if mode is not None:
+    basis = jnp.zeros((num_probes, num_iterations, n), dtype).at[:, 0].set(
+        first)
+
+  def restart_vectors(j, carry):
+    random = jax.random.normal(jax.random.fold_in(key, j), (num_probes, n),
+                               dtype)
+    if mode is not None:
+      random = _batch_project(carry.basis, _batch_project(carry.basis,
+                                                          random))
+    else:
+      local = jnp.stack([carry.previous, carry.current], axis=1)
+      random = _batch_project(local, _batch_project(local, random))
+    return random / jnp.linalg.norm(random, axis=1, keepdims=True)
+
+  def step(carry: _Carry, j):
+    product = apply_all(carry.current)
+    alpha = jnp.sum(carry.current * product, axis=1)
+    residual = (product - alpha[:, None] * carry.current
+                - carry.beta[:, None] * carry.previous)
+    if mode == "full":
+      once = _batch_project(carry.basis, residual)
+      again = jnp.any(jnp.linalg.norm(once, axis=1)
+                      < jnp.sqrt(0.5) * jnp.linalg.norm(residual, axis=1))
+      residual = jax.lax.cond(
+          again, lambda: _batch_project(carry.basis, once), lambda: once)
+    beta = jnp.linalg.norm(residual, axis=1)
+    has_next = j + 1 < num_iterations
+    exhausted = has_next & (
+        beta <= jnp.sqrt(eps) * jnp.linalg.norm(product, axis=1))
+    normalized = residual / jnp.where(beta > 0, beta, 1.0)[:, None]
+    following = jax.lax.cond(
+        jnp.any(exhausted),
+        lambda: jnp.where(exhausted[:, None], restart_vectors(j, carry),
+                          normalized),
+        lambda: normalized)
+    off_diagonal = jnp.where(exhausted, 0.0, beta).astype(dtype)
+    new_basis = carry.basis
+    if mode is not None:
+      row = jnp.minimum(j + 1, num_iterations - 1)
+      kept = jnp.where(has_next, following, carry.basis[:, row])
+      new_basis = carry.basis.at[:, row].set(kept)
+    return (_Carry(carry.current, following, off_diagonal, new_basis, None),
+            (alpha, off_diagonal))
+
+  init = _Carry(jnp.zeros_like(first), first,
+                jnp.zeros((num_probes,), dtype), basis, None)
+  _, (alphas, betas) = jax.lax.scan(step, init, jnp.arange(num_iterations))
+  alphas, betas = alphas.T, betas.T
+  finite = jnp.all(jnp.isfinite(alphas), axis=1) & jnp.all(
+      jnp.isfinite(betas), axis=1)
+  return LanczosResult(alphas, betas, None, finite)
+
+
 def tridiagonal(result: LanczosResult) -> Array:
   """The dense ``m × m`` tridiagonal matrix ``T`` of a :class:`LanczosResult`."""
   off = result.betas[:-1]

@@ -10,7 +10,7 @@ import scipy.linalg
 
 import curvature
 from curvature import losses
-from tests import helpers
+import helpers
 
 
 def _dense(fn, params):
