@@ -661,3 +661,22 @@ def test_eager_calls_compile_once_per_matvec():
   inside = jax.jit(lambda p: curvature.top_eigenpairs(
       lin.matvec, p, k=2).eigenvalues)(params)
   np.testing.assert_allclose(inside, first.eigenvalues, rtol=1e-10)
+
+
+def test_lanczos_probes_match_lanczos_one_probe_at_a_time():
+  # A rank-3 operator exhausts the Krylov space: both restart, and the
+  # batched run gives each probe the tridiagonal of its own run.
+  rng = np.random.default_rng(0)
+  factor = jnp.asarray(rng.normal(size=(12, 3)))
+  params = jnp.zeros(12)
+  matvec = lambda v: factor @ (factor.T @ v)
+  starts = jnp.asarray(rng.normal(size=(2, 12)))
+  batched = curvature._lanczos.lanczos_probes(matvec, params, starts, 8)
+  exact = np.linalg.eigvalsh(np.asarray(factor @ factor.T))[-3:]
+  for p in range(2):
+    single = curvature.lanczos(matvec, starts[p], 8)
+    np.testing.assert_allclose(batched.alphas[p][:4], single.alphas[:4],
+                               atol=1e-10)
+    ritz = curvature.ritz_values(jax.tree.map(lambda x: x[p], batched))
+    np.testing.assert_allclose(ritz[-3:], exact, rtol=1e-10)
+    assert bool(batched.finite[p])
