@@ -78,7 +78,7 @@ LOSS = curvature.losses.sigmoid_binary_cross_entropy
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
 MOMENTUM_LR = 1e-2  # Stable here (3e-2 is too); not tuned further.
 OPTIMIZERS = ("adam", "kfac", "ekfac", "shampoo", "soap", "hessian_free",
-              "momentum", "kfac_jax")
+              "hessian_free_kfac", "momentum", "kfac_jax")
 # The Kronecker family's first-order-style rows (no predict_fn): their
 # learning rates, the best of a small grid on the 5k-image set (notebook 08).
 SHAMPOO_LR = 3e-3
@@ -114,12 +114,16 @@ class Trace(NamedTuple):
   steps: np.ndarray    # outer iterations
   seconds: np.ndarray  # optimizer time only
   loss: np.ndarray     # training data loss on the whole training set
+  cg: Optional[np.ndarray] = None  # Hessian-free: CG iterations so far
 
 
 def _batch_at(data, key, batch_size):
   n = data["inputs"].shape[0]
   order = jax.random.choice(key, n, (batch_size,), replace=False)
   return jax.tree.map(lambda x: x[order], data)
+
+
+_sample = jax.jit(_batch_at, static_argnums=2)
 
 
 def _evaluator(data, eval_batch=5000):
@@ -197,40 +201,65 @@ def train_first_order(opt, data, steps, *, batch_size=1000, eval_every=20,
 
 def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
                      target, evaluate, describe=lambda state: {},
-                     warm_up_steps=2):
+                     warm_up_steps=2, tally=None, batch_growth=None):
   """A curvature-aware ``opt``, one jitted outer iteration per call.
 
   The loss on the whole training set is evaluated every ``eval_every``
   iterations (and at the last); the run stops early at ``target``. The step
-  is first warmed up (``warm_up_steps`` throwaway iterations), and the run
-  fails with :class:`CompilationInTimedLoop` if a timed iteration compiles.
+  is first warmed up (``warm_up_steps`` throwaway iterations per batch
+  size), and the run fails with :class:`CompilationInTimedLoop` if a timed
+  iteration compiles. ``tally(state)`` (e.g. the CG iterations of the
+  step) is summed into the trace's ``cg``. ``batch_growth = (factor,
+  every, cap)`` multiplies the gradient batch by ``factor`` every ``every``
+  iterations up to ``cap`` (Martens 2010).
   """
   evaluate = evaluate or _evaluator(data)
   params = init_params(seed)
   state = opt.init(params)
+  sizes = [batch_size]
+  if batch_growth is not None:
+    factor, _, cap = batch_growth
+    while sizes[-1] < cap:
+      sizes.append(min(int(sizes[-1] * factor), cap))
+
+  def size_at(i):
+    if batch_growth is None:
+      return batch_size
+    return sizes[min((i - 1) // batch_growth[1], len(sizes) - 1)]
 
   @jax.jit
-  def step(params, state, key):
-    batch = _batch_at(data, key, batch_size)
+  def batch_step(params, state, batch):
     grads = jax.grad(data_loss)(params, batch)
     updates, state = opt.update(grads, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
+  def step(params, state, key, size=batch_size):
+    return batch_step(params, state, _sample(data, key, size))
+
+  def warm_step(carry, i):
+    return _advance(lambda p, s, k: step(p, s, k, sizes[i % len(sizes)]))(
+        carry, i)
+
   key = jax.random.key(seed + 1)
   with TimedLoop(desc) as loop:
-    loop.warm_up(_advance(step), (params, state, key), warm_up_steps)
+    loop.warm_up(warm_step, (params, state, key),
+                 warm_up_steps * len(sizes))
     jax.block_until_ready(state)  # Init is not timed.
-    record = [(0, 0.0, evaluate(params))]  # From the fresh params and state.
+    count = 0
+    record = [(0, 0.0, evaluate(params)) + ((0,) if tally else ())]
     with tqdm(total=steps, desc=desc, leave=False) as bar:
       for i in range(1, steps + 1):
         key, sub = jax.random.split(key)
         with loop.timed():
-          params, state = jax.block_until_ready(step(params, state, sub))
+          params, state = jax.block_until_ready(
+              step(params, state, sub, size_at(i)))
+        if tally is not None:
+          count += int(tally(state))
         bar.update(1)
         if i % eval_every and i != steps:
           continue
         value = evaluate(params)
-        record.append((i, loop.seconds, value))
+        record.append((i, loop.seconds, value) + ((count,) if tally else ()))
         bar.set_postfix(refresh=False, loss=f"{value:.3f}", **describe(state))
         if not np.isfinite(value) or (target is not None and value <= target):
           break
@@ -264,19 +293,31 @@ def train_kfac(data, steps, *, batch_size=1000, eval_every=5, seed=0,
                           warm_up_steps=_kfac_warm_up_steps(kwargs))
 
 
+# The best Hessian-free configuration of the measurements in
+# benchmarks/README.md ("Hessian-free: fewer products").
+HF_PRECONDITIONED = dict(preconditioner="kfac", preconditioner_every=10,
+                         max_cg_iterations=25)
+
+
 def train_hessian_free(data, steps, *, batch_size=1000,
                        curvature_batch_size=250, evaluation_batch_size=250,
-                       seed=0, target=None, evaluate=None, **hf_kwargs):
-  """Hessian-free, one jitted outer iteration, loss after every iteration."""
+                       seed=0, target=None, evaluate=None, batch_growth=None,
+                       desc="hessian_free", **hf_kwargs):
+  """Hessian-free, one jitted outer iteration, loss after every iteration.
+
+  The trace's ``cg`` counts the CG iterations (curvature products).
+  """
   opt = curvature.hessian_free(
       predict_fn=predict, loss=LOSS, l2_reg=L2_REG,
       curvature_batch_size=curvature_batch_size,
       evaluation_batch_size=evaluation_batch_size, **hf_kwargs)
   describe = lambda state: dict(damping=f"{float(state[0].damping):.2g}",
                                 cg=int(state[0].cg_iterations))
-  return _train_curvature(opt, data, steps, desc="hessian_free",
+  return _train_curvature(opt, data, steps, desc=desc,
                           batch_size=batch_size, eval_every=1, seed=seed,
-                          target=target, evaluate=evaluate, describe=describe)
+                          target=target, evaluate=evaluate, describe=describe,
+                          tally=lambda state: state[0].cg_iterations,
+                          batch_growth=batch_growth)
 
 
 def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
@@ -313,7 +354,8 @@ def train_kfac_jax(data, steps, *, batch_size=1000, eval_every=5, seed=0,
     with open(out) as f:
       result = json.load(f)
   print(result["compile_check"])
-  return Trace(*(np.asarray(result[k]) for k in Trace._fields))
+  return Trace(*(np.asarray(result[k]) for k in Trace._fields
+                 if k in result))
 
 
 def to_target(trace: Trace, target: float):
@@ -373,6 +415,13 @@ def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
         curvature_batch_size=min(curvature_batch_size, batch_size),
         evaluation_batch_size=min(curvature_batch_size, batch_size),
         seed=seed, target=stop, evaluate=evaluate)
+  if "hessian_free_kfac" in optimizers:
+    traces["hessian_free, kfac"] = train_hessian_free(
+        data, curvature_steps, batch_size=batch_size,
+        curvature_batch_size=min(curvature_batch_size, batch_size),
+        evaluation_batch_size=min(curvature_batch_size, batch_size),
+        seed=seed, target=stop, evaluate=evaluate, desc="hessian_free kfac",
+        **HF_PRECONDITIONED)
   if "kfac_jax" in optimizers:
     trace = train_kfac_jax(data, curvature_steps, batch_size=batch_size,
                            eval_every=kfac_eval_every, seed=seed, target=stop)
@@ -395,7 +444,9 @@ def run(train_size=20_000, steps=2000, optimizers=OPTIMIZERS, eval_every=10,
                      final_loss=float(trace.loss[-1]),
                      best_loss=float(trace.loss.min()),
                      steps_run=int(trace.steps[-1]),
-                     seconds_run=float(trace.seconds[-1])))
+                     seconds_run=float(trace.seconds[-1]),
+                     cg_per_iteration=(None if trace.cg is None else float(
+                         trace.cg[-1] / max(trace.steps[-1], 1)))))
   return traces, rows, target, best_name
 
 
@@ -420,7 +471,8 @@ def verdicts(rows, steps, adam_name):
   t_adam = adam["seconds_to_target"]
   for name, step_frac, time_frac in (("kfac (adaptive)", 0.15, 0.6),
                                      ("ekfac (adaptive)", 0.15, 0.6),
-                                     ("hessian_free", 0.05, 1.0)):
+                                     ("hessian_free", 0.05, 1.0),
+                                     ("hessian_free, kfac", 0.05, 1.0)):
     r = by.get(name)
     if r is None:
       continue
@@ -451,8 +503,11 @@ def print_table(rows, target, adam_name):
     s = "—" if r["steps_to_target"] is None else str(r["steps_to_target"])
     t = ("—" if r["seconds_to_target"] is None
          else f"{r['seconds_to_target']:.1f}")
+    cg = ("" if r.get("cg_per_iteration") is None
+          else f"   CG/iteration {r['cg_per_iteration']:.1f}")
     print(f"{r['optimizer']:26s}{s:>12s}{t:>10s}{r['final_loss']:12.4f}"
-          f"{r['best_loss']:11.4f}{r['steps_run']:11d}{r['seconds_run']:9.1f}")
+          f"{r['best_loss']:11.4f}{r['steps_run']:11d}{r['seconds_run']:9.1f}"
+          f"{cg}")
 
 
 def save_plot(traces, target, path, title):
@@ -486,6 +541,8 @@ def main(argv=None):
                       + " (Adam always runs: it sets the target)")
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--eval-every", type=int, default=10)
+  parser.add_argument("--curvature-steps", type=int, default=None,
+                      help="cap on K-FAC / Hessian-free steps (default N)")
   parser.add_argument("--batch-size", type=int, default=1000)
   parser.add_argument("--momentum-lr", type=float, default=MOMENTUM_LR)
   parser.add_argument("--shampoo-lr", type=float, default=SHAMPOO_LR)
@@ -500,7 +557,8 @@ def main(argv=None):
   traces, rows, target, adam_name = run(
       args.train_size, args.steps, optimizers, args.eval_every,
       args.batch_size, momentum_lr=args.momentum_lr, adam_lrs=adam_lrs,
-      shampoo_lr=args.shampoo_lr, soap_lr=args.soap_lr)
+      shampoo_lr=args.shampoo_lr, soap_lr=args.soap_lr,
+      curvature_steps=args.curvature_steps)
   print(f"\nCURVES-like autoencoder {'-'.join(map(str, LAYERS))}, "
         f"{args.train_size} images, batch {args.batch_size}, N = {args.steps}")
   print(f"machine: {machine()}")
@@ -526,7 +584,8 @@ def main(argv=None):
                    steps=args.steps, batch_size=args.batch_size,
                    target=target, adam_best=adam_name, rows=rows,
                    targets=checks, momentum=mom,
-                   traces={k: {f: v.tolist() for f, v in t._asdict().items()}
+                   traces={k: {f: v.tolist() for f, v in t._asdict().items()
+                               if v is not None}
                            for k, t in traces.items()}), f, indent=1)
   png = os.path.join(args.out, "convergence.png")
   save_plot(traces, target, png,

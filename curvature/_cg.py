@@ -30,6 +30,8 @@ class CGStatus(enum.IntEnum):
   """A search direction had ``pᵀAp ≤ 0``; the last iterate is returned."""
   NON_FINITE = 4
   """A product or step was NaN/Inf; the last finite iterate is returned."""
+  BUDGET = 5
+  """The per-solve iteration budget (``budget`` below the cap) was reached."""
 
 
 class CGResult(NamedTuple):
@@ -46,6 +48,9 @@ class CGResult(NamedTuple):
     recorded_values: ``φ`` at each recorded iterate.
     recorded_iterations: the (static) iteration numbers of the slots.
     num_recorded: how many slots hold an iterate.
+    preconditioner_breakdown: whether the preconditioner gave a non-finite
+      or non-positive ``rᵀM⁻¹r`` for a nonzero ``r`` during the solve, after
+      which CG continued unpreconditioned (always ``False`` without one).
   """
 
   x: Params
@@ -57,6 +62,7 @@ class CGResult(NamedTuple):
   recorded_values: Optional[Array] = None
   recorded_iterations: Optional[Array] = None
   num_recorded: Optional[Array] = None
+  preconditioner_breakdown: Optional[Array] = None
 
 
 def backtracking_schedule(max_iterations: int, base: float = 1.3) -> np.ndarray:
@@ -89,6 +95,7 @@ class _LoopState(NamedTuple):
   recorded: Optional[Params]
   recorded_values: Optional[Array]
   next_slot: Array
+  preconditioned: Array  # False after a breakdown of the preconditioner.
 
 
 def _where(condition, on_true: Params, on_false: Params) -> Params:
@@ -112,6 +119,7 @@ def conjugate_gradient(
     preconditioner: Optional[Callable[[Params], Params]] = None,
     record_iterates: bool = False,
     record_base: float = 1.3,
+    budget: Optional[Array] = None,
 ) -> CGResult:
   r"""Solves ``A x = b`` by preconditioned conjugate gradient.
 
@@ -134,7 +142,14 @@ def conjugate_gradient(
     returned, so an indefinite ``A`` (a Hessian) gives a clean stop;
   * a non-finite product or step (``NON_FINITE``): the last finite iterate is
     returned;
-  * ``max_iterations`` (``MAX_ITERATIONS``).
+  * ``max_iterations`` (``MAX_ITERATIONS``), or a smaller traced
+    ``budget`` (``BUDGET``).
+
+  **Preconditioner breakdown.** PCG needs ``rᵀM⁻¹r > 0`` for every nonzero
+  residual (``M`` positive definite). If the preconditioner gives a
+  non-finite or non-positive ``rᵀz``, CG restarts from the current iterate
+  with the unpreconditioned residual as its direction and runs the rest of
+  the solve with ``M = I``; ``CGResult.preconditioner_breakdown`` records it.
 
   The loop is a ``lax.while_loop``: it jits, and the iteration count is data
   dependent without recompiling.
@@ -153,6 +168,8 @@ def conjugate_gradient(
     record_iterates: store ``xᵢ`` at ``i = ⌈record_baseʲ⌉`` for CG
       backtracking (Martens 2010 §4.6).
     record_base: the growth factor of the recording schedule.
+    budget: a traced iteration limit ``≤ max_iterations`` for this solve
+      (an adaptive budget), or ``None``.
 
   Returns:
     A :class:`CGResult`.
@@ -186,12 +203,15 @@ def conjugate_gradient(
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"CG needs floating-point vectors, got {dtype}.")
   r = optax.tree.sub(b, matvec(x)) if x0 is not None else b
-  z = precondition(r)
-  rz = optax.tree.vdot(r, z)
+  preconditioned = jnp.asarray(preconditioner is not None)
+  z, rz, broke = _preconditioned(precondition, r, preconditioned)
+  preconditioned = preconditioned & ~broke
   b_norm = optax.tree.norm(b)
   values = jnp.zeros(max_iterations + 1, dtype).at[0].set(
       _quadratic_value(x, b, r)
   )
+  limit = max_iterations if budget is None else jnp.minimum(
+      budget, max_iterations)
   converged = optax.tree.norm(r) <= tol * b_norm
   status = jnp.where(converged, CGStatus.CONVERGED, _RUNNING).astype(jnp.int32)
 
@@ -218,9 +238,10 @@ def conjugate_gradient(
     alpha = state.rz / pap
     x = optax.tree.add_scale(state.x, alpha, state.p)
     r = optax.tree.add_scale(state.r, -alpha, ap)
-    z = precondition(r)
-    rz = optax.tree.vdot(r, z)
-    p = optax.tree.add_scale(z, rz / state.rz, state.p)
+    z, rz, broke = _preconditioned(precondition, r, state.preconditioned)
+    # After a breakdown CG restarts along the plain residual (β = 0).
+    beta = jnp.where(broke, 0.0, rz / state.rz)
+    p = optax.tree.add_scale(z, beta, state.p)
     iteration = state.iteration + 1
     value = _quadratic_value(x, b, r)
 
@@ -236,6 +257,7 @@ def conjugate_gradient(
             _stalled(state.values, iteration, value, progress_tol,
                      min_progress_window),
             iteration >= max_iterations,
+            iteration >= limit,
         ],
         [
             CGStatus.NON_FINITE,
@@ -244,6 +266,7 @@ def conjugate_gradient(
             CGStatus.CONVERGED,
             CGStatus.STALLED,
             CGStatus.MAX_ITERATIONS,
+            CGStatus.BUDGET,
         ],
         _RUNNING,
     ).astype(jnp.int32)
@@ -286,6 +309,7 @@ def conjugate_gradient(
         recorded=rec,
         recorded_values=rec_values,
         next_slot=next_slot,
+        preconditioned=state.preconditioned & ~broke,
     )
 
   init = _LoopState(
@@ -300,6 +324,7 @@ def conjugate_gradient(
       recorded=recorded,
       recorded_values=recorded_values,
       next_slot=jnp.zeros((), jnp.int32),
+      preconditioned=preconditioned,
   )
   final = jax.lax.while_loop(cond, body, init)
 
@@ -319,7 +344,23 @@ def conjugate_gradient(
       recorded_values=recorded_values,
       recorded_iterations=recorded_iterations,
       num_recorded=final.next_slot if record_iterates else None,
+      preconditioner_breakdown=jnp.asarray(preconditioner is not None)
+      & ~final.preconditioned,
   )
+
+
+def _preconditioned(precondition, r, use):
+  """``(z, rᵀz, breakdown)`` with ``z = M⁻¹r`` while ``use``, else ``z = r``.
+
+  A non-finite or non-positive ``rᵀM⁻¹r`` for a nonzero ``r`` is a
+  breakdown: ``z = r`` is returned instead.
+  """
+  rr = optax.tree.vdot(r, r)
+  z = precondition(r)
+  rz = optax.tree.vdot(r, z)
+  breakdown = use & (rr > 0) & ~(jnp.isfinite(rz) & (rz > 0))
+  keep = use & ~breakdown
+  return _where(keep, z, r), jnp.where(keep, rz, rr), breakdown
 
 
 def _stalled(values, iteration, value, progress_tol, min_window) -> Array:

@@ -26,8 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvature import _block_diagonal
+from curvature import _blocks
 from curvature import _cg
 from curvature import _diagonal
+from curvature import _kfac
 from curvature import _losses
 from curvature import _products
 from curvature import _taylor
@@ -56,6 +59,11 @@ class ScaleByHessianFreeState(NamedTuple):
     step_size: the line-search step ``α`` of the last step (0: no step).
     loss_evaluations: objective evaluations of the last step beyond the
       linearization (backtracking, line search, full-batch value).
+    preconditioner_state: the CG preconditioner's statistics:
+      a :class:`curvature.ScaleByKfacState` for ``"kfac"``, the dense blocks
+      and diagonal for ``"block_diagonal"``, ``()`` otherwise.
+    preconditioner_breakdowns: solves in which the preconditioner gave a
+      non-finite or non-positive ``rᵀM⁻¹r`` and CG fell back to plain CG.
   """
 
   count: Array
@@ -69,6 +77,8 @@ class ScaleByHessianFreeState(NamedTuple):
   cg_status: Array
   step_size: Array
   loss_evaluations: Array
+  preconditioner_state: Any
+  preconditioner_breakdowns: Array
 
 
 def _state_dtype(params: Params):
@@ -211,6 +221,136 @@ def _diagonal_preconditioner(
       r, diagonal, power=exponent, damping_in_root=damping + l2_reg)
 
 
+PRECONDITIONERS = (None, "diagonal", "kfac", "block_diagonal")
+"""CG preconditioners of :func:`scale_by_hessian_free` (``None``: plain CG)."""
+
+
+class _Preconditioner(NamedTuple):
+  """A CG preconditioner: ``init(params) -> state`` and
+  ``update(state, params, batch, damping, key) -> (state, r ↦ M⁻¹r)``."""
+
+  init: Callable[[Params], Any]
+  update: Callable[..., Any]
+
+
+def _no_preconditioner():
+  return _Preconditioner(lambda params: (),
+                         lambda state, *args: (state, None))
+
+
+def _martens_diagonal(predict_fn, loss, l2_reg, exponent, targets_fn,
+                      axis_name):
+  """``"diagonal"``: Martens' ``[diag(Σgᵢ²)/N + λ + η]^ξ``, fresh every step."""
+
+  def update(state, params, batch, damping, key):
+    del key
+    return state, _diagonal_preconditioner(
+        predict_fn, loss, params, batch, damping, l2_reg, exponent,
+        targets_fn, axis_name)
+
+  return _Preconditioner(lambda params: (), update)
+
+
+def _kfac_blocks(predict_fn, loss, l2_reg, every, decay, targets_fn, seed,
+                 axis_name):
+  """``"kfac"``: K-FAC's factored inverse, factors an EMA, refreshed every k."""
+  core = _kfac.kfac_preconditioner(
+      predict_fn, loss, decay=decay, l2_reg=l2_reg, inverse_every=every,
+      targets_fn=targets_fn, seed=seed, axis_name=axis_name)
+
+  def update(state, params, batch, damping, key):
+    del key  # K-FAC keeps its own key in its state.
+    return core.update(state, params, batch, damping)
+
+  return _Preconditioner(core.init, update)
+
+
+class _BlockDiagonalState(NamedTuple):
+  count: Array
+  statistics_count: Array
+  blocks: tuple
+  diagonal: Any
+
+
+def _dense_blocks(predict_fn, loss, l2_reg, every, decay, max_block_size,
+                  targets_fn, axis_name):
+  """``"block_diagonal"``: a damped dense GGN block per small leaf.
+
+  The leaves of at most ``max_block_size`` entries get their exact GGN
+  block (``b`` products each), the others its diagonal, both computed only
+  at a refresh (every ``every`` steps, under ``lax.cond``) and averaged as
+  an EMA; the dense inverses are re-formed at the current ``λ + η`` then.
+  """
+
+  def core(params):
+    plan = _block_diagonal._plan(params, max_block_size, "leaf")  # pylint: disable=protected-access
+    dense, diagonal = _block_diagonal._core_blocks(plan, params)  # pylint: disable=protected-access
+    return plan, dict(dense, diagonal=diagonal)
+
+  def init(params):
+    _, blocks = core(params)
+    diagonal = blocks.pop("diagonal")
+    zero = jnp.zeros((), jnp.int32)
+    return _BlockDiagonalState(zero, zero,
+                               tuple(b.init() for b in blocks.values()),
+                               diagonal.init())
+
+  def update(state, params, batch, damping, key):
+    plan, blocks = core(params)
+    states = {str(i): s for i, s in enumerate(state.blocks)}
+    states["diagonal"] = state.diagonal
+
+    def observe():
+      estimate = _block_diagonal.block_diagonal_curvature(
+          predict_fn, loss, params, batch, curvature="ggn",
+          max_block_size=max_block_size, grouping="leaf", key=key,
+          targets_fn=targets_fn, axis_name=axis_name)
+      evidence = {str(i): b for i, b in enumerate(estimate.blocks)}
+      evidence["diagonal"] = tuple(estimate.diagonal[i]
+                                   for i in plan.diagonal)
+      out, count, _ = _blocks.accumulate(
+          blocks, states, evidence, state.statistics_count, decay, "ema")
+      hats = _blocks.estimates(blocks, out, count, decay, "ema")
+      out, _ = _blocks.refresh(
+          blocks, out, {n: h.statistics for n, h in hats.items()},
+          jnp.ones((), bool), damping + l2_reg, count)
+      return out, count
+
+    due = _blocks.refresh_due(state.count, every, warmup=False)
+    states, count = jax.lax.cond(
+        due, observe, lambda: (states, state.statistics_count))
+    hats = _blocks.estimates(blocks, states, count, decay, "ema")
+    treedef = jax.tree.structure(params)
+
+    def precondition(vectors):
+      return treedef.unflatten(_blocks.precondition(
+          blocks, hats, jax.tree.leaves(vectors), damping + l2_reg))
+
+    new = _BlockDiagonalState(
+        optax.safe_increment(state.count), count,
+        tuple(states[str(i)] for i in range(len(state.blocks))),
+        states["diagonal"])
+    return new, precondition
+
+  return _Preconditioner(init, update)
+
+
+def _check_preconditioner(preconditioner, diagonal_preconditioner):
+  """The preconditioner's name, with the deprecated flag mapped to it."""
+  if diagonal_preconditioner:
+    if preconditioner not in (None, "diagonal"):
+      raise ValueError(
+          "diagonal_preconditioner=True (deprecated) asks for the diagonal"
+          f" preconditioner, but preconditioner={preconditioner!r}: pass only"
+          " `preconditioner=...`.")
+    preconditioner = "diagonal"
+  if preconditioner not in PRECONDITIONERS:
+    raise ValueError(
+        f"Unknown preconditioner {preconditioner!r}: choose one of"
+        f" {PRECONDITIONERS} (None: plain CG).")
+  return preconditioner
+
+
 def _steepest_descent_at_first_negative_curvature(
     cg: _cg.CGResult, grad, damped_matvec, preconditioner
 ) -> _cg.CGResult:
@@ -225,7 +365,10 @@ def _steepest_descent_at_first_negative_curvature(
   first = (cg.status == _cg.CGStatus.NEGATIVE_CURVATURE) & (cg.iterations == 0)
 
   def steepest_descent():
-    direction = grad if preconditioner is None else preconditioner(grad)
+    direction = grad
+    if preconditioner is not None:  # M⁻¹g, unless M broke down in CG.
+      direction = optax.tree.where(cg.preconditioner_breakdown, grad,
+                                   preconditioner(grad))
     step = optax.tree.scale(-1.0, direction)
     model = _taylor.second_order_change(grad, damped_matvec, step)
     return step, model.astype(cg.quadratic_value.dtype)
@@ -260,6 +403,12 @@ def scale_by_hessian_free(
     max_line_search_steps: int = 20,
     diagonal_preconditioner: bool = False,
     preconditioner_exponent: float = 0.75,
+    preconditioner: Optional[str] = None,
+    preconditioner_every: int = 10,
+    preconditioner_decay: float = 0.95,
+    preconditioner_batch_size: Optional[int] = None,
+    preconditioner_block_size: int = 256,
+    cg_budget_growth: Optional[float] = None,
     curvature_batch_size: Optional[int] = None,
     evaluation_batch_size: Optional[int] = None,
     num_samples: int = 1,
@@ -313,6 +462,21 @@ def scale_by_hessian_free(
   direction ``−M⁻¹g`` is used instead (Newton-CG), so a saddle does not stall
   the optimizer.
 
+  **Preconditioners.** CG is preconditioned by ``M⁻¹`` (``preconditioner``):
+  ``"diagonal"`` is Martens' (2010) ``[diag(1/N Σᵢ gᵢ²) + λ + η]^ξ`` from
+  per-example gradients of the curvature batch; ``"kfac"`` is K-FAC's
+  factored inverse ``(Ā + π√(λ+η) I)⁻¹ ⊗ (G + √(λ+η)/π I)⁻¹`` per layer
+  (Martens & Grosse 2015, who suggest it as a CG preconditioner), with the
+  factors an EMA kept in this state, taken every step on the curvature
+  batch (a fraction of one product's cost) and inverted every
+  ``preconditioner_every`` steps under ``lax.cond`` at the current ``λ``;
+  ``"block_diagonal"`` is the damped exact GGN block of every small leaf and
+  the GGN diagonal of the others, recomputed every ``preconditioner_every``
+  steps. With ``M`` positive definite PCG solves the same system; a
+  preconditioner that gives a non-finite or non-positive ``rᵀM⁻¹r`` is a
+  breakdown: that solve continues as plain CG and
+  ``preconditioner_breakdowns`` counts it.
+
   **Non-finite input.** If the gradient, the objective or a curvature product
   is NaN/Inf, the step is rejected: the update is zero, ``λ`` is multiplied by
   ``damping_increase``, the warm start is reset and ``rejected_steps`` counts
@@ -365,9 +529,24 @@ def scale_by_hessian_free(
     line_search_decay: step shrink factor (0.8).
     line_search_c: sufficient-decrease constant (1e-2).
     max_line_search_steps: shrinks before giving up and taking no step (20).
-    diagonal_preconditioner: precondition CG with
-      ``[diag(1/N Σᵢ gᵢ²) + λ + η]^ξ`` from per-example gradients.
-    preconditioner_exponent: ``ξ`` (0.75).
+    diagonal_preconditioner: deprecated synonym of
+      ``preconditioner="diagonal"``.
+    preconditioner_exponent: ``ξ`` of the ``"diagonal"`` preconditioner
+      (0.75).
+    preconditioner: the CG preconditioner ``M`` (see *Preconditioners*
+      above), one of :data:`PRECONDITIONERS`: ``None`` (plain CG),
+      ``"diagonal"``, ``"kfac"`` or ``"block_diagonal"``.
+    preconditioner_every: ``k``: ``"kfac"`` re-forms its inverses, and
+      ``"block_diagonal"`` its blocks and inverses, every ``k`` steps (10).
+    preconditioner_decay: EMA decay of the preconditioner's statistics
+      (0.95, K-FAC's).
+    preconditioner_batch_size: leading examples of the curvature batch on
+      which the preconditioner's statistics are taken (``None``: all).
+    preconditioner_block_size: ``"block_diagonal"``: leaves up to this size
+      get a dense block, larger ones the GGN diagonal (256).
+    cg_budget_growth: adaptive CG budget: each solve may take at most
+      ``max(10, ⌈growth · i₋₁⌉)`` iterations, ``i₋₁`` those of the previous
+      solve (``≤ max_cg_iterations``); ``None`` (default): only the cap.
     curvature_batch_size: the number of leading examples of each batch used
       for the curvature products, ``None`` for all (the gradient, ``ρ`` and
       the line search use the whole batch). Martens (2010) used a fraction of
@@ -460,6 +639,22 @@ def scale_by_hessian_free(
   if curvature == "sampled_fisher":
     _validation.check_static_int("num_samples", num_samples, 1)
   axis_name = _validation.check_axis_name(axis_name)
+  preconditioner = _check_preconditioner(preconditioner,
+                                         diagonal_preconditioner)
+  preconditioner_every = _validation.check_static_int(
+      "preconditioner_every", preconditioner_every, 1)
+  preconditioner_block_size = _validation.check_static_int(
+      "preconditioner_block_size", preconditioner_block_size, 1)
+  if preconditioner_batch_size is not None:
+    preconditioner_batch_size = _validation.check_static_int(
+        "preconditioner_batch_size", preconditioner_batch_size, 1)
+  _validation.check_in_interval(
+      "preconditioner_decay", preconditioner_decay, 0.0, 1.0)
+  if cg_budget_growth is not None:
+    _validation.check_at_least(
+        "cg_budget_growth", cg_budget_growth, 1.0,
+        "The budget is this times the previous solve's iterations; use e.g."
+        " 1.5, or None for the cap alone.")
   if not callable(predict_fn):
     raise TypeError("`predict_fn` must be a function (params, batch) -> outputs.")
   if not isinstance(loss, _losses.Loss):
@@ -467,6 +662,19 @@ def scale_by_hessian_free(
         "`loss` must be a curvature.losses.Loss, e.g."
         " curvature.losses.softmax_cross_entropy."
     )
+
+  if preconditioner == "diagonal":
+    stage = _martens_diagonal(predict_fn, loss, l2_reg,
+                              preconditioner_exponent, targets_fn, axis_name)
+  elif preconditioner == "kfac":
+    stage = _kfac_blocks(predict_fn, loss, l2_reg, preconditioner_every,
+                         preconditioner_decay, targets_fn, seed, axis_name)
+  elif preconditioner == "block_diagonal":
+    stage = _dense_blocks(predict_fn, loss, l2_reg, preconditioner_every,
+                          preconditioner_decay, preconditioner_block_size,
+                          targets_fn, axis_name)
+  else:
+    stage = _no_preconditioner()
 
   def damping_at(count, dtype):
     """The given damping at step ``count`` (a number, an injected value or
@@ -491,6 +699,8 @@ def scale_by_hessian_free(
         cg_status=jnp.zeros((), jnp.int32),
         step_size=zero,
         loss_evaluations=jnp.zeros((), jnp.int32),
+        preconditioner_state=stage.init(params),
+        preconditioner_breakdowns=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
@@ -530,11 +740,17 @@ def scale_by_hessian_free(
     def damped_matvec(vector):
       return optax.tree.add_scale(lin.matvec(vector), damping, vector)
 
-    preconditioner = None
-    if diagonal_preconditioner:
-      preconditioner = _diagonal_preconditioner(
-          predict_fn, loss, params, curvature_batch, damping, l2_reg,
-          preconditioner_exponent, targets_fn, axis_name)
+    statistics_batch = _products.take_examples(
+        curvature_batch,
+        min(preconditioner_batch_size or num_curvature, num_curvature))
+    preconditioner_state, precondition = stage.update(
+        state.preconditioner_state, params, statistics_batch, damping,
+        sample_key)
+    budget = None
+    if cg_budget_growth is not None:
+      budget = jnp.maximum(10, jnp.ceil(
+          cg_budget_growth * state.cg_iterations).astype(jnp.int32))
+      budget = jnp.where(state.count == 0, max_cg_iterations, budget)
 
     x0 = optax.tree.scale(warm_start_decay, state.previous_solution)
     cg = _cg.conjugate_gradient(
@@ -544,11 +760,12 @@ def scale_by_hessian_free(
         max_iterations=max_cg_iterations,
         tol=cg_tol,
         progress_tol=progress_tol,
-        preconditioner=preconditioner,
+        preconditioner=precondition,
         record_iterates=backtracking,
+        budget=budget,
     )
     cg = _steepest_descent_at_first_negative_curvature(
-        cg, grad, damped_matvec, preconditioner)
+        cg, grad, damped_matvec, precondition)
     if backtracking:
       chosen = _backtrack(cg, evaluate)
     else:
@@ -602,6 +819,9 @@ def scale_by_hessian_free(
         step_size=jnp.where(finite, alpha, 0.0).astype(state.objective_value.dtype),
         loss_evaluations=(chosen.evaluations + tries
                           + extra_evaluations).astype(jnp.int32),
+        preconditioner_state=preconditioner_state,
+        preconditioner_breakdowns=state.preconditioner_breakdowns
+        + cg.preconditioner_breakdown.astype(jnp.int32),
     )
     return direction, new_state
 
@@ -631,6 +851,10 @@ def hessian_free(
     warm_start_decay: float = 0.95,
     backtracking: bool = True,
     diagonal_preconditioner: bool = False,
+    preconditioner: Optional[str] = None,
+    preconditioner_every: int = 10,
+    preconditioner_batch_size: Optional[int] = None,
+    cg_budget_growth: Optional[float] = None,
     curvature_batch_size: Optional[int] = None,
     evaluation_batch_size: Optional[int] = None,
     num_samples: int = 1,
@@ -661,7 +885,14 @@ def hessian_free(
     progress_tol: Martens' CG stopping ``ε``.
     warm_start_decay: CG warm-start factor.
     backtracking: CG-iterate backtracking.
-    diagonal_preconditioner: Martens' diagonal CG preconditioner.
+    diagonal_preconditioner: deprecated: ``preconditioner="diagonal"``.
+    preconditioner: the CG preconditioner: ``None``, ``"diagonal"``,
+      ``"kfac"`` or ``"block_diagonal"``.
+    preconditioner_every: steps between refreshes of the ``"kfac"`` and
+      ``"block_diagonal"`` preconditioners.
+    preconditioner_batch_size: leading examples of the curvature batch for
+      the preconditioner's statistics.
+    cg_budget_growth: adaptive CG budget (see :func:`scale_by_hessian_free`).
     curvature_batch_size: leading examples of the batch for curvature
       products (``None``: all).
     evaluation_batch_size: trailing examples of the batch on which ``ρ``,
@@ -702,6 +933,10 @@ def hessian_free(
       progress_tol=progress_tol, warm_start_decay=warm_start_decay,
       backtracking=backtracking, line_search=linesearch is None,
       diagonal_preconditioner=diagonal_preconditioner,
+      preconditioner=preconditioner,
+      preconditioner_every=preconditioner_every,
+      preconditioner_batch_size=preconditioner_batch_size,
+      cg_budget_growth=cg_budget_growth,
       curvature_batch_size=curvature_batch_size,
       evaluation_batch_size=evaluation_batch_size,
       num_samples=num_samples, targets_fn=targets_fn, seed=seed,

@@ -37,6 +37,8 @@ def scale_by_natural_gradient(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     axis_name=None,
+    preconditioner: Optional[str] = None,
+    preconditioner_every: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Natural-gradient direction ``(F + λI)⁻¹ g`` by CG (Amari 1998).
 
@@ -99,6 +101,13 @@ def scale_by_natural_gradient(
       sampled Fisher draws independent targets on every device. ``None``:
       no reduction (plain ``jit``). See
       :func:`curvature.scale_by_hessian_free`, *Data parallelism*.
+    preconditioner: the CG preconditioner, one of
+      :data:`curvature.PRECONDITIONERS` (``None``, ``"diagonal"``,
+      ``"kfac"``, ``"block_diagonal"``); see
+      :func:`curvature.scale_by_hessian_free`, *Preconditioners*. K-FAC's
+      factors approximate the Fisher itself, so ``"kfac"`` fits here best.
+    preconditioner_every: steps between refreshes of ``"kfac"`` and
+      ``"block_diagonal"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -125,7 +134,8 @@ def scale_by_natural_gradient(
       warm_start_decay=warm_start_decay, backtracking=False,
       line_search=line_search, curvature_batch_size=curvature_batch_size,
       num_samples=num_samples, targets_fn=targets_fn, seed=seed,
-      axis_name=axis_name)
+      axis_name=axis_name, preconditioner=preconditioner,
+      preconditioner_every=preconditioner_every)
 
 
 def natural_gradient(
@@ -145,6 +155,8 @@ def natural_gradient(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     axis_name=None,
+    preconditioner: Optional[str] = None,
+    preconditioner_every: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Natural gradient descent: ``θ ← θ − lr · (F + λI)⁻¹ g`` (Amari 1998).
 
@@ -173,6 +185,9 @@ def natural_gradient(
     seed: PRNG seed.
     axis_name: for ``jax.shard_map``: the mesh axis the batch is sharded
       over (see :func:`scale_by_natural_gradient`).
+    preconditioner: the CG preconditioner (see
+      :func:`scale_by_natural_gradient`).
+    preconditioner_every: steps between its refreshes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -194,5 +209,6 @@ def natural_gradient(
           line_search=line_search,
           curvature_batch_size=curvature_batch_size,
           num_samples=num_samples, targets_fn=targets_fn, seed=seed,
-          axis_name=axis_name),
+          axis_name=axis_name, preconditioner=preconditioner,
+          preconditioner_every=preconditioner_every),
       optax.scale_by_learning_rate(learning_rate))

@@ -207,3 +207,75 @@ def test_bad_arguments_raise():
     curvature.conjugate_gradient(matvec, jnp.ones(2), tol=-1.0)
   with pytest.raises(TypeError, match="floating"):
     curvature.conjugate_gradient(matvec, jnp.ones(2, int))
+
+
+def test_pcg_with_spd_preconditioner_solves_the_damped_system():
+  """(C + λI) p = −g with a dense SPD M, float64, against jnp.linalg.solve."""
+  rng = np.random.default_rng(7)
+  c, g = _spd(15, 1e4, seed=7)
+  damping = 0.1
+  a = c + damping * np.eye(15)
+  m_half = rng.normal(size=(15, 15))
+  m = m_half @ m_half.T + 0.5 * np.eye(15)  # SPD, unrelated to C.
+  m_inv = np.linalg.inv(m)
+  result = curvature.conjugate_gradient(
+      lambda v: jnp.asarray(a) @ v, -jnp.asarray(g), tol=1e-12,
+      progress_tol=None, preconditioner=lambda r: jnp.asarray(m_inv) @ r)
+  assert result.status == CG.CONVERGED
+  assert not result.preconditioner_breakdown
+  np.testing.assert_allclose(result.x, np.linalg.solve(a, -g), rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative"])
+def test_preconditioner_breakdown_falls_back_to_plain_cg(bad):
+  a, b = _spd(10, 30.0, seed=3)
+  calls = {"n": 0}
+
+  def preconditioner(r):
+    calls["n"] += 1
+    return r * (jnp.nan if bad == "nan" else -1.0)
+
+  result = curvature.conjugate_gradient(
+      lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=1e-12,
+      progress_tol=None, preconditioner=preconditioner)
+  assert calls["n"] >= 1
+  assert bool(result.preconditioner_breakdown)
+  assert result.status == CG.CONVERGED
+  np.testing.assert_allclose(result.x, np.linalg.solve(a, b), rtol=1e-8)
+
+
+def test_breakdown_mid_solve_restarts_unpreconditioned():
+  """M⁻¹ turns indefinite after the first residual: CG still converges."""
+  a, b = _spd(10, 30.0, seed=4)
+  sign = jnp.where(jnp.arange(10) < 5, 1.0, -1.0)
+
+  def preconditioner(r):
+    # rᵀz = Σ± r² : positive for b (chosen below), negative later.
+    return sign * r
+
+  b = np.abs(b) * np.where(np.arange(10) < 5, 3.0, 0.1)
+  result = curvature.conjugate_gradient(
+      lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=1e-12,
+      progress_tol=None, preconditioner=preconditioner, max_iterations=60)
+  assert float(b @ (sign * b)) > 0  # The first residual is fine.
+  assert bool(result.preconditioner_breakdown)
+  np.testing.assert_allclose(result.x, np.linalg.solve(a, b), rtol=1e-7)
+  assert result.status == CG.CONVERGED
+
+
+def test_no_breakdown_without_a_preconditioner():
+  a, b = _spd(6, 10.0, seed=5)
+  result = curvature.conjugate_gradient(lambda v: jnp.asarray(a) @ v,
+                                        jnp.asarray(b), progress_tol=None)
+  assert not result.preconditioner_breakdown
+
+
+def test_traced_budget_stops_early_without_recompiling():
+  a, b = _spd(12, 1e3, seed=6)
+  solve = jax.jit(lambda b, budget: curvature.conjugate_gradient(
+      lambda v: jnp.asarray(a) @ v, b, tol=0.0, progress_tol=None,
+      max_iterations=10, budget=budget))
+  for budget, status in ((3, CG.BUDGET), (10, CG.MAX_ITERATIONS)):
+    result = solve(jnp.asarray(b), budget)
+    assert int(result.iterations) == budget and result.status == status
+  assert solve._cache_size() == 1

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 import pytest
@@ -169,20 +170,135 @@ def test_line_search_step_satisfies_armijo():
   assert after <= before + 1e-2 * optax.tree.vdot(g, step)
 
 
-def test_preconditioner_does_not_change_the_full_solve():
+@pytest.mark.parametrize("preconditioner", [
+    dict(diagonal_preconditioner=True), dict(preconditioner="diagonal"),
+    dict(preconditioner="kfac"), dict(preconditioner="block_diagonal",
+                                      preconditioner_block_size=6)])
+def test_preconditioner_does_not_change_the_full_solve(preconditioner):
+  """PCG with every preconditioner solves (C + λI)p = −g (dense oracle)."""
   loss, make = PROBLEMS["squared_error"]
   params, batch = make()
   kwargs = dict(l2_reg=L2, progress_tol=None, cg_tol=1e-13, line_search=False,
                 backtracking=False, adapt_damping=False, initial_damping=0.1)
-  plain, _ = _one_step(
-      curvature.scale_by_hessian_free(mlp_predict, loss, **kwargs), params,
-      batch, loss)
-  precond, _ = _one_step(
-      curvature.scale_by_hessian_free(mlp_predict, loss,
-                                      diagonal_preconditioner=True, **kwargs),
-      params, batch, loss)
-  np.testing.assert_allclose(flat(precond), flat(plain), rtol=1e-7,
-                             atol=1e-10)
+  updates, state = _one_step(
+      curvature.scale_by_hessian_free(mlp_predict, loss, **preconditioner,
+                                      **kwargs), params, batch, loss)
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  matrix = dense_ggn(mlp_predict, loss, params, batch, L2) + 0.1 * np.eye(
+      len(g))
+  np.testing.assert_allclose(flat(updates), np.linalg.solve(matrix, g),
+                             rtol=1e-7, atol=1e-10)
+  assert int(state.preconditioner_breakdowns) == 0
+
+
+def _kfac_operator(params, batch, damping, decay_steps=3):
+  """The dense matrix of the "kfac" preconditioner ``M⁻¹`` after a few steps."""
+  loss = losses.squared_error
+  opt = curvature.scale_by_hessian_free(mlp_predict, loss,
+                                        preconditioner="kfac", l2_reg=L2,
+                                        preconditioner_every=1)
+  stage = curvature._hessian_free._kfac_blocks(  # pylint: disable=protected-access
+      mlp_predict, loss, L2, 1, 0.95, curvature.default_targets, 0, None)
+  state = opt.init(params).preconditioner_state
+  update = jax.jit(lambda s: stage.update(s, params, batch, damping, None)[0])
+  for _ in range(decay_steps - 1):
+    state = update(state)
+  flat_params, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def operator(state):
+    state, precondition = stage.update(state, params, batch, damping, None)
+    columns = jax.vmap(lambda e: ravel_pytree(
+        precondition(unravel(e)))[0])(jnp.eye(flat_params.size))
+    return columns.T, state
+
+  matrix, state = operator(state)
+  return np.asarray(matrix), state
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1.0])
+def test_kfac_preconditioner_is_spd(damping):
+  """PSD factors and damping > 0 give a symmetric positive definite M⁻¹."""
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make(n=3)  # Fewer examples than inputs: singular factors.
+  matrix, state = _kfac_operator(params, batch, damping)
+  for block in state.blocks.values():
+    for factor in block.statistics:
+      assert np.linalg.eigvalsh(np.asarray(factor)).min() > -1e-12
+  np.testing.assert_allclose(matrix, matrix.T, rtol=1e-9, atol=1e-12)
+  assert np.linalg.eigvalsh(0.5 * (matrix + matrix.T)).min() > 0
+
+
+def test_unknown_preconditioner_lists_the_choices():
+  with pytest.raises(ValueError, match="kfac.*block_diagonal"):
+    curvature.hessian_free(predict_fn=mlp_predict, loss=losses.squared_error,
+                           preconditioner="cholesky")
+  with pytest.raises(ValueError, match="block_diagonal"):
+    curvature.natural_gradient(predict_fn=mlp_predict,
+                               loss=losses.squared_error,
+                               preconditioner="nope")
+  with pytest.raises(ValueError, match="only `preconditioner"):
+    curvature.hessian_free(predict_fn=mlp_predict, loss=losses.squared_error,
+                           preconditioner="kfac", diagonal_preconditioner=True)
+
+
+def test_preconditioner_breakdown_falls_back_and_is_counted(monkeypatch):
+  """A preconditioner giving rᵀM⁻¹r ≤ 0 (here −I): plain CG, counted."""
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  hf = curvature._hessian_free  # pylint: disable=protected-access
+  negative = hf._Preconditioner(  # pylint: disable=protected-access
+      lambda p: (), lambda state, *a: (
+          state, lambda r: optax.tree.scale(-1.0, r)))
+  monkeypatch.setattr(hf, "_martens_diagonal", lambda *a: negative)
+  kwargs = dict(l2_reg=L2, progress_tol=None, cg_tol=1e-13, line_search=False,
+                backtracking=False, adapt_damping=False, initial_damping=0.1)
+  updates, state = _one_step(curvature.scale_by_hessian_free(
+      mlp_predict, loss, preconditioner="diagonal", **kwargs), params, batch,
+                             loss)
+  assert int(state.preconditioner_breakdowns) == 1
+  g = flat(_grad(loss, params, batch)) + L2 * flat(params)
+  matrix = dense_ggn(mlp_predict, loss, params, batch, L2) + 0.1 * np.eye(
+      len(g))
+  np.testing.assert_allclose(flat(updates), np.linalg.solve(matrix, g),
+                             rtol=1e-7, atol=1e-10)
+
+
+def test_kfac_preconditioner_refreshes_every_k_steps_inside_jit():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  opt = curvature.hessian_free(predict_fn=mlp_predict, loss=loss,
+                               preconditioner="kfac", preconditioner_every=3,
+                               l2_reg=L2)
+  state = opt.init(params)
+  step = jax.jit(opt.update)
+  grads = _grad(loss, params, batch)
+  inverses = []
+  for _ in range(5):
+    _, state = step(grads, state, params, batch=batch)
+    kfac_state = _hf_state(state).preconditioner_state
+    inverses.append(np.asarray(
+        next(iter(kfac_state.blocks.values())).preconditioner.left))
+  assert step._cache_size() == 1
+  # Refreshed at steps 0, 1, 2 (warm-up) and 3; kept at step 4.
+  assert not np.allclose(inverses[2], inverses[3])
+  np.testing.assert_array_equal(inverses[3], inverses[4])
+  assert int(kfac_state.statistics_count) == 5
+
+
+def test_adaptive_cg_budget_caps_the_next_solve():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  opt = curvature.scale_by_hessian_free(
+      mlp_predict, loss, l2_reg=L2, progress_tol=None, cg_tol=1e-14,
+      cg_budget_growth=1.0, line_search=False, warm_start_decay=0.0)
+  state = opt.init(params)
+  state = state._replace(count=jnp.ones((), jnp.int32),
+                         cg_iterations=jnp.asarray(3, jnp.int32))
+  _, state = jax.jit(opt.update)(_grad(loss, params, batch), state, params,
+                                 batch=batch)
+  assert int(state.cg_iterations) == 10  # max(10, ⌈1.0 · 3⌉)
+  assert int(state.cg_status) == curvature.CGStatus.BUDGET
 
 
 def test_curvature_batch_uses_the_leading_examples():

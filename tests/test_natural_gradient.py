@@ -126,3 +126,22 @@ def test_default_natural_gradient_trains_on_digits_mini_batches():
   assert history[-1] < 0.25 * history[0], history
   control = _digits_run(line_search=False)
   assert max(control) > 10 * history[0], control
+
+
+@pytest.mark.parametrize("preconditioner", ["diagonal", "kfac"])
+def test_preconditioned_direction_matches_dense_solve(preconditioner):
+  """PCG with a preconditioner still solves (F + λI) d = g."""
+  params, batch = classification_problem(n=9, sizes=(3, 4, 3))
+  damping = 1e-2
+  matrix = dense_softmax_fisher(mlp_predict, params, batch)
+  opt = curvature.scale_by_natural_gradient(
+      mlp_predict, LOSS, initial_damping=damping, adapt_damping=False,
+      max_cg_iterations=200, cg_tol=1e-12, warm_start_decay=0.0,
+      line_search=False, preconditioner=preconditioner)
+  grads = jax.grad(
+      lambda p: LOSS.value(mlp_predict(p, batch), batch["targets"]))(params)
+  updates, state = opt.update(grads, opt.init(params), params, batch=batch)
+  expected = np.linalg.solve(matrix + damping * np.eye(len(flat(grads))),
+                             flat(grads))
+  np.testing.assert_allclose(flat(updates), expected, rtol=1e-6, atol=1e-9)
+  assert int(state.preconditioner_breakdowns) == 0
