@@ -15,7 +15,10 @@ Every *use* of a leaf is one of
   a parameter (Flax ``nn.Dense``/``nnx.Linear``, ``x @ w``, ``x @ w.T``,
   ``jnp.dot``, ``einsum('...i,io->...o')``, ``einsum('...i,oi->...o')``); the
   activations may have any number of leading axes (batch, sequence, heads:
-  *weight sharing*); a ``dot_general`` whose one batch dimension is the
+  *weight sharing*); a kernel of rank ≥ 3 contracted over some of its
+  axes (Flax ``DenseGeneral``/``LinearGeneral``, the projections of
+  ``MultiHeadAttention``) is the matrix ``[contracted, other axes]``; a
+  ``dot_general`` whose one batch dimension is the
   leading axis of a 3-D kernel is a ``vmap``-ed stack (``nnx.vmap``) of
   dense layers;
 * a **conv** use: the right-hand side of a ``conv_general_dilated`` with
@@ -32,7 +35,8 @@ one Kronecker block, even when it is used several times (tied embeddings
 are combined by K-FAC (see :func:`curvature.scale_by_kfac`). A leaf sliced
 by a ``scan`` is a *stacked* layer: one block per slice (layer of the
 stack). Every other leaf (layer-norm scales, products of two parameters, an
-einsum that contracts two axes of a parameter or has batch dimensions,
+einsum of two parameters or with other batch dimensions, a kernel of rank
+≥ 3 used several times,
 weights used as loop constants of ``scan``/``while``, grouped
 convolutions...) is reported with the reason it was not matched; K-FAC
 gives it a diagonal block.
@@ -85,6 +89,12 @@ class Use(NamedTuple):
       dimension is the kernel's leading axis): the activations' axis that
       runs over the stack; ``None`` otherwise. ``input_axis`` and
       ``in_axis`` then count without the stack axis.
+    kernel_axes: a kernel of rank ≥ 3 (Flax ``DenseGeneral``/
+      ``LinearGeneral``, attention projections): ``(contracted axes, other
+      axes)`` of the kernel, whose products are the input and output sizes;
+      ``None`` for a 2-D kernel.
+    input_axes: with ``kernel_axes``: the activations' contracted axes, in
+      the order of the kernel's.
   """
 
   kind: str
@@ -96,6 +106,8 @@ class Use(NamedTuple):
   input_dim: int
   output_dim: int
   batch_axis: Optional[int] = None
+  kernel_axes: Optional[tuple] = None
+  input_axes: Optional[tuple] = None
 
 
 class Layer(NamedTuple):
@@ -121,6 +133,8 @@ class Layer(NamedTuple):
     stack: the number of layers of a ``scan`` stack whose slices the uses
       see (the leaf has this leading axis, one block per slice); 0 when the
       kernel is not stacked.
+    kernel_axes: as in :class:`Use`.
+    input_axes: as in :class:`Use`.
   """
 
   kind: str
@@ -135,6 +149,8 @@ class Layer(NamedTuple):
   output_dim: int
   uses: tuple = ()
   stack: int = 0
+  kernel_axes: Optional[tuple] = None
+  input_axes: Optional[tuple] = None
 
 
 def layer_uses(layer: Layer) -> tuple:
@@ -143,7 +159,8 @@ def layer_uses(layer: Layer) -> tuple:
     return layer.uses
   return (Use(layer.kind, layer.path, layer.in_axis, layer.weight_is_lhs,
               layer.input_axis, layer.conv, layer.input_dim,
-              layer.output_dim),)
+              layer.output_dim, None, layer.kernel_axes,
+              layer.input_axes),)
 
 
 def is_transposed(layer: Layer, use: Use) -> bool:
@@ -314,6 +331,10 @@ class _Walk:
         and len(c_x) == 1):
       return self._vmapped_dense(origin, weight, weight_is_lhs, c_w[0],
                                  c_x[0], b_x[0], here)
+    if (origin.mode == "exact" and weight.aval.ndim >= 3 and not batch_l
+        and not batch_r and len(c_w) < weight.aval.ndim):
+      return self._general_dense(origin, weight, weight_is_lhs, tuple(c_w),
+                                 tuple(c_x), here)
     ok = (origin.mode in ("exact", "transposed") and weight.aval.ndim == 2
           and len(c_w) == 1 and len(c_x) == 1 and not batch_l and not batch_r
           and x.aval.ndim >= 1)
@@ -330,6 +351,23 @@ class _Walk:
         weight_is_lhs=weight_is_lhs, input_axis=c_x[0], conv=None, path=here,
         input_dim=weight.aval.shape[in_w],
         output_dim=weight.aval.shape[1 - in_w])
+    return True
+
+  def _general_dense(self, origin, weight, weight_is_lhs, c_w, c_x, here):
+    """A kernel of rank ≥ 3 contracted over some of its axes (DenseGeneral).
+
+    The contracted axes are the input side, the others the output side:
+    the kernel is the matrix ``[prod(contracted), prod(others)]``.
+    """
+    shape = weight.aval.shape
+    free = tuple(d for d in range(len(shape)) if d not in c_w)
+    self.uses[origin.leaf].append(("dense", here, origin.stack, True))
+    self.candidates[here] = dict(
+        kind="dense", kernel=origin.leaf, in_axis=0,
+        weight_is_lhs=weight_is_lhs, input_axis=c_x[-1], conv=None,
+        path=here, input_dim=int(np.prod([shape[d] for d in c_w])),
+        output_dim=int(np.prod([shape[d] for d in free])),
+        kernel_axes=(c_w, free), input_axes=c_x)
     return True
 
   def _vmapped_dense(self, origin, weight, weight_is_lhs, c_w, c_x, b_x,
@@ -422,7 +460,8 @@ def _use_of(candidate) -> Use:
   return Use(candidate["kind"], candidate["path"], candidate["in_axis"],
              candidate["weight_is_lhs"], candidate["input_axis"],
              candidate["conv"], candidate["input_dim"],
-             candidate["output_dim"], candidate.get("batch_axis"))
+             candidate["output_dim"], candidate.get("batch_axis"),
+             candidate.get("kernel_axes"), candidate.get("input_axes"))
 
 
 def _layer_reason(uses):
@@ -437,6 +476,9 @@ def _layer_reason(uses):
   if "conv" in kinds and len(uses) > 1:
     return (f"used {len(uses)} times (weight sharing) as a convolution"
             " kernel: only dense uses and lookups can share a block")
+  if len(uses) > 1 and any(len(u) > 3 and u[3] for u in uses):
+    return (f"used {len(uses)} times (weight sharing) as a kernel of rank"
+            " ≥ 3: only 2-D kernels can share a block")
   if len({u[2] for u in uses}) > 1:
     return ("used both inside and outside a `scan` stack (or in two stacks):"
             " its uses see different slices")
@@ -704,12 +746,23 @@ def layer_inputs(layer, inputs: Array) -> Array:
         precision=lax.Precision.HIGHEST)
     patches = jnp.moveaxis(patches, out_spec[1], -1)
     return patches.reshape(-1, patches.shape[-1])
+  axes = getattr(layer, "input_axes", None)
+  if axes:  # A kernel of rank ≥ 3: its contracted axes, flattened.
+    moved = jnp.moveaxis(inputs, axes, tuple(range(-len(axes), 0)))
+    return moved.reshape(-1, layer.input_dim)
   moved = jnp.moveaxis(inputs, layer.input_axis, -1)
   return moved.reshape(-1, moved.shape[-1])
 
 
 def layer_output_grads(layer, grads: Array) -> Array:
   """Output gradients as rows ``[positions, output_dim]``."""
+  kernel_axes = getattr(layer, "kernel_axes", None)
+  if kernel_axes:  # The kernel's other axes lead (lhs) or trail (rhs).
+    free = len(kernel_axes[1])
+    if layer.weight_is_lhs:
+      grads = jnp.moveaxis(grads, tuple(range(free)),
+                           tuple(range(-free, 0)))
+    return grads.reshape(-1, layer.output_dim)
   if layer.kind == "conv":
     feature = layer.conv[6][1]
   elif layer.kind == "dense" and layer.weight_is_lhs:

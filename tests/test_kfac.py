@@ -816,18 +816,23 @@ def test_unfactorable_uses_fall_back_with_a_reason_and_overrides_name_kinds():
   key = jax.random.key(5)
   params = {"w": jax.random.normal(key, (3, 4, 2)),
             "v": jax.random.normal(key, (3, 2)),
-            "h": jax.random.normal(key, (2, 3, 2))}
+            "a": jax.random.normal(key, (3, 3)),
+            "c": jax.random.normal(key, (3, 2))}
   batch = {"inputs": jnp.ones((5, 3, 4)), "targets": jnp.zeros((5, 2))}
 
   def predict(p, b):
-    x = jnp.einsum("nij,ijo->no", b["inputs"], p["w"])  # two contracted axes
-    y = jnp.einsum("nij,hio->no", b["inputs"][:, :, :2], p["h"][:, :, :])
+    x = jnp.einsum("nij,ijo->no", b["inputs"], p["w"])  # a [12, 2] matmul
+    y = b["inputs"][:, :, 1] @ jnp.einsum("ij,jk->ik", p["a"], p["c"])
     return x + y + b["inputs"][:, :, 0] @ p["v"] @ jnp.eye(2)
 
-  rows = {r.path: r for r in curvature.kfac_blocks(predict, params, batch)}
-  assert rows["w"].block == "diagonal"
-  assert "several contracting dimensions" in rows["w"].reason
+  rows = {r.path: r for r in curvature.kfac_blocks(predict, params, batch,
+                                                   example_batch=batch)}
+  assert rows["w"].block == "dense" and rows["w"].factors == (13, 2)
   assert rows["v"].block == "dense"
+  for name in ("a", "c"):  # An einsum of two parameters is not a layer.
+    assert rows[name].block == "diagonal"
+    assert "two parameters" in rows[name].reason
+  assert "two parameters" in curvature.kfac_summary(predict, params, batch)
   opt = curvature.scale_by_kfac(predict, MSE, initial_damping=1e-2)
   updates, _ = _one_update(opt, params, batch, predict, MSE)
   assert np.all(np.isfinite(flat(updates)))
@@ -836,7 +841,7 @@ def test_unfactorable_uses_fall_back_with_a_reason_and_overrides_name_kinds():
                           layer_overrides={"v": "lookup"})
   with pytest.raises(ValueError, match="Allowed kinds here: 'diagonal'"):
     curvature.kfac_blocks(predict, params, batch,
-                          layer_overrides={"w": "dense"})
+                          layer_overrides={"a": "dense"})
 
 
 def test_a_side_over_max_factor_dim_is_kept_diagonal_with_the_reason():
@@ -930,3 +935,47 @@ def test_ekfac_refit_of_a_tied_embedding_is_its_per_example_gradient_square():
   want = jnp.mean(per ** 2, axis=(0, 1))
   np.testing.assert_allclose(refit[:5], want, rtol=1e-10)
   np.testing.assert_allclose(refit[5], 0.0, atol=1e-14)
+
+
+def test_general_dense_kernels_match_their_matrix_form():
+  # Flax DenseGeneral / attention projections: a kernel of rank 3
+  # contracted over one axis ([in, heads, head_dim]) or two
+  # ([heads, head_dim, out]) is the dense layer of its matrix form.
+  key = jax.random.key(9)
+  q = jax.random.normal(key, (4, 2, 3)) / 2
+  o = jax.random.normal(jax.random.fold_in(key, 1), (2, 3, 4)) / 2
+  qb = 0.1 * jax.random.normal(jax.random.fold_in(key, 2), (2, 3))
+  x = jax.random.normal(jax.random.fold_in(key, 3), (5, 2, 4))
+  batch = {"inputs": x, "targets": jax.random.normal(key, (5, 2, 4))}
+
+  def general(p, b):
+    h = jnp.tanh(jnp.einsum("nti,ihk->nthk", b["inputs"], p["q"]) + p["qb"])
+    return jax.lax.dot_general(h, p["o"], (((2, 3), (0, 1)), ((), ())))
+
+  def matrix(p, b):
+    h = jnp.tanh(b["inputs"] @ p["q"] + p["qb"])
+    return h @ p["o"]
+
+  flat_params = {"q": q.reshape(4, 6), "qb": qb.reshape(6),
+                 "o": o.reshape(6, 4)}
+  params = {"q": q, "qb": qb, "o": o}
+  for setting in ("expand", "reduce"):
+    layers, got = _exact_factors(general, params, batch, setting)
+    want_layers, want = _exact_factors(matrix, flat_params, batch, setting)
+    assert [l.bias is not None for l in layers] == [True, False]
+    for gl, wl in zip(layers, want_layers):
+      for x_, y_ in zip(got[gl.kernel], want[wl.kernel]):
+        np.testing.assert_allclose(x_, y_, atol=1e-12)
+  # The same preconditioned direction, reshaped.
+  outs = []
+  for predict, p in ((general, params), (matrix, flat_params)):
+    opt = curvature.scale_by_kfac(predict, MSE, initial_damping=1e-2,
+                                  statistics="empirical_fisher",
+                                  example_batch=batch)
+    updates, state = _one_update(opt, p, batch, predict, MSE)
+    assert set(state.blocks) == {"o", "q"}
+    outs.append(updates)
+  for name in params:
+    np.testing.assert_allclose(outs[0][name].reshape(-1),
+                               outs[1][name].reshape(-1), rtol=1e-8,
+                               atol=1e-12)

@@ -270,3 +270,24 @@ def test_a_raw_output_leaving_a_scan_body_keeps_its_bias_out_of_the_block():
   (layer,) = found.layers
   assert layer.stack == 2 and layer.bias is None
   assert "read elsewhere" in found.reasons[0]
+
+
+def test_flax_multi_head_attention_projections_are_dense_layers():
+  # DenseGeneral kernels: [in, heads, head_dim] (query, key, value) and
+  # [heads, head_dim, out] (out), with their [heads, head_dim] biases.
+  x = jnp.ones((3, 5, 8))
+  batch = {"inputs": x, "targets": jnp.zeros((3, 5, 8))}
+  att = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+                               decode=False, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(att)
+  nnx_predict = lambda s, b: nnx.merge(graphdef, s)(b["inputs"])
+  linen = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  variables = linen.init(jax.random.key(0), x)
+  linen_predict = lambda v, b: linen.apply(v, b["inputs"])
+  for predict, params in ((nnx_predict, state), (linen_predict, variables)):
+    rows = curvature.kfac_blocks(predict, params, batch, example_batch=batch)
+    kernels = [r for r in rows if "kernel" in r.path]
+    assert len(kernels) == 4
+    assert all(r.block == "dense" and r.factors == (9, 8) for r in kernels)
+    assert all(r.block.startswith("bias of") for r in rows
+               if "bias" in r.path)
