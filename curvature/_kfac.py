@@ -1559,3 +1559,82 @@ def kfac(
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
 
+
+# K-FAC as a preconditioner for another solver ---------------------------------
+
+
+class KfacPreconditioner(NamedTuple):
+  """K-FAC's statistics and damped inverses for another solver (e.g. CG).
+
+  Attributes:
+    init: ``params -> ScaleByKfacState``.
+    update: ``(state, params, batch, damping) -> (state, precondition)``:
+      one statistics stage of :func:`scale_by_kfac` on ``batch`` (observe,
+      average, refresh the inverses when due), and
+      ``precondition: vectors -> vectors``, K-FAC's factored
+      ``(F̂ + (λ + η) I)⁻¹`` at ``γ = √(damping + η)``.
+  """
+
+  init: Callable[[Params], ScaleByKfacState]
+  update: Callable[..., Any]
+
+
+def kfac_preconditioner(
+    predict_fn: Callable[[Params, Any], Any],
+    loss: _losses.Loss,
+    *,
+    statistics: str = "true_fisher",
+    num_samples: int = 1,
+    decay: float = 0.95,
+    l2_reg: float = 0.0,
+    inverse_every: int = 20,
+    inverse_warmup: bool = True,
+    max_factor_dim: int = 4096,
+    targets_fn: Callable[[Any], Any] = _products.default_targets,
+    seed: int = 0,
+    axis_name=None,
+) -> KfacPreconditioner:
+  """The stages of :func:`scale_by_kfac` as a preconditioner, damped from outside.
+
+  The damping is the caller's (e.g. Hessian-free's Levenberg-Marquardt
+  ``λ``), passed at every ``update``; the arguments are those of
+  :func:`scale_by_kfac` (validated there).
+  """
+  transform = scale_by_kfac(
+      predict_fn, loss, statistics=statistics, num_samples=num_samples,
+      decay=decay, l2_reg=l2_reg, inverse_every=inverse_every,
+      inverse_warmup=inverse_warmup, max_factor_dim=max_factor_dim,
+      targets_fn=targets_fn, seed=seed, axis_name=axis_name)
+  # adapt_damping=True only makes the stages read λ from the state.
+  config = _Config(
+      predict_fn=predict_fn, loss=loss, statistics=statistics,
+      structure="kronecker", num_samples=num_samples,
+      statistics_batch_size=None, decay=decay, averaging="ema",
+      l2_reg=l2_reg, inverse_every=inverse_every,
+      inverse_warmup=inverse_warmup, adaptive=False, adapt_damping=True,
+      damping_every=1, gamma_search=False, gamma_every=1,
+      initial_damping=0.0, min_damping=0.0, max_damping=math.inf,
+      quadratic_batch_size=None, overrides={},
+      max_factor_dim=max_factor_dim, targets_fn=targets_fn,
+      axis_name=axis_name, omega1=1.0, omega2=1.0, weight_sharing="expand",
+      example_batch=None)
+
+  def update(state, params, batch, damping):
+    plan = _plan_step(config, params, batch)
+    key, sample_key = jax.random.split(state.key)
+    state = state._replace(damping=jnp.asarray(damping, state.damping.dtype))
+    states, count, finite, rejected = _statistics_stage(
+        config, plan, state, params, sample_key)
+    hats = _blocks.estimates(plan.blocks, states, count, decay, "ema")
+    gamma = jnp.sqrt(state.damping + l2_reg)
+    diagonal = states.pop("diagonal")
+    state = state._replace(
+        count=optax.safe_increment(state.count), statistics_count=count,
+        key=key, blocks={**state.blocks, **states}, diagonal=diagonal,
+        gamma=gamma.astype(state.gamma.dtype),
+        rejected_statistics=state.rejected_statistics
+        + (~finite).astype(jnp.int32),
+        rejected_refreshes=state.rejected_refreshes + rejected)
+    return state, lambda vectors: _direction(plan, hats, vectors, gamma)
+
+  return KfacPreconditioner(transform.init, update)
