@@ -63,6 +63,7 @@ from curvature._hessian_free import gauss_newton
 from curvature._hessian_free import hessian_free
 from curvature._hessian_free import levenberg_marquardt
 from curvature._hessian_free import newton
+from curvature._hessian_free import PRECONDITIONERS
 from curvature._hessian_free import scale_by_hessian_free
 from curvature._hessian_free import ScaleByHessianFreeState
 from curvature._inject import inject_hyperparams
@@ -82,6 +83,7 @@ from curvature._kronecker_family import ScaleBySoapState
 from curvature._kronecker_family import shampoo
 from curvature._kronecker_family import soap
 from curvature._lanczos import bottom_eigenpairs
+from curvature._lanczos import diagnostic_blocks
 from curvature._lanczos import Eigenpairs
 from curvature._lanczos import lanczos
 from curvature._lanczos import LanczosResult
@@ -102,6 +104,18 @@ from curvature._momentum import scale_by_momentum
 from curvature._momentum import ScaleByMomentumState
 from curvature._natural_gradient import natural_gradient
 from curvature._natural_gradient import scale_by_natural_gradient
+from curvature._nonlinear_cg import nonlinear_cg
+from curvature._nonlinear_cg import scale_by_nonlinear_cg
+from curvature._nonlinear_cg import ScaleByNonlinearCGState
+from curvature._preconditioner_quality import adam_preconditioner
+from curvature._preconditioner_quality import block_diagonal_preconditioner
+from curvature._preconditioner_quality import diagonal_preconditioner
+from curvature._preconditioner_quality import identity_preconditioner
+from curvature._preconditioner_quality import kfac_preconditioner
+from curvature._preconditioner_quality import preconditioned_spectrum
+from curvature._preconditioner_quality import PreconditionedSpectrum
+from curvature._preconditioner_quality import shampoo_preconditioner
+from curvature._preconditioner_quality import soap_preconditioner
 from curvature._products import batch_size
 from curvature._products import CURVATURES
 from curvature._products import default_targets
@@ -115,6 +129,15 @@ from curvature._products import linearize
 from curvature._products import objective
 from curvature._products import sampled_fisher_vector_product
 from curvature._products import take_examples
+from curvature._quasi_newton import bfgs
+from curvature._quasi_newton import lbfgs
+from curvature._quasi_newton import scale_by_bfgs
+from curvature._quasi_newton import ScaleByBfgsState
+from curvature._quasi_newton import with_objective
+from curvature._quasi_newton import WithObjectiveState
+from curvature._saddle_free import saddle_free_newton
+from curvature._saddle_free import scale_by_saddle_free_newton
+from curvature._saddle_free import ScaleBySaddleFreeNewtonState
 from curvature._taylor import first_order_change
 from curvature._taylor import reduction_ratio
 from curvature._taylor import second_order_change
@@ -127,11 +150,14 @@ __all__ = (
     "adadelta",
     "adagrad",
     "adam",
+    "adam_preconditioner",
     "averaged_params",
     "batch_size",
+    "bfgs",
     "block_diagonal_blocks",
     "block_diagonal_curvature",
     "block_diagonal_natural_gradient",
+    "block_diagonal_preconditioner",
     "block_diagonal_summary",
     "BlockDiagonalCurvature",
     "BlockRow",
@@ -151,6 +177,8 @@ __all__ = (
     "delta_bar_delta",
     "density_on_grid",
     "DensityOnGrid",
+    "diagnostic_blocks",
+    "diagonal_preconditioner",
     "discover_layers",
     "Eigenpairs",
     "ekfac",
@@ -168,14 +196,17 @@ __all__ = (
     "hessian_vector_product",
     "hutchinson_hessian_diagonal",
     "hutchinson_trace",
+    "identity_preconditioner",
     "inject_hyperparams",
     "kfac",
     "kfac_blocks",
+    "kfac_preconditioner",
     "kfac_summary",
     "KfacBlock",
     "kronecker_family_summary",
     "lanczos",
     "LanczosResult",
+    "lbfgs",
     "levenberg_marquardt",
     "Linearization",
     "linearize",
@@ -189,6 +220,7 @@ __all__ = (
     "NegativeCurvature",
     "nesterov",
     "newton",
+    "nonlinear_cg",
     "objective",
     "plot_spectral_density",
     "polyak_averaging",
@@ -196,12 +228,17 @@ __all__ = (
     "power_iteration",
     "PowerIterationResult",
     "precondition",
+    "preconditioned_spectrum",
+    "PreconditionedSpectrum",
+    "PRECONDITIONERS",
     "reduction_ratio",
     "ritz_values",
     "rmsprop",
+    "saddle_free_newton",
     "sampled_fisher_diagonal",
     "sampled_fisher_vector_product",
     "scale_by_adadelta",
+    "scale_by_bfgs",
     "scale_by_block_diagonal",
     "scale_by_curvature_diagonal",
     "scale_by_delta_bar_delta",
@@ -211,10 +248,13 @@ __all__ = (
     "scale_by_kfac",
     "scale_by_momentum",
     "scale_by_natural_gradient",
+    "scale_by_nonlinear_cg",
     "scale_by_running_sum",
+    "scale_by_saddle_free_newton",
     "scale_by_shampoo",
     "scale_by_soap",
     "ScaleByAdaDeltaState",
+    "ScaleByBfgsState",
     "ScaleByBlockDiagonalState",
     "ScaleByDeltaBarDeltaState",
     "ScaleByDiagonalState",
@@ -222,13 +262,17 @@ __all__ = (
     "ScaleByHessianFreeState",
     "ScaleByKfacState",
     "ScaleByMomentumState",
+    "ScaleByNonlinearCGState",
     "ScaleByRunningSumState",
+    "ScaleBySaddleFreeNewtonState",
     "ScaleByShampooState",
     "ScaleBySoapState",
     "second_order_change",
     "sgd",
     "shampoo",
+    "shampoo_preconditioner",
     "soap",
+    "soap_preconditioner",
     "spectral_density",
     "SpectralDensity",
     "structural_args",
@@ -238,4 +282,6 @@ __all__ = (
     "top_eigenpairs",
     "TraceEstimate",
     "tridiagonal",
+    "with_objective",
+    "WithObjectiveState",
 )

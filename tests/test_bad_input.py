@@ -38,12 +38,14 @@ NAMES = sorted(TRANSFORMS)
 
 # Transforms that reject non-finite steps themselves.
 SELF_REJECTING = {
-    "hessian_free", "hessian_free_sampled_fisher", "gauss_newton",
+    "hessian_free", "hessian_free_sampled_fisher",
+    "hessian_free_kfac_preconditioned", "gauss_newton",
     "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
     "natural_gradient", "natural_gradient_sampled",
     "scale_by_natural_gradient", "kfac", "kfac_adaptive", "scale_by_kfac",
     "kfac_schedule_averaging", "ekfac", "ekfac_adaptive", "shampoo",
     "scale_by_shampoo", "soap", "scale_by_soap",
+    "lbfgs", "bfgs", "nonlinear_cg", "saddle_free_newton",
 }
 # First-order aliases: their documented policy is `max_consecutive_errors`.
 FIRST_ORDER_ALIASES = {
@@ -54,15 +56,19 @@ FIRST_ORDER_ALIASES = {
 # Transforms that evaluate the loss (so a NaN loss with finite gradients is
 # seen and rejected); the others never compute it and step normally.
 USES_LOSS = {
-    "hessian_free", "hessian_free_sampled_fisher", "gauss_newton",
+    "hessian_free", "hessian_free_sampled_fisher",
+    "hessian_free_kfac_preconditioned", "gauss_newton",
     "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
     "natural_gradient", "natural_gradient_sampled",
     "scale_by_natural_gradient",
+    "lbfgs", "bfgs", "nonlinear_cg", "saddle_free_newton",
 }
 # Steps that must not raise the loss (line search or LM step rejection).
-MONOTONE = {"hessian_free", "levenberg_marquardt", "damped_newton",
+MONOTONE = {"hessian_free", "hessian_free_kfac_preconditioned",
+            "levenberg_marquardt", "damped_newton",
             "scale_by_hessian_free", "natural_gradient",
-            "natural_gradient_sampled", "scale_by_natural_gradient"}
+            "natural_gradient_sampled", "scale_by_natural_gradient",
+            "lbfgs", "bfgs", "nonlinear_cg"}
 # Transforms allowed to move at a zero gradient: SOAP's alias has decoupled
 # weight decay (as optax.adamw), which shrinks the weights without one.
 MOVES_WITHOUT_GRADIENT = {"soap"}
@@ -331,6 +337,7 @@ def test_mismatched_gradient_shapes(name):
 # Damped transforms: name -> the damping argument.
 DAMPED = {
     "hessian_free": "initial_damping",
+    "hessian_free_kfac_preconditioned": "initial_damping",
     "gauss_newton": "damping",
     "levenberg_marquardt": "damping",
     "damped_newton": "damping",
@@ -340,11 +347,13 @@ DAMPED = {
     "scale_by_curvature_diagonal": "damping",
     "kfac": "initial_damping",
     "scale_by_kfac": "initial_damping",
+    "saddle_free_newton": "damping",
 }
 # Those whose adapted damping lives in the state as `damping` from the first
 # step: the shared compiled step runs them with the state's damping replaced.
 # (A fixed damping, as gauss_newton's, is read from the argument each step.)
-DAMPING_IN_STATE = {"hessian_free", "levenberg_marquardt",
+DAMPING_IN_STATE = {"hessian_free", "hessian_free_kfac_preconditioned",
+                    "levenberg_marquardt",
                     "damped_newton", "scale_by_hessian_free",
                     "natural_gradient", "scale_by_natural_gradient"}
 # Those that divide by the damping itself: λ = 0 is refused (0/0 = NaN for
@@ -473,6 +482,19 @@ BAD_HYPERPARAMETERS = [
      "damping.*0/0 = NaN.*1e-3"),
     ("scale_by_curvature_diagonal", dict(damping=-1.0), ValueError,
      "damping"),
+    ("lbfgs", dict(memory_size=0), ValueError, "memory_size.*>= 1"),
+    ("lbfgs", dict(learning_rate=float("nan")), ValueError, "learning_rate"),
+    ("bfgs", dict(learning_rate=-1.0), ValueError, "learning_rate"),
+    ("nonlinear_cg", dict(beta="dai_yuan"), ValueError,
+     "beta.*'fletcher_reeves', 'polak_ribiere', 'hestenes_stiefel'"),
+    ("nonlinear_cg", dict(restart_every=0), ValueError, "restart_every"),
+    ("saddle_free_newton", dict(lanczos_start="ones"), ValueError,
+     "lanczos_start.*'gradient', 'random'"),
+    ("saddle_free_newton", dict(damping=-1.0), ValueError, "damping.*>= 0"),
+    ("saddle_free_newton", dict(damping=_SCHEDULE), TypeError,
+     "damping.*inject_hyperparams"),
+    ("saddle_free_newton", dict(num_iterations=0), ValueError,
+     "num_iterations"),
 ]
 
 

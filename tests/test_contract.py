@@ -29,6 +29,10 @@ TRANSFORMS = {
         curvature.hessian_free,
         dict(learning_rate=1.0, curvature="sampled_fisher", num_samples=2,
              **MODEL)),
+    "hessian_free_kfac_preconditioned": (
+        curvature.hessian_free,
+        dict(learning_rate=1.0, preconditioner="kfac", preconditioner_every=2,
+             **MODEL)),
     "gauss_newton": (curvature.gauss_newton,
                      dict(learning_rate=1.0, damping=0.1, **MODEL)),
     "levenberg_marquardt": (curvature.levenberg_marquardt,
@@ -111,6 +115,15 @@ TRANSFORMS = {
         curvature.block_diagonal_natural_gradient,
         dict(learning_rate=0.01, curvature="sampled_fisher",
              grouping="layer", max_block_size=12, **MODEL)),
+    "lbfgs": (curvature.lbfgs, dict(learning_rate=1.0, memory_size=3,
+                                    **MODEL)),
+    "bfgs": (curvature.bfgs, dict(learning_rate=1.0, **MODEL)),
+    "nonlinear_cg": (curvature.nonlinear_cg,
+                     dict(learning_rate=1.0, beta="hestenes_stiefel",
+                          restart_every=2, **MODEL)),
+    "saddle_free_newton": (curvature.saddle_free_newton,
+                           dict(learning_rate=1.0, num_iterations=6,
+                                damping=0.1, **MODEL)),
 }
 
 
