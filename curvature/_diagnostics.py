@@ -1,4 +1,4 @@
-"""Curvature diagnostics: trace, spectral density, conditioning, saddles, monitoring.
+"""Curvature diagnostics: trace, density, conditioning, saddles, monitoring.
 
 Each estimator takes a symmetric ``matvec`` on parameter pytrees, typically
 ``curvature.linearize(predict_fn, loss, params, batch, curvature=...).matvec``
@@ -16,8 +16,8 @@ Lanczos and power-iteration primitives live in :mod:`curvature._lanczos`.
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 import optax
 
 from curvature import _lanczos
@@ -142,16 +142,26 @@ def hutchinson_trace(
     ``blocks``; the exact trace lies within a few standard errors.
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch)
-    >>> est = curvature.hutchinson_trace(lin.matvec, params, num_samples=50)
-    >>> est.trace, est.standard_error
-    >>> per_layer = curvature.hutchinson_trace(
-    ...     lin.matvec, params, blocks="layers", predict_fn=predict,
-    ...     batch=batch)
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    >>> def matvec(v):  # A = diag(1, 2, 3, 4, 5) on {"a": 2, "b": 3} entries
+    ...   return {"a": jnp.asarray([1., 2.]) * v["a"],
+    ...           "b": jnp.asarray([3., 4., 5.]) * v["b"]}
+    >>> est = curvature.hutchinson_trace(matvec, params, num_samples=10)
+    >>> round(float(est.trace), 4)  # exact for a diagonal A
+    15.0
+    >>> per_leaf = curvature.hutchinson_trace(matvec, params, num_samples=10,
+    ...                                       blocks="leaves")
+    >>> {name: round(float(e.trace), 4) for name, e in per_leaf.items()}
+    {'a': 3.0, 'b': 12.0}
 
   References:
     Hutchinson, "A stochastic estimator of the trace of the influence matrix
-    for Laplacian smoothing splines", 1989. Yao et al., "PyHessian", 2020.
+    for Laplacian smoothing splines", Communications in Statistics -
+    Simulation and Computation 18(3), 1989. Yao, Gholami, Keutzer & Mahoney,
+    "PyHessian: Neural networks through the lens of the Hessian", IEEE Big
+    Data 2020.
   """
   if isinstance(num_samples, int) and not isinstance(num_samples, bool) and (
       num_samples < 2):
@@ -191,7 +201,7 @@ class SpectralDensity(NamedTuple):
 
 
 PROBE_MEMORY = 1 << 29
-"""Bytes of Lanczos bases that :func:`spectral_density` keeps at once (512 MiB)."""
+"""Bytes of Lanczos bases :func:`spectral_density` keeps at once (512 MiB)."""
 
 
 def _probe_batch_size(probe_batch_size, num_probes, num_iterations, n,
@@ -314,17 +324,29 @@ def spectral_density(
     ``blocks``.
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch,
-    ...                           curvature="hessian")
-    >>> density = curvature.spectral_density(lin.matvec, params)
-    >>> curvature.plot_spectral_density(density)
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    >>> def matvec(v):  # A = diag(1, 2, 3, 4, 5) on {"a": 2, "b": 3} entries
+    ...   return {"a": jnp.asarray([1., 2.]) * v["a"],
+    ...           "b": jnp.asarray([3., 4., 5.]) * v["b"]}
+    >>> density = curvature.spectral_density(matvec, params)
+    >>> density.nodes.shape  # [num_probes, num_iterations = min(n, 30)]
+    (1, 5)
+    >>> [round(float(t), 4) for t in density.nodes[0]]  # n steps: exact
+    [1.0, 2.0, 3.0, 4.0, 5.0]
+    >>> round(float(density.weights.sum()), 4)
+    1.0
 
   References:
-    Lanczos 1950; Golub & Meurant, "Matrices, Moments and Quadrature", 2010.
+    Lanczos 1950; Golub & Meurant, "Matrices, Moments and Quadrature with
+    Applications", Princeton University Press, 2010.
     Ghorbani, Krishnan & Xiao, "An investigation into neural net
     optimization via Hessian eigenvalue density", ICML 2019. Yao et al.,
     "PyHessian", 2020. Sagun et al., "Empirical analysis of the Hessian of
-    over-parametrized neural networks", 2017. Martens, "New insights and perspectives on the natural gradient method", 2020.
+    over-parametrized neural networks", arXiv:1706.04454, 2017. Martens,
+    "New insights and
+    perspectives on the natural gradient method", JMLR 2020.
   """
   _lanczos.reorthogonalization_mode(reorthogonalize)
   if isinstance(num_probes, int) and not isinstance(num_probes, bool) and (
@@ -352,7 +374,7 @@ def spectral_density(
 
 
 class DensityOnGrid(NamedTuple):
-  """A broadened spectral density: ``density[i]`` at ``grid[i]``; integrates to 1."""
+  """A broadened density: ``density[i]`` at ``grid[i]``; integrates to 1."""
 
   grid: Array
   density: Array
@@ -384,7 +406,18 @@ def density_on_grid(
     A :class:`DensityOnGrid`.
 
   Example:
-    >>> grid, values = curvature.density_on_grid(density)
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    >>> def matvec(v):  # A = diag(1, 2, 3, 4, 5) on {"a": 2, "b": 3} entries
+    ...   return {"a": jnp.asarray([1., 2.]) * v["a"],
+    ...           "b": jnp.asarray([3., 4., 5.]) * v["b"]}
+    >>> density = curvature.spectral_density(matvec, params)
+    >>> grid, values = curvature.density_on_grid(density, num_points=1000)
+    >>> grid.shape, values.shape
+    ((1000,), (1000,))
+    >>> round(float(values.sum() * (grid[1] - grid[0])), 4)  # integrates to 1
+    1.0
 
   References:
     Ghorbani, Krishnan & Xiao 2019; Yao et al., "PyHessian", 2020.
@@ -434,8 +467,19 @@ def plot_spectral_density(
     The ``Axes``.
 
   Example:
-    >>> ax = curvature.plot_spectral_density(density)
-    >>> ax.figure.savefig("hessian_density.png")
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")  # no display needed
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    >>> def matvec(v):  # A = diag(1, 2, 3, 4, 5) on {"a": 2, "b": 3} entries
+    ...   return {"a": jnp.asarray([1., 2.]) * v["a"],
+    ...           "b": jnp.asarray([3., 4., 5.]) * v["b"]}
+    >>> density = curvature.spectral_density(matvec, params)
+    >>> ax = curvature.plot_spectral_density(density, num_points=1000)
+    >>> ax.get_xlabel()
+    'Eigenvalue'
+    >>> # ax.figure.savefig("hessian_density.png")
 
   References:
     Ghorbani, Krishnan & Xiao 2019; Yao et al., "PyHessian", 2020.
@@ -574,12 +618,30 @@ def condition_number(
     A :class:`ConditionNumber`, or ``{block name: ConditionNumber}``.
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch, l2_reg=1e-3)
-    >>> curvature.condition_number(lin.matvec, params).condition_number
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
+    >>> lin = curvature.linearize(predict, curvature.losses.squared_error,
+    ...                           params, batch)
+    >>> estimate = curvature.condition_number(lin.matvec, params)
+    >>> round(float(estimate.condition_number), 2)  # λmax / λmin of XᵀX / 3
+    8.55
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 and Martens, "New insights and perspectives on the natural gradient method", 2020 (the condition number and
-    convergence). Lanczos 1950; Golub & Meurant 2010.
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press 2016, ch. 8
+    and Martens, "New insights and perspectives on the natural gradient
+    method", JMLR 2020 (the condition number and convergence). Lanczos
+    1950; Golub & Meurant 2010.
   """
   return _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize,
                        blocks, predict_fn, batch)
@@ -659,14 +721,25 @@ def negative_curvature(
     A :class:`NegativeCurvature`, or ``{block name: NegativeCurvature}``.
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch,
-    ...                           curvature="hessian")
-    >>> saddle = curvature.negative_curvature(lin.matvec, params)
-    >>> saddle.is_saddle, saddle.smallest
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    >>> def matvec(v):  # A = diag(−1, 2, 3, 4, 5): a saddle
+    ...   return {"a": jnp.asarray([-1., 2.]) * v["a"],
+    ...           "b": jnp.asarray([3., 4., 5.]) * v["b"]}
+    >>> saddle = curvature.negative_curvature(matvec, params)
+    >>> bool(saddle.is_saddle), round(float(saddle.smallest), 4)
+    (True, -1.0)
+    >>> round(float(saddle.negative_ratio), 4)  # |λmin| / λmax
+    0.2
+    >>> [round(abs(float(x)), 4) for x in saddle.direction["a"]]  # ±e₁
+    [1.0, 0.0]
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (saddle points and Newton's method). Dauphin et
-    al., "Identifying and attacking the saddle point problem", 2014. Sagun
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press 2016, ch. 8
+    (saddle points and Newton's method). Dauphin et al., "Identifying and
+    attacking the saddle point problem in high-dimensional non-convex
+    optimization", NIPS 2014. Sagun
     et al. 2017; Yao et al., "PyHessian", 2020.
   """
   _validation.check_nonnegative("rtol", rtol)
@@ -789,7 +862,8 @@ def monitor(
   gradient step ``−εg`` changes the loss by ``−ε gᵀg + ½ ε² gᵀCg``: when
   ``gᵀCg/gᵀg`` grows while ``gᵀg`` stays flat, the second-order term is
   eating the first and the learning rate is too large for the curvature
-  (ill-conditioning; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8).
+  (ill-conditioning; Goodfellow, Bengio & Courville, *Deep Learning*, 2016,
+  ch. 8).
 
   The cost is one linearization and one curvature product per logged step,
   inside ``lax.cond``; other steps cost nothing. The updates pass through
@@ -819,15 +893,32 @@ def monitor(
     params, batch=batch)``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.monitor(optax.sgd(0.1), predict,
     ...                         curvature.losses.squared_error, every=10)
     >>> state = opt.init(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
-    >>> state.metrics.gradient_curvature
+    >>> int(state.metrics.step), round(float(state.metrics.objective_value), 4)
+    (0, 5.8333)
+    >>> round(float(state.metrics.gradient_curvature), 4)  # gᵀCg / gᵀg
+    2.3867
 
   References:
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (monitor gᵀg and gᵀHg). Goodfellow, Bengio &
-    Courville, "Deep Learning", 2016, §8.2.1. Martens 2010 (ρ, damping).
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press 2016,
+    §8.2.1 (monitor gᵀg and gᵀHg). Martens, "Deep learning via
+    Hessian-free optimization", ICML 2010 (ρ, damping).
   """
   _validation.check_choice("curvature", curvature, _products.CURVATURES)
   if isinstance(every, int) and not isinstance(every, bool) and every < 1:

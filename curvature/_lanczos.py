@@ -13,8 +13,8 @@ import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 import numpy as np
 
 from curvature import _blocks
@@ -100,7 +100,7 @@ def dimension(params: Params) -> int:
 
 
 def check_num_iterations(num_iterations: Any, params: Params) -> int:
-  """``num_iterations`` as an int in ``[1, n]``, or a ``ValueError`` with the fix."""
+  """``num_iterations`` as an int in ``[1, n]``, else a ``ValueError``."""
   n = dimension(params)
   if n == 0:
     raise ValueError("The parameter pytree is empty: there is no operator.")
@@ -447,22 +447,35 @@ def lanczos(
       match ``initial_vector``'s pytree (at trace time).
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch)
-    >>> result = curvature.lanczos(lin.matvec, params, 30)
-    >>> jnp.linalg.eigvalsh(curvature.tridiagonal(result))
-    >>> fast = curvature.lanczos(lin.matvec, params, 30,
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> A = jnp.diag(jnp.asarray([1., 2., 3., 4., 10.]))
+    >>> params = jnp.zeros(5)  # the shapes A acts on
+    >>> matvec = lambda v: A @ v
+    >>> result = curvature.lanczos(matvec, jnp.ones(5), 5)
+    >>> result.alphas.shape, result.betas.shape
+    ((5,), (5,))
+    >>> T = curvature.tridiagonal(result)  # n steps: T has A's eigenvalues
+    >>> [round(float(t), 4) for t in jnp.linalg.eigvalsh(T)]
+    [1.0, 2.0, 3.0, 4.0, 10.0]
+    >>> fast = curvature.lanczos(matvec, jnp.ones(5), 5,
     ...                          reorthogonalize="partial")
+    >>> [round(float(t), 4) for t in curvature.ritz_values(fast)]
+    [1.0, 2.0, 3.0, 4.0, 10.0]
 
   References:
     Lanczos, "An iteration method for the solution of the eigenvalue problem
-    of linear differential and integral operators", 1950.
+    of linear differential and integral operators", J. Res. Natl. Bur.
+    Stand. 45, 1950.
     Paige, "Error analysis of the Lanczos algorithm for tridiagonalizing a
-    symmetric matrix", 1976.
+    symmetric matrix", IMA J. Appl. Math. 18, 1976.
     Simon, "The Lanczos algorithm with partial reorthogonalization", Math.
     Comp. 42, 1984. Larsen, "Lanczos bidiagonalization with partial
-    reorthogonalization" (PROPACK), 1998.
+    reorthogonalization" (PROPACK), DAIMI PB-357, Aarhus University, 1998.
     Golub & Meurant, "Matrices, Moments and Quadrature with Applications",
-    2010. Martens, "New insights and perspectives on the natural gradient method", 2020 (Hessian spectra).
+    Princeton University Press, 2010. Martens, "New insights and
+    perspectives on the natural gradient method", JMLR 2020 (Hessian
+    spectra).
   """
   mode = reorthogonalization_mode(reorthogonalize)
   num_iterations = check_num_iterations(num_iterations, initial_vector)
@@ -638,7 +651,7 @@ def lanczos_probes(
 
 
 def tridiagonal(result: LanczosResult) -> Array:
-  """The dense ``m × m`` tridiagonal matrix ``T`` of a :class:`LanczosResult`."""
+  """The dense ``m × m`` tridiagonal ``T`` of a :class:`LanczosResult`."""
   off = result.betas[:-1]
   return jnp.diag(result.alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
 
@@ -1124,14 +1137,20 @@ def top_eigenpairs(
   :func:`curvature.hutchinson_trace`).
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch,
-    ...                           curvature="hessian")
-    >>> top = curvature.top_eigenpairs(lin.matvec, params, k=3)
-    >>> top.eigenvalues, top.eigenvectors
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> A = jnp.diag(jnp.asarray([1., 2., 3., 4., 10.]))
+    >>> params = jnp.zeros(5)  # the shapes A acts on
+    >>> matvec = lambda v: A @ v
+    >>> top = curvature.top_eigenpairs(matvec, params, k=2)
+    >>> [round(float(t), 4) for t in top.eigenvalues]  # largest first
+    [10.0, 4.0]
+    >>> top.eigenvectors.shape  # [k, *params.shape]
+    (2, 5)
 
   References:
     Lanczos 1950; Golub & Meurant 2010. Yao et al., "PyHessian: Neural
-    networks through the lens of the Hessian", 2020.
+    networks through the lens of the Hessian", IEEE Big Data 2020.
   """
   return _eigenpairs(matvec, params, k, num_iterations, key,
                      reorthogonalize, True, blocks, predict_fn, batch)
@@ -1173,7 +1192,14 @@ def bottom_eigenpairs(
     ``{block name: Eigenpairs}``.
 
   Example:
-    >>> bottom = curvature.bottom_eigenpairs(lin.matvec, params, k=2)
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> A = jnp.diag(jnp.asarray([1., 2., 3., 4., 10.]))
+    >>> params = jnp.zeros(5)  # the shapes A acts on
+    >>> matvec = lambda v: A @ v
+    >>> bottom = curvature.bottom_eigenpairs(matvec, params, k=2)
+    >>> [round(float(t), 4) for t in bottom.eigenvalues]  # smallest first
+    [1.0, 2.0]
 
   References:
     Lanczos 1950; Golub & Meurant 2010.
@@ -1228,12 +1254,19 @@ def power_iteration(
     A :class:`PowerIterationResult`.
 
   Example:
-    >>> result = curvature.power_iteration(lin.matvec, params)
-    >>> result.eigenvalue, result.converged
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> A = jnp.diag(jnp.asarray([1., 2., 3., 4., 10.]))
+    >>> params = jnp.zeros(5)  # the shapes A acts on
+    >>> matvec = lambda v: A @ v
+    >>> result = curvature.power_iteration(matvec, params)
+    >>> round(float(result.eigenvalue), 2), bool(result.converged)
+    (10.0, True)
 
   References:
-    Yao et al., "PyHessian", 2020 (defaults). Golub & Van Loan, "Matrix
-    Computations", §8.2 (the power method).
+    Yao et al., "PyHessian", IEEE Big Data 2020 (defaults). Golub & Van
+    Loan, "Matrix Computations", 4th ed., Johns Hopkins University Press,
+    2013, §8.2 (the power method).
   """
   if isinstance(max_iterations, int) and max_iterations < 1:
     raise ValueError(

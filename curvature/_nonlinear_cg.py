@@ -1,11 +1,13 @@
-"""Nonlinear conjugate gradients (Fletcher-Reeves, Polak-Ribière, Hestenes-Stiefel).
+"""Nonlinear conjugate gradients.
+
+Fletcher-Reeves, Polak-Ribière and Hestenes-Stiefel.
 
 Each direction adds back a multiple of the previous one, ``d_k = −g_k +
 β_k d_{k−1}``, so that successive directions are conjugate and steepest
 descent's zigzag is undone. The step length comes from
 ``optax.scale_by_zoom_linesearch``; the objective it evaluates is built from
 ``predict_fn``, ``loss`` and ``batch=`` (:func:`curvature.with_objective`).
-The examples assume the least-squares model of :mod:`curvature._quasi_newton`.
+The examples fit a two-parameter linear least-squares model.
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -108,6 +110,8 @@ def scale_by_nonlinear_cg(
       ``restart_every`` below 1.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
     >>> direction = curvature.scale_by_nonlinear_cg("fletcher_reeves")
     >>> state = direction.init(jnp.zeros(2))
     >>> u, state = direction.update(jnp.asarray([1., 0.]), state)  # β = 0
@@ -119,7 +123,8 @@ def scale_by_nonlinear_cg(
     Fletcher & Reeves, "Function minimization by conjugate gradients", The
     Computer Journal 7, 1964.
     Polak & Ribière, "Note sur la convergence de méthodes de directions
-    conjuguées", 1969.
+    conjuguées", Revue française d'informatique et de recherche
+    opérationnelle 3(16), 1969.
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
     systems", J. Res. NBS 49, 1952.
     Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, §5.2.
@@ -206,13 +211,27 @@ def nonlinear_cg(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.nonlinear_cg(
     ...     predict_fn=predict, loss=curvature.losses.squared_error,
     ...     beta="fletcher_reeves", restart_every=50)
     >>> state = opt.init(params)
+    >>> update = jax.jit(opt.update)
     >>> for _ in range(4):
     ...   grads = jax.grad(loss_fn)(params, batch)
-    ...   updates, state = opt.update(grads, state, params, batch=batch)
+    ...   updates, state = update(grads, state, params, batch=batch)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss_fn(params, batch) < 1e-6)
     True

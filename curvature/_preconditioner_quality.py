@@ -18,8 +18,8 @@ build the ``precondition`` function ``v ↦ P⁻¹v`` from optimizer states.
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
 import optax
 
 from curvature import _block_diagonal
@@ -307,20 +307,44 @@ def preconditioned_spectrum(
     itself, once per ``(matvec, precondition)`` pair.
 
   Example:
-    >>> lin = curvature.linearize(predict, loss, params, batch)
-    >>> adam_state = optax.adam(1e-3).init(params)  # ... after some steps
-    >>> quality = curvature.preconditioned_spectrum(
-    ...     lin.matvec, curvature.adam_preconditioner(adam_state), params,
-    ...     damping=1e-3, grad=lin.grad)
-    >>> quality.condition_number, quality.cosine
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
+    >>> lin = curvature.linearize(predict, curvature.losses.squared_error,
+    ...                           params, batch)
+    >>> plain = curvature.preconditioned_spectrum(
+    ...     lin.matvec, curvature.identity_preconditioner(), params,
+    ...     grad=lin.grad)
+    >>> diagonal = curvature.ggn_diagonal(
+    ...     predict, curvature.losses.squared_error, params, batch)
+    >>> jacobi = curvature.preconditioned_spectrum(  # P = diag(C)
+    ...     lin.matvec, curvature.diagonal_preconditioner(diagonal), params,
+    ...     grad=lin.grad)
+    >>> round(float(plain.condition_number), 2)
+    8.55
+    >>> round(float(jacobi.condition_number), 2)
+    7.87
+    >>> round(float(plain.cosine), 2), round(float(jacobi.cosine), 2)
+    (0.99, 0.92)
 
   References:
     Lanczos 1950; Golub & Van Loan, *Matrix Computations*, 4th ed., 2013,
     §10.3 (preconditioned CG and Lanczos in the ``P``-inner product).
-    Golub & Meurant, "Matrices, Moments and Quadrature", 2010 (SLQ).
+    Golub & Meurant, "Matrices, Moments and Quadrature with Applications",
+    Princeton University Press, 2010 (SLQ).
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015. Martens, "New insights and
-    perspectives on the natural gradient method", 2020.
+    perspectives on the natural gradient method", JMLR 2020.
   """
   if not callable(precondition):
     raise TypeError(
@@ -353,7 +377,11 @@ def identity_preconditioner() -> Callable[[Params], Params]:
   """``P = I``: plain gradient descent.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
     >>> precondition = curvature.identity_preconditioner()
+    >>> precondition({"w": jnp.asarray([1., -2.])})["w"].tolist()
+    [1.0, -2.0]
   """
   return _identity
 
@@ -393,9 +421,17 @@ def adam_preconditioner(state: Any, *, b2: float = 0.999, eps: float = 1e-8,
   and ``eps_root``.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> params = {"w": jnp.zeros(3)}
     >>> opt = optax.adam(1e-3)
-    >>> state = opt.init(params)  # ... after some updates
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.asarray([0.5, -2., 4.])}
+    >>> _, state = opt.update(grads, state, params)  # ν̂ = g² after one step
     >>> precondition = curvature.adam_preconditioner(state)
+    >>> [round(float(x), 4) for x in precondition(grads)["w"]]  # g / |g|
+    [1.0, -1.0, 1.0]
 
   References:
     Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
@@ -426,13 +462,33 @@ def diagonal_preconditioner(diagonal: Any, *, power: float = 1.0,
   bias-corrected with ``decay``. Negative entries are clipped to 0.
 
   Example:
-    >>> d = curvature.ggn_diagonal(predict, loss, params, batch)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
+    >>> d = curvature.ggn_diagonal(predict, curvature.losses.squared_error,
+    ...                            params, batch)
+    >>> [round(float(x), 4) for x in d["w"][:, 0]]  # diag(XᵀX) / 3
+    [1.0, 1.6667]
     >>> precondition = curvature.diagonal_preconditioner(d, damping=1e-3)
+    >>> v = precondition({"w": jnp.ones((2, 1))})
+    >>> [round(float(x), 3) for x in v["w"][:, 0]]  # 1 / (d + λ)
+    [0.999, 0.6]
 
   References:
-    LeCun, Bottou, Orr & Müller, "Efficient BackProp", 1998 (diagonal
+    LeCun, Bottou, Orr & Müller, "Efficient BackProp", in *Neural Networks:
+    Tricks of the Trade*, Springer, 1998 (diagonal
     Gauss-Newton). Martens, "New insights and perspectives on the natural
-    gradient method", 2020.
+    gradient method", JMLR 2020.
   """
   ema = _find(diagonal, ("count", "ema"), None)
   if ema is not None:
@@ -478,15 +534,29 @@ def kfac_preconditioner(
   ``averaging``, ``layer_overrides`` and ``max_factor_dim``.
 
   Example:
-    >>> opt = curvature.kfac(1e-2, predict_fn=predict, loss=loss)
-    >>> state = opt.init(params)  # ... after some updates
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> def predict(params, batch):  # one dense layer
+    ...   return batch[0] @ params["w"] + params["b"]
+    >>> k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w": jax.random.normal(k0, (3, 1)), "b": jnp.zeros(1)}
+    >>> batch = (jax.random.normal(k1, (16, 3)), jax.random.normal(k2, (16, 1)))
+    >>> opt = curvature.scale_by_kfac(predict, curvature.losses.squared_error,
+    ...                               inverse_every=1)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> direction, state = opt.update(grads, opt.init(params), params,
+    ...                               batch=batch)
     >>> precondition = curvature.kfac_preconditioner(state, predict, params,
     ...                                              batch)
+    >>> bool(jnp.allclose(precondition(grads)["w"], direction["w"], atol=1e-5))
+    True
 
   References:
     Martens & Grosse, "Optimizing neural networks with Kronecker-factored
     approximate curvature", ICML 2015. George et al., "Fast approximate
-    natural gradient descent in a Kronecker-factored eigenbasis", 2018.
+    natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS
+    2018.
   """
   kfac = _find(state, _kfac.ScaleByKfacState._fields, "K-FAC state")
   layers, _ = _kfac._plan(predict_fn, params, batch,  # pylint: disable=protected-access
@@ -495,8 +565,8 @@ def kfac_preconditioner(
               for s in kfac.blocks.values())
   structure = "eigen_kronecker" if eigen else "kronecker"
   blocks = _kfac._blocks_for(layers, params, max_factor_dim, structure, None)  # pylint: disable=protected-access
-  in_layer = {i for l in layers
-              for i in (l.kernel, l.bias) if i is not None}
+  in_layer = {i for layer in layers
+              for i in (layer.kernel, layer.bias) if i is not None}
   diag = tuple(i for i in range(len(jax.tree.leaves(params)))
                if i not in in_layer)
   blocks["diagonal"] = _kfac._diagonal_block(params, diag, None)  # pylint: disable=protected-access
@@ -535,8 +605,16 @@ def shampoo_preconditioner(
   ``max_factor_dim``.
 
   Example:
-    >>> state = curvature.scale_by_shampoo().init(params)  # ... after steps
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (3, 2))}
+    >>> opt = curvature.scale_by_shampoo()
+    >>> direction, state = opt.update(grads, opt.init(params))
     >>> precondition = curvature.shampoo_preconditioner(state, params)
+    >>> bool(jnp.allclose(precondition(grads)["w"], direction["w"], atol=1e-5))
+    True
 
   References:
     Gupta, Koren & Singer, "Shampoo: Preconditioned stochastic tensor
@@ -565,11 +643,20 @@ def soap_preconditioner(
   Pass the optimizer's ``b2``, ``eps`` and ``max_factor_dim``.
 
   Example:
-    >>> state = curvature.scale_by_soap().init(params)  # ... after steps
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> params = {"w": jnp.zeros((3, 2))}
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (3, 2))}
+    >>> opt = curvature.scale_by_soap(b1=0.0)  # no momentum: P⁻¹g exactly
+    >>> direction, state = opt.update(grads, opt.init(params))
     >>> precondition = curvature.soap_preconditioner(state, params)
+    >>> bool(jnp.allclose(precondition(grads)["w"], direction["w"], atol=1e-5))
+    True
 
   References:
-    Vyas et al., "SOAP: Improving and stabilizing Shampoo using Adam", 2024.
+    Vyas et al., "SOAP: Improving and stabilizing Shampoo using Adam",
+    arXiv:2409.11321, 2024.
   """
   soap = _find(state, _kronecker_family.ScaleBySoapState._fields,
                "SOAP state")
@@ -598,9 +685,26 @@ def block_diagonal_preconditioner(
   ``damping``, ``decay``, ``max_block_size`` and ``grouping``.
 
   Example:
-    >>> opt = curvature.scale_by_block_diagonal(predict, loss)
-    >>> state = opt.init(params)  # ... after some updates
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
+    >>> opt = curvature.scale_by_block_diagonal(predict,
+    ...                                         curvature.losses.squared_error)
+    >>> direction, state = opt.update(grads, opt.init(params), params,
+    ...                               batch=batch)
     >>> precondition = curvature.block_diagonal_preconditioner(state, params)
+    >>> bool(jnp.allclose(precondition(grads)["w"], direction["w"], atol=1e-5))
+    True
 
   References:
     Le Roux, Manzagol & Bengio, "Topmoumoute online natural gradient

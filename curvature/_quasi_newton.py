@@ -10,8 +10,9 @@ and rejects non-finite steps. :func:`lbfgs` is ``optax.lbfgs`` wrapped so;
 :func:`bfgs` is the dense method, with the inverse-Hessian update written out
 in :func:`scale_by_bfgs`, under the same line search.
 
-The examples assume a model ``predict(params, batch)``, its ``params``, a
-``batch`` and ``loss_fn(params, batch)``, e.g. linear least squares::
+Each example fits linear least squares, built from a model
+``predict(params, batch)``, its ``params``, a ``batch`` and
+``loss_fn(params, batch)``::
 
   predict = lambda params, batch: batch["inputs"] @ params["w"]
   batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
@@ -141,6 +142,19 @@ def with_objective(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.with_objective(
     ...     optax.chain(optax.sgd(1.0), optax.scale_by_zoom_linesearch(15)),
     ...     predict, curvature.losses.squared_error)
@@ -267,7 +281,7 @@ def lbfgs(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""L-BFGS (Liu & Nocedal 1989): ``optax.lbfgs`` under the ``batch=`` contract.
+  r"""L-BFGS (Liu & Nocedal 1989): ``optax.lbfgs`` under the ``batch=`` API.
 
   The direction is ``optax.scale_by_lbfgs``'s two-loop recursion with the
   last ``m`` pairs ``sᵢ = θᵢ₊₁ − θᵢ``, ``yᵢ = gᵢ₊₁ − gᵢ``:
@@ -310,12 +324,26 @@ def lbfgs(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.lbfgs(predict_fn=predict,
     ...                       loss=curvature.losses.squared_error)
     >>> state = opt.init(params)
+    >>> update = jax.jit(opt.update)
     >>> for _ in range(5):
     ...   grads = jax.grad(loss_fn)(params, batch)
-    ...   updates, state = opt.update(grads, state, params, batch=batch)
+    ...   updates, state = update(grads, state, params, batch=batch)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss_fn(params, batch) < 1e-8)
     True
@@ -372,7 +400,7 @@ def bfgs_update(inverse_hessian: Array, s: Array, y: Array) -> Array:
 def scale_by_bfgs(
     scale_init_precond: bool = True,
 ) -> optax.GradientTransformation:
-  r"""The dense BFGS direction ``H_k g_k``, with ``H`` kept as an ``n × n`` matrix.
+  r"""The dense BFGS direction ``H_k g_k``, with ``H`` an ``n × n`` matrix.
 
   With ``s = θ_k − θ_{k−1}`` and ``y = g_k − g_{k−1}``:
 
@@ -396,6 +424,19 @@ def scale_by_bfgs(
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> direction = curvature.scale_by_bfgs()
     >>> state = direction.init(params)
     >>> u, state = direction.update(grads, state, params)  # g / max(1, ‖g‖)
@@ -510,6 +551,19 @@ def bfgs(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.bfgs(predict_fn=predict,
     ...                      loss=curvature.losses.squared_error)
     >>> state = opt.init(params)

@@ -6,7 +6,7 @@ negative curvature: it rescales each eigen-component of the gradient by
 by ``1/|λᵢ|`` instead, so it descends along every direction, and moves away
 from a saddle along the negative-curvature ones. ``|H|`` is only formed in
 the Krylov subspace that Lanczos builds from Hessian-vector products.
-The examples assume the least-squares model of :mod:`curvature._quasi_newton`.
+The examples fit a two-parameter linear least-squares model.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -67,7 +67,7 @@ def _start_vector(lanczos_start: str, grad: Params, key: Array) -> Params:
 
 def saddle_free_direction(grad: Array, basis: Array, ritz_values: Array,
                           ritz_vectors: Array, damping) -> Array:
-  r"""``V Q (|Λ| + λ)⁻¹ Qᵀ Vᵀ g + (g − V Vᵀ g) / (max|Λ| + λ)`` on raveled vectors.
+  r"""``V Q (|Λ| + λ)⁻¹ Qᵀ Vᵀ g + (g − V Vᵀ g) / (max|Λ| + λ)``, raveled.
 
   Args:
     grad: ``g``, ``[n]``.
@@ -152,6 +152,19 @@ def scale_by_saddle_free_newton(
       choices), a negative ``damping`` or ``num_iterations < 1``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = optax.chain(
     ...     curvature.scale_by_saddle_free_newton(
     ...         predict, curvature.losses.squared_error, num_iterations=10),
@@ -166,7 +179,8 @@ def scale_by_saddle_free_newton(
     attacking the saddle point problem in high-dimensional non-convex
     optimization", NeurIPS 2014.
     Lanczos, "An iteration method for the solution of the eigenvalue problem
-    of linear differential and integral operators", 1950.
+    of linear differential and integral operators", J. Res. Natl. Bur.
+    Stand. 45, 1950.
   """
   _quasi_newton._check_model(predict_fn, loss)
   num_iterations = _validation.check_static_int(
@@ -267,6 +281,19 @@ def saddle_free_newton(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"]
+    >>> batch = {"inputs": jnp.asarray([[1., 0.], [1., 1.], [1., 2.]]),
+    ...          "targets": jnp.asarray([[1.], [3.], [5.]])}
+    >>> params = {"w": jnp.zeros((2, 1))}
+    >>> def loss_fn(params, batch):
+    ...   return curvature.losses.squared_error.value(
+    ...       predict(params, batch), batch["targets"])
+    >>> grads = jax.grad(loss_fn)(params, batch)
     >>> opt = curvature.saddle_free_newton(
     ...     predict_fn=predict, loss=curvature.losses.squared_error,
     ...     num_iterations=10, damping=1e-6)
