@@ -277,8 +277,8 @@ def refresh(blocks, states, estimates, due, damping, statistics_count):
     for name in names:
       new = blocks[name].refresh(estimates[name], damping)
       ok = _validation.all_finite(new)
-      out[name] = jax.tree.map(lambda x, y: jnp.where(ok, x, y), new,
-                               previous[name])
+      out[name] = jax.tree.map(
+          lambda x, y, ok=ok: jnp.where(ok, x, y), new, previous[name])
       rejected = rejected + (~ok).astype(jnp.int32)
     return out, rejected
 
@@ -399,7 +399,7 @@ def matrix_shape(shape) -> Optional[tuple]:
 
 
 class KroneckerFactors(NamedTuple):
-  """The two factors of a Kronecker block: ``a`` (rows side), ``g`` (columns)."""
+  """The two factors of a Kronecker block: ``a`` (rows), ``g`` (columns)."""
 
   a: Array
   g: Array

@@ -99,7 +99,8 @@ class _LoopState(NamedTuple):
 
 
 def _where(condition, on_true: Params, on_false: Params) -> Params:
-  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true,
+                      on_false)
 
 
 def _quadratic_value(x: Params, b: Params, r: Params) -> Array:
@@ -175,14 +176,20 @@ def conjugate_gradient(
     A :class:`CGResult`.
 
   Example:
+    >>> import jax.numpy as jnp
+    >>> import curvature
+    >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+    >>> b = jnp.array([1.0, 2.0])
     >>> result = curvature.conjugate_gradient(lambda v: A @ v, b)
-    >>> result.x, result.status
+    >>> [round(float(v), 4) for v in result.x], int(result.iterations)
+    ([0.0909, 0.6364], 2)
 
   References:
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
     systems", 1952. Martens, "Deep learning via Hessian-free optimization",
     ICML 2010 (stopping rule, warm start and backtracking).
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (conjugate gradients).
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press, 2016,
+    ch. 8 (conjugate gradients).
   """
   max_iterations = _validation.check_static_int(
       "max_iterations", max_iterations, 1
@@ -364,7 +371,7 @@ def _preconditioned(precondition, r, use):
 
 
 def _stalled(values, iteration, value, progress_tol, min_window) -> Array:
-  """Martens' (2010) relative-progress test at ``iteration`` with ``φ = value``."""
+  """Martens' (2010) relative-progress test at ``iteration``, ``φ = value``."""
   if progress_tol is None:
     return jnp.zeros((), bool)
   window = jnp.maximum(

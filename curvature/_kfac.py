@@ -1,4 +1,4 @@
-r"""K-FAC and EKFAC: Kronecker-factored curvature, as configurations of the core.
+r"""K-FAC and EKFAC: Kronecker-factored curvature, configurations of the core.
 
 For a dense layer ``s = a W + b`` (``W`` of shape ``[in, out]``) the Fisher
 block of ``[W; b]`` is approximated by a Kronecker product
@@ -186,8 +186,8 @@ def _allocation(predict_fn, params, example_batch, max_factor_dim,
   else:
     if found is None:
       found = _layers.discover_layers(predict_fn, params, example_batch)
-    out = {paths[l.kernel]: _reserved(_layer_dims(l), max_factor_dim)
-           for l in found.layers}
+    out = {paths[layer.kernel]: _reserved(_layer_dims(layer), max_factor_dim)
+           for layer in found.layers}
   eigen = structure == "eigen_kronecker"
   return {p: r for p, r in out.items()
           if r is not None and not (eigen and any(_diagonal_sides(r)))}
@@ -258,7 +258,7 @@ def _plan(predict_fn, params, batch, overrides, max_factor_dim,
   for path, kind in overrides.items():
     index = paths.index(path)
     if kind != "diagonal" and not any(
-        l.kernel == index for l in found.layers):
+        layer.kernel == index for layer in found.layers):
       raise ValueError(
           f"layer_overrides says {path!r} is a {kind} layer, but it is not"
           f" used as one: {reasons.get(index, 'bias of a layer')}. Allowed"
@@ -605,7 +605,7 @@ def _per_example_projection(layer, axis_name, dtype=None):
       return jnp.sum(total ** 2, axis=0)
 
     per_example = jax.lax.map(one_example,
-                              [(l, r) for _, l, r in projected])
+                              [(left, right) for _, left, right in projected])
     out = jnp.sum(per_example, axis=0) / (n * samples)
     return _products.batch_mean(out, axis_name)
 
@@ -830,7 +830,7 @@ def _adaptive_step(forms, grad, direction, velocity, damping):
   return _Step(step, alpha, mu, model)
 
 
-# The transform ------------------------------------------------------------------
+# The transform --------------------------------------------------------------
 
 
 def _check_damping_arg(name, value):
@@ -1272,8 +1272,8 @@ def _plan_step(config, params, batch) -> _StepPlan:
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
                     config.max_factor_dim, config.example_batch,
                     config.structure)
-  in_layer = {l.kernel for l in layers} | {
-      l.bias for l in layers if l.bias is not None}
+  in_layer = {layer.kernel for layer in layers} | {
+      layer.bias for layer in layers if layer.bias is not None}
   diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
                       if i not in in_layer)
   blocks = _blocks_for(layers, params, config.max_factor_dim,
@@ -1295,7 +1295,8 @@ def _statistics_stage(config, plan, state, params, key):
       plan.statistics_batch, key, config.statistics, config.num_samples,
       config.targets_fn, config.axis_name)
   paths = leaf_paths(params)
-  evidence = {paths[l.kernel]: e for l, e in zip(plan.layers, layer_evidence)}
+  evidence = {paths[layer.kernel]: e
+              for layer, e in zip(plan.layers, layer_evidence)}
   evidence["diagonal"] = diagonal
   states = dict(state.blocks, diagonal=state.diagonal)
   states, count, finite = _blocks.accumulate(
@@ -1482,8 +1483,9 @@ def kfac(
     ``Δ`` the K-FAC direction of :func:`scale_by_kfac` at fixed damping
     ``λ = initial_damping``.
   * ``adaptive=True``: the step ``δ = −αΔ + μδ₋₁`` with ``α, μ`` from the
-    exact quadratic model and Levenberg-Marquardt damping (M&G §6–7); then ``learning_rate`` multiplies that step (keep it 1;
-    ``momentum`` is not used) and ``initial_damping`` is ``λ₀`` (M&G use
+    exact quadratic model and Levenberg-Marquardt damping (M&G §6–7); then
+    ``learning_rate`` multiplies that step (keep it 1; ``momentum`` is not
+    used) and ``initial_damping`` is ``λ₀`` (M&G use
     150).
 
   See :func:`scale_by_kfac` for every argument.
@@ -1594,7 +1596,7 @@ def kfac_preconditioner(
     seed: int = 0,
     axis_name=None,
 ) -> KfacPreconditioner:
-  """The stages of :func:`scale_by_kfac` as a preconditioner, damped from outside.
+  """The stages of :func:`scale_by_kfac` as a preconditioner, damped outside.
 
   The damping is the caller's (e.g. Hessian-free's Levenberg-Marquardt
   ``λ``), passed at every ``update``; the arguments are those of

@@ -606,8 +606,8 @@ def soap(
 
   The same as ``optax.chain(scale_by_soap(...), optax.add_decayed_weights(w),
   optax.scale_by_learning_rate(lr))``, except that a rejected (non-finite)
-  step does not decay the weights either. See :func:`scale_by_soap`. The defaults are the paper's (``b1 = b2 =
-  0.95``, a refresh every 10 steps).
+  step does not decay the weights either. See :func:`scale_by_soap`. The
+  defaults are the paper's (``b1 = b2 = 0.95``, a refresh every 10 steps).
 
   Args:
     learning_rate: a scalar or schedule.

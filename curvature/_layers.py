@@ -59,10 +59,10 @@ no pattern matcher and no change to the user's code.
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
+import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -238,7 +238,7 @@ class _Walk:
       if inner is not None:
         inner_jaxpr, _ = inner
         sub_o = {iv: o for iv, o in zip(inner_jaxpr.invars, ins) if o}
-        sub_l = {iv: l for iv, l in zip(inner_jaxpr.invars, lays) if l}
+        sub_l = {iv: lay for iv, lay in zip(inner_jaxpr.invars, lays) if lay}
         for lay in lays:  # The call itself is not a reader; its body is.
           if lay is not None:
             self.output_reads[lay] -= 1
@@ -261,7 +261,8 @@ class _Walk:
         continue
       if name == "transpose" and len(eqn.invars) == 1:
         origin = ins[0]
-        if origin.mode in ("exact", "transposed") and eqn.invars[0].aval.ndim == 2:
+        if (origin.mode in ("exact", "transposed")
+            and eqn.invars[0].aval.ndim == 2):
           mode = "transposed" if origin.mode == "exact" else "exact"
           env_o[eqn.outvars[0]] = origin._replace(mode=mode)
           continue
@@ -500,7 +501,14 @@ def discover_layers(
     reason it was not matched.
 
   Example:
-    >>> found = discover_layers(model.apply, variables, batch)
+    >>> import jax.numpy as jnp
+    >>> from curvature._layers import discover_layers
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params[0]["w"] + params[0]["b"])
+    ...   return hidden @ params[1]["w"] + params[1]["b"]
+    >>> params = [{"w": jnp.ones((4, 5)), "b": jnp.zeros(5)},
+    ...           {"w": jnp.ones((5, 2)), "b": jnp.zeros(2)}]
+    >>> found = discover_layers(predict, params, {"inputs": jnp.ones((8, 4))})
     >>> [layer.kind for layer in found.layers]
     ['dense', 'dense']
   """

@@ -17,7 +17,10 @@ from curvature import _products
 from curvature import _validation
 
 FISHERS = ("fisher", "sampled_fisher", "empirical_fisher")
-"""The Fisher matrices the natural gradient can use (see :data:`curvature.CURVATURES`)."""
+"""The Fisher matrices the natural gradient can use.
+
+See :data:`curvature.CURVATURES`.
+"""
 
 
 def scale_by_natural_gradient(
@@ -114,17 +117,32 @@ def scale_by_natural_gradient(
     :class:`curvature.ScaleByHessianFreeState`.
 
   Example:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (16, 4)),
+    ...          "targets": jnp.arange(16) % 3}
+    >>> loss = curvature.losses.softmax_cross_entropy
     >>> opt = optax.chain(
-    ...     curvature.scale_by_natural_gradient(predict, losses.softmax_cross_entropy),
+    ...     curvature.scale_by_natural_gradient(predict, loss, fisher="fisher"),
     ...     optax.scale_by_learning_rate(1.0))
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: loss.value(predict(p, batch),
+    ...                                       batch["targets"]))(params)
+    >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'b': (3,), 'w': (4, 3)}
 
   References:
     Amari, "Natural gradient works efficiently in learning", Neural
     Computation 1998. Martens, "New insights and perspectives on the natural
     gradient method", JMLR 2020 (arXiv 2014). Kunstner, Balles & Hennig,
     "Limitations of the empirical Fisher approximation for natural gradient
-    descent", NeurIPS 2019. Martens, "New insights and perspectives on the natural gradient method", 2020 (Fisher, natural
-    gradient, empirical Fisher).
+    descent", NeurIPS 2019.
   """
   _validation.check_choice("fisher", fisher, FISHERS)
   return _hessian_free.scale_by_hessian_free(
@@ -193,12 +211,31 @@ def natural_gradient(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> opt = curvature.natural_gradient(
-    ...     predict_fn=predict, loss=curvature.losses.softmax_cross_entropy)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   return batch["inputs"] @ params["w"] + params["b"]
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> batch = {"inputs": jax.random.normal(jax.random.key(0), (16, 4)),
+    ...          "targets": jnp.arange(16) % 3}
+    >>> loss = curvature.losses.softmax_cross_entropy
+    >>> opt = curvature.natural_gradient(predict_fn=predict, loss=loss)
+    >>> state = opt.init(params)
+    >>> value_fn = lambda p: loss.value(predict(p, batch), batch["targets"])
+    >>> before = value_fn(params)
+    >>> grads = jax.grad(value_fn)(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> bool(value_fn(optax.apply_updates(params, updates)) < before)
+    True
 
   References:
-    Amari 1998; Martens 2014; Kunstner et al. 2019; Martens, "New insights and perspectives on the natural gradient method", 2020.
+    Amari, "Natural gradient works efficiently in learning", Neural
+    Computation 1998. Martens, "New insights and perspectives on the natural
+    gradient method", JMLR 2020. Kunstner, Balles & Hennig, "Limitations of
+    the empirical Fisher approximation for natural gradient descent",
+    NeurIPS 2019.
   """
   _validation.check_learning_rate(learning_rate)
   return optax.chain(
