@@ -378,6 +378,80 @@ def _steepest_descent_at_first_negative_curvature(
   return cg._replace(x=step, quadratic_value=model)
 
 
+def _use_structural_damping(structural_damping, structural_fn) -> bool:
+  """Checks the structural-damping arguments; whether the term is built.
+
+  The term is left out entirely (bit-identical steps) when ``μ`` is a
+  concrete 0 or no ``structural_fn`` is given; a traced ``μ`` (injected by
+  ``inject_hyperparams``) with a ``structural_fn`` always builds it.
+  """
+  _validation.check_nonnegative(
+      "structural_damping", structural_damping,
+      "It is μ of Martens & Sutskever (2011), who use 1/30; 0 turns"
+      " structural damping off.")
+  if structural_fn is not None and not callable(structural_fn):
+    raise TypeError(
+        "`structural_fn` must be a function (params, batch) -> hidden"
+        " states (a pytree of arrays with a leading example axis).")
+  concrete = _validation.concrete_value(structural_damping)
+  if structural_fn is None:
+    if concrete is not None and float(concrete) > 0:
+      raise ValueError(
+          f"structural_damping={structural_damping!r} penalizes changes of"
+          " the hidden states, but no `structural_fn` says what they are:"
+          " pass `structural_fn=lambda params, batch: hidden_states`"
+          " (e.g. the RNN's hidden states, [batch, time, hidden]), or"
+          " structural_damping=0.")
+    return False
+  return concrete is None or float(concrete) != 0.0
+
+
+def _check_hidden_states(hidden, num_examples: int) -> None:
+  """Trace-time check of ``structural_fn``'s output against the batch."""
+  leaves = jax.tree_util.tree_flatten_with_path(hidden)[0]
+  if not leaves:
+    raise ValueError(
+        "structural_fn(params, batch) returned no arrays: return the hidden"
+        " states whose change structural damping penalizes.")
+  for path, leaf in leaves:
+    name = "hidden" + jax.tree_util.keystr(path)
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise TypeError(
+          f"structural_fn(params, batch) returned {name} of dtype"
+          f" {jnp.result_type(leaf)}: return floating-point hidden states.")
+    if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_examples:
+      raise ValueError(
+          f"structural_fn(params, batch) returned {name} of shape"
+          f" {jnp.shape(leaf)} for a batch of {num_examples} examples:"
+          " every leaf needs one entry per example along its leading axis"
+          " ([batch, ...], e.g. [batch, time, hidden]), computed from the"
+          " `batch` it is given (the curvature batch, which may be a prefix"
+          " of the update's batch), not from data it closes over.")
+
+
+def _structural_matvec(structural_fn, params, batch, num_examples, axis_name):
+  """``v ↦ (1/N) J_Sᵀ J_S v``: the GGN of ``½ mean‖S(θ + d) − S(θ)‖²``.
+
+  ``J_S`` is the Jacobian of ``structural_fn(·, batch)`` at ``params``,
+  linearized once with ``jax.linearize`` and transposed with
+  ``jax.linear_transpose`` (Martens & Sutskever 2011, with the squared
+  distance ``D``, whose Hessian is ``I``).
+  """
+  local_params = _products.as_varying(params, axis_name)
+  hidden, jvp_fn = jax.linearize(lambda p: structural_fn(p, batch),
+                                 local_params)
+  _check_hidden_states(hidden, num_examples)
+  transpose_fn = jax.linear_transpose(jvp_fn, local_params)
+
+  def matvec(vector):
+    tangent = jvp_fn(_products.as_varying(vector, axis_name))
+    (product,) = transpose_fn(tangent)
+    return _products.batch_mean(
+        optax.tree.scale(1.0 / num_examples, product), axis_name)
+
+  return matvec
+
+
 def scale_by_hessian_free(
     predict_fn: _products.PredictFn,
     loss: _losses.Loss,
@@ -392,6 +466,8 @@ def scale_by_hessian_free(
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
     l2_reg: float = 0.0,
+    structural_damping: float = 0.0,
+    structural_fn: Optional[Callable[..., Any]] = None,
     max_cg_iterations: int = 250,
     cg_tol: float = 1e-10,
     progress_tol: Optional[float] = 5e-4,
@@ -456,6 +532,25 @@ def scale_by_hessian_free(
   ``predict_fn`` that casts its inputs to a fixed compute dtype keeps
   doing so.
 
+  **Structural damping.** For recurrent networks Martens & Sutskever (2011)
+  also penalize the change of the hidden states ``S(θ)``
+  (``structural_fn(params, batch)``): the damped objective gains
+  ``μλ · ½ mean_i ‖S_i(θ + d) − S_i(θ)‖²``, whose Gauss-Newton matrix
+  enters the curvature product and the quadratic model (hence ``ρ``) as
+
+  .. math::
+    (C + \lambda I + \mu\lambda\, \tfrac1N J_S^\top J_S)\, v,
+
+  with ``J_S`` the Jacobian of ``structural_fn`` at ``θ`` on the curvature
+  batch of ``N`` examples (one more linearization per step, no dense
+  matrix) and ``λ`` the current, adapted damping: the penalty grows and
+  shrinks with the trust region. ``structural_fn`` must return a pytree of
+  floating-point arrays with a leading example axis (``[batch, ...]``,
+  checked at trace time); the squared change is summed over all other axes
+  and averaged over the examples, like the loss. The CG preconditioners
+  ignore the term. ``structural_damping=0`` (the default) leaves the
+  transform exactly as without it.
+
   **Negative curvature.** CG stops at the first direction with
   ``pᵀ(C + λI)p ≤ 0`` (possible for the Hessian) and returns the iterate
   before it; if that happens at the very first direction the steepest-descent
@@ -516,6 +611,10 @@ def scale_by_hessian_free(
     max_damping: ceiling of the adapted ``λ``.
     l2_reg: L2 coefficient ``η``: ``½η‖θ‖²`` is added to the objective,
       ``ηθ`` to the gradient and ``ηI`` to the curvature (Martens used 1e-5).
+    structural_damping: ``μ ≥ 0`` of structural damping (see *Structural
+      damping* above; Martens & Sutskever 2011 use 1/30); 0 (default): off.
+    structural_fn: ``(params, batch) -> hidden states``, a pytree of
+      arrays ``[batch, ...]``; required when ``structural_damping > 0``.
     max_cg_iterations: CG cap (250); a Python int.
     cg_tol: CG relative-residual tolerance, ``≥ 0``.
     progress_tol: Martens' relative-progress ``ε`` (5e-4); ``None`` disables
@@ -575,6 +674,8 @@ def scale_by_hessian_free(
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+    Martens & Sutskever, "Learning recurrent neural networks with
+    Hessian-free optimization", ICML 2011 (structural damping).
     Martens & Sutskever, "Training deep and recurrent networks with
     Hessian-free optimization", 2012.
     Schraudolph, "Fast curvature matrix-vector products", 2002.
@@ -599,6 +700,7 @@ def scale_by_hessian_free(
       "Use a damping >= 0 (Martens starts at 1.0)."
   )
   _validation.check_nonnegative("l2_reg", l2_reg)
+  structural = _use_structural_damping(structural_damping, structural_fn)
   _validation.check_nonnegative("min_damping", min_damping)
   _validation.check_positive("max_damping", max_damping)
   _validation.check_ordered(
@@ -740,6 +842,17 @@ def scale_by_hessian_free(
     def damped_matvec(vector):
       return optax.tree.add_scale(lin.matvec(vector), damping, vector)
 
+    if structural:
+      structural_matvec = _structural_matvec(
+          structural_fn, params, curvature_batch, num_curvature, axis_name)
+      tikhonov_matvec = damped_matvec
+
+      def damped_matvec(vector):  # pylint: disable=function-redefined
+        return optax.tree.add_scale(
+            tikhonov_matvec(vector),
+            jnp.asarray(structural_damping, damping.dtype) * damping,
+            structural_matvec(vector))
+
     statistics_batch = _products.take_examples(
         curvature_batch,
         min(preconditioner_batch_size or num_curvature, num_curvature))
@@ -846,6 +959,8 @@ def hessian_free(
     damping_increase: float = 1.5,
     damping_decrease: float = 2.0 / 3.0,
     l2_reg: float = 0.0,
+    structural_damping: float = 0.0,
+    structural_fn: Optional[Callable[..., Any]] = None,
     max_cg_iterations: int = 250,
     progress_tol: Optional[float] = 5e-4,
     warm_start_decay: float = 0.95,
@@ -881,6 +996,11 @@ def hessian_free(
     damping_increase: LM factor for ``ρ < 1/4``.
     damping_decrease: LM factor for ``ρ > 3/4``.
     l2_reg: L2 coefficient.
+    structural_damping: ``μ`` of structural damping for recurrent networks
+      (Martens & Sutskever 2011 use 1/30): adds ``μλ (1/N) J_Sᵀ J_S`` to the
+      damped curvature; 0 (default): off.
+    structural_fn: ``(params, batch) -> hidden states`` (arrays
+      ``[batch, ...]``), required with ``structural_damping > 0``.
     max_cg_iterations: CG cap.
     progress_tol: Martens' CG stopping ``ε``.
     warm_start_decay: CG warm-start factor.
@@ -924,12 +1044,15 @@ def hessian_free(
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
+    Martens & Sutskever, "Learning recurrent neural networks with
+    Hessian-free optimization", ICML 2011 (structural damping).
     Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Hessian-free, damping as a trust region).
   """
   transform = scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=initial_damping,
       damping_increase=damping_increase, damping_decrease=damping_decrease,
-      l2_reg=l2_reg, max_cg_iterations=max_cg_iterations,
+      l2_reg=l2_reg, structural_damping=structural_damping,
+      structural_fn=structural_fn, max_cg_iterations=max_cg_iterations,
       progress_tol=progress_tol, warm_start_decay=warm_start_decay,
       backtracking=backtracking, line_search=linesearch is None,
       diagonal_preconditioner=diagonal_preconditioner,

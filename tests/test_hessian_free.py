@@ -14,6 +14,7 @@ from helpers import dense_ggn
 from helpers import dense_hessian
 from helpers import flat
 from helpers import mlp_predict
+from helpers import random_like
 
 L2 = 0.01
 
@@ -562,3 +563,210 @@ def test_newton_takes_steepest_descent_when_the_first_direction_curves_down():
   assert hf.cg_iterations == 0
   np.testing.assert_allclose(flat(updates), -g, rtol=1e-12)
   assert f(optax.apply_updates(params, updates)) < f(params)
+
+
+# Structural damping (Martens & Sutskever 2011) on a tiny tanh RNN.
+
+MU = 0.3
+
+
+def _rnn_problem(n=5, steps=4, d_in=2, hidden=3, key=0):
+  k = jax.random.split(jax.random.key(key), 6)
+  params = {
+      "w_in": 0.7 * jax.random.normal(k[0], (d_in, hidden)),
+      "w_h": 0.5 * jax.random.normal(k[1], (hidden, hidden)),
+      "b": 0.1 * jax.random.normal(k[2], (hidden,)),
+      "w_out": jax.random.normal(k[3], (hidden, 1)),
+      "b_out": jnp.zeros((1,)),
+  }
+  batch = {"inputs": jax.random.normal(k[4], (n, steps, d_in)),
+           "targets": jax.random.normal(k[5], (n, 1))}
+  return params, batch
+
+
+def _rnn_hidden(params, batch):
+  """The hidden states, [batch, time, hidden]."""
+  inputs = batch["inputs"]
+
+  def step(h, x):
+    h = jnp.tanh(x @ params["w_in"] + h @ params["w_h"] + params["b"])
+    return h, h
+
+  h0 = jnp.zeros((inputs.shape[0], params["b"].shape[0]), inputs.dtype)
+  _, hs = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
+  return jnp.swapaxes(hs, 0, 1)
+
+
+def _rnn_predict(params, batch):
+  return _rnn_hidden(params, batch)[:, -1] @ params["w_out"] + params["b_out"]
+
+
+def _dense_structural(params, batch):
+  """(1/N) J_Sᵀ J_S with J_S from jax.jacfwd."""
+  vec, unravel = ravel_pytree(params)
+  jac = jax.jacfwd(lambda v: _rnn_hidden(unravel(v), batch))(vec)
+  jac = np.asarray(jac.reshape(-1, len(vec)))
+  return jac.T @ jac / batch["inputs"].shape[0]
+
+
+def _dense_damped(params, batch, lam, mu=MU):
+  loss = losses.squared_error
+  g_matrix = dense_ggn(_rnn_predict, loss, params, batch, L2)
+  return (g_matrix + lam * np.eye(len(g_matrix))
+          + mu * lam * _dense_structural(params, batch))
+
+
+def _rnn_grad(params, batch):
+  return jax.grad(lambda p: losses.squared_error.value(
+      _rnn_predict(p, batch), batch["targets"]))(params)
+
+
+def test_structural_matvec_is_the_dense_damped_curvature(monkeypatch):
+  """CG's matvec is (G + λI + μλ (1/N) J_Sᵀ J_S) v, dense from jax.jacfwd."""
+  params, batch = _rnn_problem()
+  hf = curvature._hessian_free  # pylint: disable=protected-access
+  vector = random_like(params, 3)
+  products = []
+  solve = hf._cg.conjugate_gradient  # pylint: disable=protected-access
+
+  def capture(matvec, *args, **kwargs):
+    jax.debug.callback(lambda x: products.append(np.asarray(x)),
+                       ravel_pytree(matvec(vector))[0])
+    return solve(matvec, *args, **kwargs)
+
+  monkeypatch.setattr(hf._cg, "conjugate_gradient", capture)  # pylint: disable=protected-access
+  lam = 0.7
+  opt = curvature.scale_by_hessian_free(
+      _rnn_predict, losses.squared_error, initial_damping=lam, l2_reg=L2,
+      structural_damping=MU, structural_fn=_rnn_hidden, max_cg_iterations=1,
+      line_search=False, backtracking=False)
+  jax.block_until_ready(jax.jit(opt.update)(
+      _rnn_grad(params, batch), opt.init(params), params, batch=batch))
+  expected = _dense_damped(params, batch, lam) @ flat(vector)
+  np.testing.assert_allclose(products[0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_structural_damping_step_and_rho_are_the_dense_solve():
+  """Converged CG gives (G + λI + μλ J_SᵀJ_S/N)⁻¹g; ρ uses that model."""
+  params, batch = _rnn_problem()
+  lam = 0.4
+  opt = curvature.scale_by_hessian_free(
+      _rnn_predict, losses.squared_error, initial_damping=lam, l2_reg=L2,
+      structural_damping=MU, structural_fn=_rnn_hidden, line_search=False,
+      backtracking=False, progress_tol=None, cg_tol=1e-14,
+      warm_start_decay=0.0, max_cg_iterations=200)
+  state = opt.init(params)
+  updates, state = jax.jit(opt.update)(_rnn_grad(params, batch), state,
+                                       params, batch=batch)
+  g = flat(_rnn_grad(params, batch)) + L2 * flat(params)
+  matrix = _dense_damped(params, batch, lam)
+  np.testing.assert_allclose(flat(updates), np.linalg.solve(matrix, g),
+                             rtol=1e-10, atol=1e-12)
+  p = -flat(updates)
+  model = g @ p + 0.5 * p @ matrix @ p
+  new_params = jax.tree.map(lambda a, u: a - u, params, updates)
+  objective = lambda q: curvature.objective(
+      _rnn_predict, losses.squared_error, q, batch, l2_reg=L2)
+  rho = (objective(new_params) - objective(params)) / model
+  np.testing.assert_allclose(state.reduction_ratio, rho, rtol=1e-8)
+  factor = 1.5 if rho < 0.25 else (2 / 3 if rho > 0.75 else 1.0)
+  np.testing.assert_allclose(state.damping, lam * factor, rtol=1e-12)
+
+
+def test_injected_structural_damping_matches_and_shrinks_the_hidden_change():
+  """μ injected (traced, one compile) gives the fixed-μ step; a larger μ
+  moves the hidden states less (‖J_S p‖ falls)."""
+  params, batch = _rnn_problem()
+  grads = _rnn_grad(params, batch)
+  kwargs = dict(initial_damping=0.5, line_search=False, backtracking=False,
+                progress_tol=None, cg_tol=1e-12, structural_fn=_rnn_hidden)
+  injected = curvature.inject_hyperparams(curvature.scale_by_hessian_free)(
+      _rnn_predict, losses.squared_error, structural_damping=MU, **kwargs)
+  state = injected.init(params)
+  assert "structural_fn" not in state.hyperparams
+  update = jax.jit(injected.update)
+  vec, unravel = ravel_pytree(params)
+  jac = jax.jacfwd(lambda v: _rnn_hidden(unravel(v), batch))(vec)
+  jac = np.asarray(jac.reshape(-1, len(vec)))
+  steps, changes = {}, []
+  for mu in (0.0, MU, 10.0):
+    state.hyperparams["structural_damping"] = jnp.asarray(mu)
+    steps[mu], _ = update(grads, state, params, batch=batch)
+    changes.append(np.linalg.norm(jac @ flat(steps[mu])))
+  assert changes[0] > changes[1] > changes[2]
+  fixed = curvature.scale_by_hessian_free(
+      _rnn_predict, losses.squared_error, structural_damping=MU, **kwargs)
+  expected, _ = jax.jit(fixed.update)(grads, fixed.init(params), params,
+                                      batch=batch)
+  np.testing.assert_allclose(flat(steps[MU]), flat(expected), rtol=1e-9,
+                             atol=1e-12)
+
+
+def test_zero_structural_damping_is_bit_identical():
+  """μ = 0 (the default) builds no structural term: the same program."""
+  params, batch = _rnn_problem()
+  grads = _rnn_grad(params, batch)
+
+  def program(**kwargs):
+    opt = curvature.hessian_free(predict_fn=_rnn_predict,
+                                 loss=losses.squared_error, l2_reg=L2,
+                                 **kwargs)
+    return str(jax.make_jaxpr(
+        lambda s: opt.update(grads, s, params, batch=batch))(
+            opt.init(params)))
+
+  reference = program()
+  assert program(structural_damping=0.0, structural_fn=_rnn_hidden) == (
+      reference)
+  assert program(structural_fn=_rnn_hidden) == reference
+  assert program(structural_damping=MU, structural_fn=_rnn_hidden) != (
+      reference)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(structural_damping=-0.1, structural_fn=_rnn_hidden), ValueError,
+     "structural_damping.*>= 0"),
+    (dict(structural_damping=float("nan"), structural_fn=_rnn_hidden),
+     ValueError, "structural_damping"),
+    (dict(structural_damping=float("inf"), structural_fn=_rnn_hidden),
+     ValueError, "structural_damping"),
+    (dict(structural_damping=0.1), ValueError,
+     "structural_fn=lambda params, batch"),
+    (dict(structural_damping=0.1, structural_fn="hidden"), TypeError,
+     "structural_fn"),
+])
+@pytest.mark.parametrize("factory", ["hessian_free", "scale_by_hessian_free"])
+def test_invalid_structural_damping_raises_at_construction(
+    factory, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    getattr(curvature, factory)(predict_fn=_rnn_predict,
+                                loss=losses.squared_error, **kwargs)
+
+
+def test_structural_fn_output_is_checked_at_trace_time():
+  params, batch = _rnn_problem()
+  grads = _rnn_grad(params, batch)
+
+  def trace(structural_fn, batch=batch, **kwargs):
+    opt = curvature.hessian_free(
+        predict_fn=_rnn_predict, loss=losses.squared_error,
+        structural_damping=MU, structural_fn=structural_fn, **kwargs)
+    return jax.eval_shape(
+        lambda s: opt.update(grads, s, params, batch=batch), opt.init(params))
+
+  time_major = lambda p, b: jnp.swapaxes(_rnn_hidden(p, b), 0, 1)
+  with pytest.raises(ValueError, match=r"shape \(4, 5, 3\).*5 examples"):
+    trace(time_major)
+  with pytest.raises(TypeError, match="floating-point"):
+    trace(lambda p, b: (_rnn_hidden(p, b), jnp.ones((5,), jnp.int32)))
+  with pytest.raises(ValueError, match="no arrays"):
+    trace(lambda p, b: {})
+  # Hidden states of fixed data, not of the batch given: fine for that
+  # batch, a clear error as soon as the (curvature) batch changes size.
+  fixed = lambda p, b: _rnn_hidden(p, batch)
+  trace(fixed)
+  with pytest.raises(ValueError, match=r"shape \(5, 4, 3\).*3 examples"):
+    trace(fixed, curvature_batch_size=3)
+  small = jax.tree.map(lambda x: x[:2], batch)
+  with pytest.raises(ValueError, match="2 examples"):
+    trace(fixed, batch=small)
