@@ -1,5 +1,8 @@
 """Hessian-free, damped Newton, Gauss-Newton and Levenberg-Marquardt."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -584,21 +587,18 @@ def _rnn_problem(n=5, steps=4, d_in=2, hidden=3, key=0):
   return params, batch
 
 
-def _rnn_hidden(params, batch):
-  """The hidden states, [batch, time, hidden]."""
-  inputs = batch["inputs"]
-
-  def step(h, x):
-    h = jnp.tanh(x @ params["w_in"] + h @ params["w_h"] + params["b"])
-    return h, h
-
-  h0 = jnp.zeros((inputs.shape[0], params["b"].shape[0]), inputs.dtype)
-  _, hs = jax.lax.scan(step, h0, jnp.swapaxes(inputs, 0, 1))
-  return jnp.swapaxes(hs, 0, 1)
+def _load_example(name):
+  path = pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
-def _rnn_predict(params, batch):
-  return _rnn_hidden(params, batch)[:, -1] @ params["w_out"] + params["b_out"]
+# The example's tanh RNN: hidden states [batch, time, hidden], linear read-out.
+_RNN = _load_example("rnn_structural_damping")
+_rnn_hidden = _RNN.hidden_states
+_rnn_predict = _RNN.predict
 
 
 def _dense_structural(params, batch):
