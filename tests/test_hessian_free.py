@@ -770,3 +770,24 @@ def test_structural_fn_output_is_checked_at_trace_time():
   small = jax.tree.map(lambda x: x[:2], batch)
   with pytest.raises(ValueError, match="2 examples"):
     trace(fixed, batch=small)
+
+
+def test_structural_matvec_reduces_over_mapped_shards():
+  """With ``axis_name`` the per-shard (1/N_s) J_SᵀJ_S v are ``pmean``-ed
+  into the global-batch product (vmap over 2 shards of the batch)."""
+  params, batch = _rnn_problem(n=6)
+  vector = random_like(params, 4)
+  hf = curvature._hessian_free  # pylint: disable=protected-access
+
+  def product(batch, axis_name=None):
+    return hf._structural_matvec(  # pylint: disable=protected-access
+        _rnn_hidden, params, batch, batch["inputs"].shape[0],
+        axis_name)(vector)
+
+  expected = _dense_structural(params, batch) @ flat(vector)
+  np.testing.assert_allclose(flat(product(batch)), expected, rtol=1e-10,
+                             atol=1e-12)
+  shards = jax.tree.map(lambda x: x.reshape(2, 3, *x.shape[1:]), batch)
+  got = jax.vmap(lambda b: product(b, "shards"), axis_name="shards")(shards)
+  np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[0], got)),
+                             expected, rtol=1e-10, atol=1e-12)
