@@ -1,4 +1,4 @@
-"""Hessian-free optimization, damped Newton, Gauss-Newton and Levenberg-Marquardt.
+"""Hessian-free optimization, damped Newton, Gauss-Newton, Levenberg-Marquardt.
 
 All of them are one transform, :func:`scale_by_hessian_free`: solve the damped
 curvature system ``(C + λI) p = −g`` with conjugate gradient, where ``C`` is a
@@ -20,7 +20,7 @@ alias                      curvature ``C``  damping ``λ``     CG
 =========================  ==============  ================  ==============
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +179,9 @@ def _backtrack(cg: _cg.CGResult, evaluate: Callable[[Params], Array]):
   return best
 
 
-def _armijo(evaluate, step, value_at_step, value, slope, *, decay, c, max_steps):
-  """Backtracking line search: the largest ``α = decayᵏ`` with sufficient decrease.
+def _armijo(evaluate, step, value_at_step, value, slope, *, decay, c,
+            max_steps):
+  """Backtracking line search: the largest ``α = decayᵏ`` that decreases enough.
 
   Tries ``α = 1`` (already evaluated), then ``α ← decay·α`` while
   ``f(θ + αp) > f(θ) + c·α·gᵀp``, at most ``max_steps`` times; if none
@@ -212,7 +213,7 @@ def _diagonal_preconditioner(
     predict_fn, loss, params, batch, damping, l2_reg, exponent, targets_fn,
     axis_name
 ):
-  """Martens' (2010) ``M = [diag(1/N Σ gᵢ²) + (λ + η) I]^ξ``, applied as ``r ↦ M⁻¹r``."""
+  """Martens' (2010) ``M = [diag(1/N Σ gᵢ²) + (λ + η) I]^ξ``: ``r ↦ M⁻¹r``."""
   diagonal = _products.empirical_fisher_diagonal(
       predict_fn, loss, params, batch, targets_fn=targets_fn,
       axis_name=axis_name
@@ -666,11 +667,26 @@ def scale_by_hessian_free(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> opt = optax.chain(
-    ...     curvature.scale_by_hessian_free(predict, curvature.losses.squared_error),
-    ...     optax.scale_by_learning_rate(1.0))
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params["w1"])
+    ...   return hidden @ params["w2"]
+    >>> params = {"w1": 0.5 * jnp.ones((3, 4)), "w2": 0.1 * jnp.ones((4, 1))}
+    >>> key = jax.random.key(0)
+    >>> inputs = jax.random.normal(key, (32, 3))
+    >>> batch = {"inputs": inputs, "targets": jnp.sin(inputs[:, :1])}
+    >>> loss = curvature.losses.squared_error
+    >>> opt = optax.chain(curvature.scale_by_hessian_free(predict, loss),
+    ...                   optax.scale_by_learning_rate(1.0))
     >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: loss.value(predict(p, batch),
+    ...                                       batch["targets"]))(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
+    >>> int(state[0].cg_iterations) > 0
+    True
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -679,8 +695,8 @@ def scale_by_hessian_free(
     Martens & Sutskever, "Training deep and recurrent networks with
     Hessian-free optimization", 2012.
     Schraudolph, "Fast curvature matrix-vector products", 2002.
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (damping, trust regions, GGN),
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton, Levenberg-Marquardt, CG).
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press, 2016, ch. 8
+    (Newton, damping as a trust region, Levenberg-Marquardt, CG).
   """
   _validation.check_choice("curvature", curvature, _products.CURVATURES)
   if adapt_damping:
@@ -758,7 +774,8 @@ def scale_by_hessian_free(
         "The budget is this times the previous solve's iterations; use e.g."
         " 1.5, or None for the cap alone.")
   if not callable(predict_fn):
-    raise TypeError("`predict_fn` must be a function (params, batch) -> outputs.")
+    raise TypeError(
+        "`predict_fn` must be a function (params, batch) -> outputs.")
   if not isinstance(loss, _losses.Loss):
     raise TypeError(
         "`loss` must be a curvature.losses.Loss, e.g."
@@ -929,7 +946,8 @@ def scale_by_hessian_free(
             state.objective_value.dtype),
         cg_iterations=cg.iterations,
         cg_status=cg.status,
-        step_size=jnp.where(finite, alpha, 0.0).astype(state.objective_value.dtype),
+        step_size=jnp.where(finite, alpha, 0.0).astype(
+            state.objective_value.dtype),
         loss_evaluations=(chosen.evaluations + tries
                           + extra_evaluations).astype(jnp.int32),
         preconditioner_state=preconditioner_state,
@@ -1034,19 +1052,37 @@ def hessian_free(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> opt = curvature.hessian_free(
-    ...     predict_fn=predict, loss=curvature.losses.sigmoid_binary_cross_entropy,
-    ...     l2_reg=1e-5)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import curvature
+    >>> def predict(params, batch):
+    ...   hidden = jnp.tanh(batch["inputs"] @ params["w1"])
+    ...   return hidden @ params["w2"]
+    >>> params = {"w1": 0.5 * jnp.ones((3, 4)), "w2": 0.1 * jnp.ones((4, 1))}
+    >>> key = jax.random.key(0)
+    >>> inputs = jax.random.normal(key, (32, 3))
+    >>> batch = {"inputs": inputs, "targets": jnp.sin(inputs[:, :1])}
+    >>> loss = curvature.losses.squared_error
+    >>> opt = curvature.hessian_free(predict_fn=predict, loss=loss,
+    ...                              l2_reg=1e-5)
     >>> state = opt.init(params)
-    >>> loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    >>> updates, state = opt.update(grads, state, params, batch=batch)
-    >>> params = optax.apply_updates(params, updates)
+    >>> loss_fn = lambda p: loss.value(predict(p, batch), batch["targets"])
+    >>> step = jax.jit(lambda p, s: opt.update(jax.grad(loss_fn)(p), s, p,
+    ...                                        batch=batch))
+    >>> before = loss_fn(params)
+    >>> for _ in range(3):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss_fn(params) < before)
+    True
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
     Martens & Sutskever, "Learning recurrent neural networks with
     Hessian-free optimization", ICML 2011 (structural damping).
-    Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Hessian-free, damping as a trust region).
+    Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press, 2016, ch. 8
+    (damping as a trust region).
   """
   transform = scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=initial_damping,
@@ -1070,7 +1106,7 @@ def hessian_free(
 def _full_solve(predict_fn, loss, *, curvature, damping, adapt, l2_reg,
                 max_cg_iterations, cg_tol, line_search, targets_fn,
                 axis_name, max_line_search_steps=20, line_search_c=1e-2):
-  """A damped Newton-type step with CG solved to a tolerance (no Martens devices)."""
+  """A damped Newton-type step, CG solved to tolerance (no Martens devices)."""
   return scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=damping,
       adapt_damping=adapt, l2_reg=l2_reg,
@@ -1094,8 +1130,8 @@ def newton(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton's method, ``θ ← θ − lr · H⁻¹ g``, with ``H⁻¹g`` solved by CG.
 
-  Undamped, with no line search: the textbook method of
-  Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8. CG stops cleanly at a direction of
+  Undamped, with no line search: the textbook method (Goodfellow, Bengio &
+  Courville, *Deep Learning*, 2016, ch. 8). CG stops cleanly at a direction of
   non-positive curvature (a saddle or a maximum), returning the truncated
   Newton step built so far, or the steepest-descent direction if the very
   first direction curves down (Newton-CG); use :func:`damped_newton` where
@@ -1144,8 +1180,9 @@ def damped_newton(
   r"""Damped (regularized) Newton: ``θ ← θ − lr · α (H + λI)⁻¹ g``.
 
   ``(H + λI)⁻¹ g`` is solved by CG; ``λ`` follows the Levenberg-Marquardt
-  rule on ``ρ``, so it behaves as a trust region (Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8), and
-  CG stops at non-positive curvature when ``H + λI`` is indefinite.
+  rule on ``ρ``, so it behaves as a trust region (Goodfellow, Bengio &
+  Courville, *Deep Learning*, 2016, ch. 8), and CG stops at non-positive
+  curvature when ``H + λI`` is indefinite.
 
   Args:
     learning_rate: step scale.
@@ -1165,8 +1202,10 @@ def damped_newton(
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Levenberg 1944; Marquardt 1963; Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton with
-    regularization), Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Newton, Levenberg-Marquardt).
+    Levenberg, "A method for the solution of certain non-linear problems in
+    least squares", 1944. Marquardt, "An algorithm for least-squares
+    estimation of nonlinear parameters", 1963. Goodfellow, Bengio &
+    Courville, *Deep Learning*, MIT Press, 2016, ch. 8 (regularized Newton).
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="hessian", damping=damping,
@@ -1211,7 +1250,9 @@ def gauss_newton(
     An ``optax.GradientTransformationExtraArgs``.
 
   References:
-    Schraudolph 2002 (the GGN); Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8 (Gauss-Newton).
+    Schraudolph, "Fast curvature matrix-vector products for second-order
+    gradient descent", Neural Computation 2002 (the GGN). Goodfellow, Bengio
+    & Courville, *Deep Learning*, MIT Press, 2016, ch. 8 (Gauss-Newton).
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
@@ -1257,7 +1298,9 @@ def levenberg_marquardt(
 
   References:
     Levenberg, "A method for the solution of certain non-linear problems in
-    least squares", 1944. Marquardt, 1963. Goodfellow, Bengio & Courville, *Deep Learning*, 2016, ch. 8.
+    least squares", 1944. Marquardt, "An algorithm for least-squares
+    estimation of nonlinear parameters", 1963. Goodfellow, Bengio &
+    Courville, *Deep Learning*, MIT Press, 2016, ch. 8.
   """
   return _with_learning_rate(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
