@@ -39,7 +39,8 @@ NAMES = sorted(TRANSFORMS)
 # Transforms that reject non-finite steps themselves.
 SELF_REJECTING = {
     "hessian_free", "hessian_free_sampled_fisher",
-    "hessian_free_kfac_preconditioned", "gauss_newton",
+    "hessian_free_kfac_preconditioned", "hessian_free_structural",
+    "gauss_newton",
     "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
     "natural_gradient", "natural_gradient_sampled",
     "scale_by_natural_gradient", "kfac", "kfac_adaptive", "scale_by_kfac",
@@ -57,7 +58,8 @@ FIRST_ORDER_ALIASES = {
 # seen and rejected); the others never compute it and step normally.
 USES_LOSS = {
     "hessian_free", "hessian_free_sampled_fisher",
-    "hessian_free_kfac_preconditioned", "gauss_newton",
+    "hessian_free_kfac_preconditioned", "hessian_free_structural",
+    "gauss_newton",
     "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
     "natural_gradient", "natural_gradient_sampled",
     "scale_by_natural_gradient",
@@ -65,6 +67,7 @@ USES_LOSS = {
 }
 # Steps that must not raise the loss (line search or LM step rejection).
 MONOTONE = {"hessian_free", "hessian_free_kfac_preconditioned",
+            "hessian_free_structural",
             "levenberg_marquardt", "damped_newton",
             "scale_by_hessian_free", "natural_gradient",
             "natural_gradient_sampled", "scale_by_natural_gradient",
@@ -338,6 +341,7 @@ def test_mismatched_gradient_shapes(name):
 DAMPED = {
     "hessian_free": "initial_damping",
     "hessian_free_kfac_preconditioned": "initial_damping",
+    "hessian_free_structural": "initial_damping",
     "gauss_newton": "damping",
     "levenberg_marquardt": "damping",
     "damped_newton": "damping",
@@ -353,6 +357,7 @@ DAMPED = {
 # step: the shared compiled step runs them with the state's damping replaced.
 # (A fixed damping, as gauss_newton's, is read from the argument each step.)
 DAMPING_IN_STATE = {"hessian_free", "hessian_free_kfac_preconditioned",
+                    "hessian_free_structural",
                     "levenberg_marquardt",
                     "damped_newton", "scale_by_hessian_free",
                     "natural_gradient", "scale_by_natural_gradient"}
@@ -471,6 +476,12 @@ BAD_HYPERPARAMETERS = [
     ("scale_by_hessian_free", dict(cg_tol=-1.0), ValueError, "cg_tol.*>= 0"),
     ("hessian_free", dict(damping_increase=0.9), ValueError,
      "damping_increase"),
+    ("hessian_free", dict(structural_damping=-0.1), ValueError,
+     "structural_damping.*>= 0"),
+    ("hessian_free", dict(structural_damping=float("nan")), ValueError,
+     "structural_damping"),
+    ("scale_by_hessian_free", dict(structural_damping=1 / 30), ValueError,
+     "structural_fn=lambda params, batch"),
     ("hessian_free", dict(initial_damping=_SCHEDULE), TypeError,
      "initial_damping.*number.*adapt_damping=False"),
     ("natural_gradient", dict(initial_damping=_SCHEDULE), TypeError,

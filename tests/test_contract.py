@@ -33,6 +33,11 @@ TRANSFORMS = {
         curvature.hessian_free,
         dict(learning_rate=1.0, preconditioner="kfac", preconditioner_every=2,
              **MODEL)),
+    "hessian_free_structural": (
+        curvature.hessian_free,
+        dict(learning_rate=1.0, structural_damping=1 / 30,
+             structural_fn=lambda p, b: jnp.tanh(
+                 b["inputs"] @ p[0]["w"] + p[0]["b"]), **MODEL)),
     "gauss_newton": (curvature.gauss_newton,
                      dict(learning_rate=1.0, damping=0.1, **MODEL)),
     "levenberg_marquardt": (curvature.levenberg_marquardt,
