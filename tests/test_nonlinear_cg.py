@@ -4,7 +4,6 @@ clipping, restarts, the zoom line search and non-finite steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import curvature
@@ -17,7 +16,6 @@ from test_quasi_newton import _run
 from test_quasi_newton import check_monotone_descent
 from test_quasi_newton import exact_linesearch
 from test_quasi_newton import quadratic_problem
-from test_quasi_newton import run_doctests
 
 LOSS = losses.squared_error
 
@@ -148,6 +146,3 @@ def test_mismatched_state_raises():
   with pytest.raises(ValueError, match="gradient does not match the state"):
     opt.update(jnp.zeros(4), state)
 
-
-def test_docstring_examples():
-  run_doctests(_nonlinear_cg)

@@ -1,11 +1,9 @@
 """BFGS and L-BFGS: optax.lbfgs's iterates, finite termination, the seed's
 inverse-Hessian update, the batch= contract and non-finite steps."""
 
-import doctest
 import os
 import subprocess
 import sys
-import textwrap
 
 from flax import nnx
 import jax
@@ -300,25 +298,6 @@ def test_bfgs_state_is_dense():
   n = ravel_pytree(params)[0].size
   state = curvature.scale_by_bfgs().init(params)
   assert state.inverse_hessian.shape == (n, n)
-
-
-def run_doctests(module):
-  """Runs ``module``'s docstring examples on the least-squares setup that
-  ``curvature._quasi_newton``'s docstring shows (executed from there)."""
-  setup = _quasi_newton.__doc__.split("linear least squares::")[1]
-  globs = dict(jax=jax, jnp=jnp, optax=optax, curvature=curvature)
-  exec(textwrap.dedent(setup), globs)  # pylint: disable=exec-used
-  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-  tests = doctest.DocTestFinder().find(module, globs=globs)
-  assert sum(len(t.examples) for t in tests) > 0
-  for test in tests:
-    runner.run(test)
-  assert runner.failures == 0, f"{runner.failures} doctest failures"
-
-
-def test_docstring_examples():
-  run_doctests(_quasi_newton)
-
 
 
 SHARD_MAP_SCRIPT = """

@@ -14,7 +14,6 @@ from curvature import losses
 from helpers import flat
 from helpers import mlp_predict
 from helpers import regression_problem
-from test_quasi_newton import run_doctests
 
 LOSS = losses.squared_error
 
@@ -182,6 +181,3 @@ def test_bad_arguments_raise(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     curvature.saddle_free_newton(predict_fn=mlp_predict, loss=LOSS, **kwargs)
 
-
-def test_docstring_examples():
-  run_doctests(_saddle_free)
