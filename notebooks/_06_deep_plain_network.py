@@ -396,7 +396,6 @@ lines.append(
     + ". The machine was shared with other jobs: read seconds as rough and"
     " steps as exact.")
 print("\n".join(lines))
-assert len(lines) >= 3  # Every verdict above was computed.
 '''),
 ("md", r"""
 **Why the ResNet gap need not vanish here.** The lecture's explanation is
