@@ -62,7 +62,7 @@ def _damping(eps: Any, eps_in_root: bool) -> dict:
 def sgd(
     learning_rate: Any,
     momentum: Optional[Any] = None,
-    nesterov: Any = False,
+    nesterov: bool = False,
     *,
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -173,7 +173,7 @@ def nesterov(
     learning_rate: Any,
     momentum: Any = 0.9,
     *,
-    form: str = "change_of_variables",
+    form: _momentum.NesterovForm = "change_of_variables",
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD with Nesterov momentum, in its look-ahead or change-of-variables form.
@@ -229,12 +229,12 @@ def nesterov(
 
     Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
-  _validation.check_choice("form", form, ("change_of_variables", "lookahead"))
+  _validation.check_choice("form", form, _momentum.NESTEROV_FORMS)
   _moments.check_decay("momentum", momentum)
   if form == "lookahead":
     return _finish(
         _learning_rate(learning_rate),
-        _momentum.scale_by_momentum(momentum, nesterov="lookahead"),
+        _momentum.scale_by_momentum(momentum, nesterov=True, form="lookahead"),
         max_consecutive_errors=max_consecutive_errors,
     )
   return sgd(
@@ -318,7 +318,7 @@ def rmsprop(
     initial_scale: Any = 0.0,
     eps_in_root: bool = True,
     momentum: Optional[Any] = None,
-    nesterov: Any = False,
+    nesterov: bool = False,
     *,
     max_consecutive_errors: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:

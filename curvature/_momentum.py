@@ -6,7 +6,8 @@ after a diagonal preconditioner (RMSProp with momentum), after
 gradient (SGD with momentum).
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
+import warnings
 
 import jax
 import optax
@@ -14,7 +15,8 @@ import optax
 from curvature import _moments
 from curvature import _validation
 
-NESTEROV_FORMS = (False, True, "change_of_variables", "lookahead")
+NesterovForm = Literal["change_of_variables", "lookahead"]
+NESTEROV_FORMS = ("change_of_variables", "lookahead")
 
 
 class ScaleByMomentumState(NamedTuple):
@@ -30,7 +32,8 @@ class ScaleByMomentumState(NamedTuple):
 def scale_by_momentum(
     decay: Any = 0.9,
     *,
-    nesterov: Any = False,
+    nesterov: bool = False,
+    form: NesterovForm = "change_of_variables",
     accumulator_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Heavy-ball or Nesterov momentum on the incoming direction :math:`g_t`.
@@ -57,11 +60,15 @@ def scale_by_momentum(
 
   Args:
     decay: :math:`\alpha \in [0, 1)`.
-    nesterov: ``False`` (heavy ball), ``True`` or ``"change_of_variables"``
-      (Nesterov without a look-ahead gradient; this is ``optax.trace``'s
-      ``nesterov=True``), or ``"lookahead"`` (Nesterov with the gradient
-      taken at :math:`\theta + \alpha v`; the update is heavy ball, the
-      difference is where the caller evaluates the gradient).
+    nesterov: ``False`` (heavy ball) or ``True`` (Nesterov), as in
+      ``optax.trace``.
+    form: which Nesterov form, when ``nesterov=True``:
+      ``"change_of_variables"`` (no look-ahead gradient; this is
+      ``optax.trace``'s ``nesterov=True``) or ``"lookahead"`` (the gradient
+      is taken at :math:`\theta + \alpha v`; the update is heavy ball, the
+      difference is where the caller evaluates the gradient). The string
+      values once accepted by ``nesterov`` still work, with a
+      ``DeprecationWarning``.
     accumulator_dtype: dtype of the stored velocity (default: the updates').
 
   Returns:
@@ -99,8 +106,8 @@ def scale_by_momentum(
     Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   _moments.check_decay("decay", decay)
-  _validation.check_choice("nesterov", nesterov, NESTEROV_FORMS)
-  change_of_variables = nesterov is True or nesterov == "change_of_variables"
+  nesterov, form = _nesterov_flag_and_form(nesterov, form)
+  change_of_variables = nesterov and form == "change_of_variables"
 
   def init_fn(params):
     return ScaleByMomentumState(
@@ -120,6 +127,22 @@ def scale_by_momentum(
     return updates, ScaleByMomentumState(velocity=velocity)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _nesterov_flag_and_form(nesterov: Any, form: Any) -> tuple[bool, str]:
+  """``(nesterov, form)`` checked; the old string ``nesterov`` values mapped."""
+  if isinstance(nesterov, str) and nesterov in NESTEROV_FORMS:
+    warnings.warn(
+        f"`nesterov={nesterov!r}` is deprecated: pass `nesterov=True,"
+        f" form={nesterov!r}`.", DeprecationWarning, stacklevel=3)
+    nesterov, form = True, nesterov
+  if not isinstance(nesterov, bool):
+    raise TypeError(
+        f"`nesterov` must be True or False, got {nesterov!r}; choose the"
+        " Nesterov form with `form=` (one of "
+        f"{', '.join(map(repr, NESTEROV_FORMS))}).")
+  _validation.check_choice("form", form, NESTEROV_FORMS)
+  return nesterov, form
 
 
 def lookahead_params(params: Any, opt_state: Any, decay: Any) -> Any:

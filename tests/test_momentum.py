@@ -34,7 +34,8 @@ def test_heavy_ball_unrolls_like_the_seed(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_change_of_variables_nesterov_equals_optax_trace(dtype):
-  ours = curvature.scale_by_momentum(0.9, nesterov="change_of_variables")
+  ours = curvature.scale_by_momentum(0.9, nesterov=True,
+                                     form="change_of_variables")
   ref = optax.trace(0.9, nesterov=True)
   params = jnp.zeros(4, dtype)
   s_ours, s_ref = ours.init(params), ref.init(params)
@@ -142,7 +143,31 @@ def test_lookahead_params_needs_exactly_one_momentum_state():
 
 
 @pytest.mark.parametrize("bad", [{"decay": 1.0}, {"decay": -0.2},
-                                 {"nesterov": "sutskever"}])
+                                 {"nesterov": True, "form": "sutskever"}])
 def test_bad_momentum_arguments_raise(bad):
   with pytest.raises(ValueError):
     curvature.scale_by_momentum(**{"decay": 0.9, **bad})
+
+
+@pytest.mark.parametrize("old", ["change_of_variables", "lookahead"])
+def test_string_nesterov_is_deprecated_but_still_works(old):
+  with pytest.warns(DeprecationWarning, match="form="):
+    legacy = curvature.scale_by_momentum(0.9, nesterov=old)
+  current = curvature.scale_by_momentum(0.9, nesterov=True, form=old)
+  g = jnp.arange(3.0)
+  s_legacy, s_current = legacy.init(g), current.init(g)
+  for _ in range(3):
+    u_legacy, s_legacy = legacy.update(g, s_legacy)
+    u_current, s_current = current.update(g, s_current)
+  np.testing.assert_array_equal(u_legacy, u_current)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_nesterov_takes_a_bool(bad):
+  with pytest.raises(TypeError, match="form="):
+    curvature.scale_by_momentum(0.9, nesterov=bad)
+
+
+def test_unknown_form_names_the_options():
+  with pytest.raises(ValueError, match="lookahead"):
+    curvature.scale_by_momentum(0.9, nesterov=True, form="polyak")
