@@ -3,7 +3,8 @@
 No registration by the user. :func:`discover_layers` traces
 ``predict_fn(params, batch)`` to a jaxpr (``jax.make_jaxpr``) and walks it,
 following every parameter leaf through *structural* operations only
-(``convert_element_type``, ``copy``, a 2-D ``transpose``, and, for biases,
+(``convert_element_type``, ``copy``, a 2-D ``transpose``, a ``reshape`` of a
+kernel to the matrix of its leading and trailing axes, and, for biases,
 ``reshape``/``broadcast_in_dim``/``squeeze``/``expand_dims``), into nested
 ``jit``/``closed_call``/``checkpoint`` (remat) calls, and into the body of a
 ``scan`` whose scanned-over inputs (``xs``) are stacked parameters (Flax
@@ -17,7 +18,9 @@ Every *use* of a leaf is one of
   activations may have any number of leading axes (batch, sequence, heads:
   *weight sharing*); a kernel of rank ≥ 3 contracted over some of its
   axes (Flax ``DenseGeneral``/``LinearGeneral``, the projections of
-  ``MultiHeadAttention``) is the matrix ``[contracted, other axes]``; a
+  ``MultiHeadAttention``) is the matrix ``[contracted, other axes]``, and
+  so is a kernel reshaped to the matrix ``[leading axes, trailing axes]``
+  (``x @ w.reshape(-1, out)``); a
   ``dot_general`` whose one batch dimension is the
   leading axis of a 3-D kernel is a ``vmap``-ed stack (``nnx.vmap``) of
   dense layers;
@@ -39,7 +42,9 @@ einsum of two parameters or with other batch dimensions, a kernel of rank
 ≥ 3 used several times,
 weights used as loop constants of ``scan``/``while``, grouped
 convolutions...) is reported with the reason it was not matched; K-FAC
-gives it a diagonal block.
+gives it a diagonal block. Each primitive's part in the walk is one small
+rule of a table keyed by the primitive's name; the result is cached per
+``predict_fn`` and shapes and dtypes of ``params`` and ``batch``.
 
 :func:`tapped_forward` then evaluates the *same* jaxpr with a small
 interpreter (the ``eval_jaxpr`` loop of JAX, with jit-like calls inlined,
@@ -56,6 +61,10 @@ This is the "tap" approach: it works for any model that JAX can trace, with
 no pattern matcher and no change to the user's code.
 """
 
+import collections
+import functools
+import math
+import types
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -68,8 +77,39 @@ Array = jax.Array
 
 _CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call", "checkpoint",
                     "remat", "remat2")
+_CUSTOM_CALLS = ("custom_jvp_call", "custom_vjp_call",
+                 "custom_vjp_call_jaxpr")
 _IDENTITY_OPS = ("convert_element_type", "copy", "copy_p", "reduce_precision")
-_BROADCAST_OPS = ("reshape", "broadcast_in_dim", "squeeze", "expand_dims")
+_BROADCAST_OPS = ("broadcast_in_dim", "squeeze", "expand_dims")
+_FLIP = {"exact": "transposed", "transposed": "exact"}
+_CACHE_SIZE = 32  # Discoveries kept (by function and shapes), oldest out.
+
+
+class ConvSpec(NamedTuple):
+  """The geometry of a convolution use (``conv_general_dilated``'s params).
+
+  The field order is that of the tuple it replaces, so ``conv[5]`` is still
+  ``rhs_spec``.
+
+  Attributes:
+    window_strides: the stride of each spatial dimension.
+    padding: ``((low, high), ...)``, one pair per spatial dimension.
+    lhs_dilation: the input dilation of each spatial dimension.
+    rhs_dilation: the kernel dilation of each spatial dimension.
+    lhs_spec: the input's ``(batch, feature, spatial...)`` axes.
+    rhs_spec: the kernel's ``(out feature, in feature, spatial...)`` axes.
+    out_spec: the output's ``(batch, feature, spatial...)`` axes.
+    filter_shape: the kernel's spatial sizes, in ``rhs_spec`` order.
+  """
+
+  window_strides: tuple
+  padding: tuple
+  lhs_dilation: tuple
+  rhs_dilation: tuple
+  lhs_spec: tuple
+  rhs_spec: tuple
+  out_spec: tuple
+  filter_shape: tuple
 
 
 class Use(NamedTuple):
@@ -82,7 +122,7 @@ class Use(NamedTuple):
     in_axis: dense and lookup: the kernel leaf's input axis (0 or 1).
     weight_is_lhs: dense only: the kernel is the left operand of the dot.
     input_axis: dense only: the contracted axis of the activations.
-    conv: conv only: as in :class:`Layer`.
+    conv: conv only: the :class:`ConvSpec`.
     input_dim: rows of this use's ``A`` (without the homogeneous coordinate).
     output_dim: rows of this use's ``G``.
     batch_axis: a ``vmap``-ed stack (a ``dot_general`` whose batch
@@ -90,9 +130,10 @@ class Use(NamedTuple):
       runs over the stack; ``None`` otherwise. ``input_axis`` and
       ``in_axis`` then count without the stack axis.
     kernel_axes: a kernel of rank ≥ 3 (Flax ``DenseGeneral``/
-      ``LinearGeneral``, attention projections): ``(contracted axes, other
-      axes)`` of the kernel, whose products are the input and output sizes;
-      ``None`` for a 2-D kernel.
+      ``LinearGeneral``, attention projections) or one reshaped to the
+      matrix of its leading and trailing axes: ``(contracted axes, other
+      axes)`` of the kernel leaf, whose products are the input and output
+      sizes; ``None`` for a 2-D kernel used as it is.
     input_axes: with ``kernel_axes``: the activations' contracted axes, in
       the order of the kernel's.
   """
@@ -102,7 +143,7 @@ class Use(NamedTuple):
   in_axis: int
   weight_is_lhs: bool
   input_axis: int
-  conv: Optional[tuple]
+  conv: Optional[ConvSpec]
   input_dim: int
   output_dim: int
   batch_axis: Optional[int] = None
@@ -123,8 +164,7 @@ class Layer(NamedTuple):
     in_axis: dense only: the kernel leaf's input (contracted) axis, 0 or 1.
     weight_is_lhs: dense only: the kernel is the left operand of the dot.
     input_axis: dense only: the contracted axis of the activations.
-    conv: conv only: ``(window_strides, padding, lhs_dilation, rhs_dilation,
-      lhs_spec, rhs_spec, out_spec, filter_shape)``.
+    conv: conv only: the :class:`ConvSpec`.
     path: the position of the equation in the (inlined) jaxpr.
     input_dim: rows of ``A`` without the homogeneous coordinate.
     output_dim: rows of ``G``.
@@ -143,7 +183,7 @@ class Layer(NamedTuple):
   in_axis: int
   weight_is_lhs: bool
   input_axis: int
-  conv: Optional[tuple]
+  conv: Optional[ConvSpec]
   path: tuple
   input_dim: int
   output_dim: int
@@ -186,9 +226,33 @@ class Discovery(NamedTuple):
 
 
 class _Origin(NamedTuple):
+  """How a value of the program derives from a parameter leaf."""
+
   leaf: int
-  mode: str  # "exact", "transposed" (2-D) or "broadcast" (reshaped).
+  # "exact", "transposed" (2-D), "merged" (reshaped to the matrix of its
+  # leading and trailing axes) or "broadcast" (any other reshape).
+  mode: str
   stack: Optional[tuple] = None  # (scan path, length) of a scanned slice.
+  groups: Optional[tuple] = None  # "merged": (row axes, column axes).
+
+
+class _Seen(NamedTuple):
+  """One use of a parameter leaf met by the walk."""
+
+  what: str  # "dense", "conv", "lookup", "bias", or the unfactored op.
+  path: Optional[tuple] = None  # The equation of a factorable use.
+  stack: Optional[tuple] = None  # As in _Origin: the slice the use sees.
+  general: bool = False  # A kernel used through a matrix of its axes.
+
+
+class _Out(NamedTuple):
+  """What an equation's outputs are to the walk, one entry per output."""
+
+  origins: tuple = ()  # _Origin (a parameter-derived value) or None.
+  layers: tuple = ()  # The path of the use whose raw output it is, or None.
+
+
+_NOTHING = _Out()
 
 
 def _inner_jaxpr(eqn):
@@ -214,282 +278,492 @@ def _is_var(v) -> bool:
   return not isinstance(v, jex_core.Literal)
 
 
+def _read(env, variables):
+  """``env``'s entry for each variable (``None`` for literals, unknowns)."""
+  return [env.get(v) if _is_var(v) else None for v in variables]
+
+
+def _write(env, variables, values):
+  for v, value in zip(variables, values):
+    if value is not None:
+      env[v] = value
+
+
+def _pair(variables, values):
+  return {v: value for v, value in zip(variables, values) if value is not None}
+
+
 class _Walk:
-  """Symbolic walk of a jaxpr: origins of parameter-derived values and uses."""
+  """Symbolic walk of a jaxpr: origins of parameter-derived values and uses.
+
+  Every equation that reads a parameter-derived value goes to its rule in
+  :data:`_RULES` (by primitive name; :func:`_unmatched` for the others),
+  which records the uses it sees and says what its outputs are.
+  """
 
   def __init__(self, num_params):
-    self.uses = {i: [] for i in range(num_params)}  # leaf -> [(desc, info)]
-    self.candidates = {}  # path -> partial layer dict
+    self.seen = {i: [] for i in range(num_params)}  # leaf -> [_Seen]
+    self.candidates = {}  # path -> Use of a factorable use.
     self.bias_adds = []  # (layer path, bias leaf, bias stack)
-    self.output_reads = {}  # layer path -> number of readers of raw output
+    self.output_reads = collections.Counter()  # layer path -> raw readers
 
-  def run(self, jaxpr, origins, outputs, path):
-    """origins/outputs: dicts var -> _Origin / layer path for the invars."""
-    env_o = dict(origins)
-    env_l = dict(outputs)
-    for i, eqn in enumerate(jaxpr.eqns):
-      here = path + (i,)
-      ins = [env_o.get(v) if _is_var(v) else None for v in eqn.invars]
-      lays = [env_l.get(v) if _is_var(v) else None for v in eqn.invars]
-      for lay in lays:
-        if lay is not None:
-          self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
-      inner = _inner_jaxpr(eqn)
-      if inner is not None:
-        inner_jaxpr, _ = inner
-        sub_o = {iv: o for iv, o in zip(inner_jaxpr.invars, ins) if o}
-        sub_l = {iv: lay for iv, lay in zip(inner_jaxpr.invars, lays) if lay}
-        for lay in lays:  # The call itself is not a reader; its body is.
-          if lay is not None:
-            self.output_reads[lay] -= 1
-        out_o, out_l = self.run(inner_jaxpr, sub_o, sub_l, here)
-        for ov, iv in zip(eqn.outvars, inner_jaxpr.outvars):
-          if _is_var(iv) and iv in out_o:
-            env_o[ov] = out_o[iv]
-          if _is_var(iv) and iv in out_l:
-            env_l[ov] = out_l[iv]
-        continue
-      derived = [(k, o) for k, o in enumerate(ins) if o is not None]
-      if eqn.primitive.name == "scan" and derived:
-        self._scan(eqn, ins, here)
-        continue
-      if not derived:
-        continue
-      name = eqn.primitive.name
-      if name in _IDENTITY_OPS and len(eqn.invars) == 1:
-        env_o[eqn.outvars[0]] = ins[0]
-        continue
-      if name == "transpose" and len(eqn.invars) == 1:
-        origin = ins[0]
-        if (origin.mode in ("exact", "transposed")
-            and eqn.invars[0].aval.ndim == 2):
-          mode = "transposed" if origin.mode == "exact" else "exact"
-          env_o[eqn.outvars[0]] = origin._replace(mode=mode)
-          continue
-      if name in _BROADCAST_OPS and len(derived) == 1:
-        env_o[eqn.outvars[0]] = ins[0]._replace(mode="broadcast")
-        continue
-      if name == "dot_general" and self._dense(eqn, ins, here):
-        env_l[eqn.outvars[0]] = here
-        continue
-      if name == "conv_general_dilated" and self._conv(eqn, ins, here):
-        env_l[eqn.outvars[0]] = here
-        continue
-      if name == "gather" and self._lookup(eqn, ins, here):
-        env_l[eqn.outvars[0]] = here
-        continue
-      if name == "add" and self._bias(eqn, ins, lays, here):
-        continue
-      for _, origin in derived:
-        self.uses[origin.leaf].append((f"`{name}`", None))
-    out_o = {v: env_o[v] for v in jaxpr.outvars if _is_var(v) and v in env_o}
-    out_l = {v: env_l[v] for v in jaxpr.outvars if _is_var(v) and v in env_l}
-    for v in jaxpr.outvars:  # Returned raw layer outputs are read.
-      if _is_var(v) and v in env_l and not path:
-        lay = env_l[v]
-        self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
-    return out_o, out_l
+  def run(self, jaxpr, origins, layers, path):
+    """Walks ``jaxpr`` from ``{var: _Origin}`` and ``{var: layer path}``.
 
-  def _scan(self, eqn, ins, here):
-    """Follows stacked parameters (``xs``) into a ``scan`` body."""
-    body, _, num_consts, num_carry = _scan_parts(eqn)
-    sub_o = {}
-    for k, (inner_var, origin) in enumerate(zip(body.invars, ins)):
-      if origin is None:
-        continue
-      if k < num_consts + num_carry:
-        self.uses[origin.leaf].append(
-            ("`scan` as a loop constant or carry (applied at every"
-             " iteration)", None))
-      elif origin.stack is not None:
-        self.uses[origin.leaf].append(("a nested `scan` stack", None))
-      elif origin.mode != "exact":
-        self.uses[origin.leaf].append(
-            ("`scan` after a reshape or transpose of the stack", None))
-      else:
-        sub_o[inner_var] = origin._replace(
-            stack=(here, int(eqn.params["length"])))
-    _, out_l = self.run(body, sub_o, {}, here)
-    for lay in out_l.values():  # A raw output leaving the body is read.
-      self.output_reads[lay] = self.output_reads.get(lay, 0) + 1
-
-  def _dense(self, eqn, ins, here):
-    (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
-        "dimension_numbers"]
-    lhs, rhs = eqn.invars
-    if ins[0] is not None and ins[1] is not None:
-      for o in ins:
-        self.uses[o.leaf].append(("`dot_general` of two parameters", None))
-      return True
-    weight_is_lhs = ins[0] is not None
-    origin = ins[0] if weight_is_lhs else ins[1]
-    weight, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
-    c_w, c_x = ((contract_l, contract_r) if weight_is_lhs
-                else (contract_r, contract_l))
-    b_w, b_x = (batch_l, batch_r) if weight_is_lhs else (batch_r, batch_l)
-    if (origin.mode == "exact" and origin.stack is None
-        and weight.aval.ndim == 3 and tuple(b_w) == (0,) and len(c_w) == 1
-        and len(c_x) == 1):
-      return self._vmapped_dense(origin, weight, weight_is_lhs, c_w[0],
-                                 c_x[0], b_x[0], here)
-    if (origin.mode == "exact" and weight.aval.ndim >= 3 and not batch_l
-        and not batch_r and len(c_w) < weight.aval.ndim):
-      return self._general_dense(origin, weight, weight_is_lhs, tuple(c_w),
-                                 tuple(c_x), here)
-    ok = (origin.mode in ("exact", "transposed") and weight.aval.ndim == 2
-          and len(c_w) == 1 and len(c_x) == 1 and not batch_l and not batch_r
-          and x.aval.ndim >= 1)
-    if not ok:
-      self.uses[origin.leaf].append(
-          ("`dot_general` that is not a dense layer (weight not 2-D, batch"
-           " dimensions, or several contracting dimensions)", None))
-      return True
-    in_w = c_w[0]
-    in_axis = in_w if origin.mode == "exact" else 1 - in_w
-    self.uses[origin.leaf].append(("dense", here, origin.stack))
-    self.candidates[here] = dict(
-        kind="dense", kernel=origin.leaf, in_axis=in_axis,
-        weight_is_lhs=weight_is_lhs, input_axis=c_x[0], conv=None, path=here,
-        input_dim=weight.aval.shape[in_w],
-        output_dim=weight.aval.shape[1 - in_w])
-    return True
-
-  def _general_dense(self, origin, weight, weight_is_lhs, c_w, c_x, here):
-    """A kernel of rank ≥ 3 contracted over some of its axes (DenseGeneral).
-
-    The contracted axes are the input side, the others the output side:
-    the kernel is the matrix ``[prod(contracted), prod(others)]``.
+    Returns:
+      The same two dicts for the outputs of ``jaxpr``.
     """
-    shape = weight.aval.shape
-    free = tuple(d for d in range(len(shape)) if d not in c_w)
-    self.uses[origin.leaf].append(("dense", here, origin.stack, True))
-    self.candidates[here] = dict(
-        kind="dense", kernel=origin.leaf, in_axis=0,
-        weight_is_lhs=weight_is_lhs, input_axis=c_x[-1], conv=None,
-        path=here, input_dim=int(np.prod([shape[d] for d in c_w])),
-        output_dim=int(np.prod([shape[d] for d in free])),
-        kernel_axes=(c_w, free), input_axes=c_x)
-    return True
+    env_o, env_l = dict(origins), dict(layers)
+    for i, eqn in enumerate(jaxpr.eqns):
+      ins, lays = _read(env_o, eqn.invars), _read(env_l, eqn.invars)
+      self.output_reads.update(lay for lay in lays if lay is not None)
+      name = eqn.primitive.name
+      if name not in _CALL_PRIMITIVES and all(o is None for o in ins):
+        continue
+      out = _RULES.get(name, _unmatched)(self, eqn, ins, lays, path + (i,))
+      _write(env_o, eqn.outvars, out.origins)
+      _write(env_l, eqn.outvars, out.layers)
+    outs = _pair(jaxpr.outvars, _read(env_l, jaxpr.outvars))
+    if not path:  # Returned raw layer outputs are read.
+      self.output_reads.update(outs.values())
+    return _pair(jaxpr.outvars, _read(env_o, jaxpr.outvars)), outs
 
-  def _vmapped_dense(self, origin, weight, weight_is_lhs, c_w, c_x, b_x,
-                     here):
-    """A stack of dense layers applied by ``vmap`` (``nnx.vmap``)."""
-    length = weight.aval.shape[0]
-    in_w = c_w - 1
-    self.uses[origin.leaf].append(("dense", here, (here, length)))
-    self.candidates[here] = dict(
-        kind="dense", kernel=origin.leaf, in_axis=in_w,
-        weight_is_lhs=weight_is_lhs,
-        input_axis=c_x - (1 if b_x < c_x else 0), conv=None, path=here,
-        input_dim=weight.aval.shape[c_w],
-        output_dim=weight.aval.shape[1 + (1 - in_w)], batch_axis=b_x)
-    return True
+  def reject(self, ins, reason):
+    """Records that the parameter-derived ``ins`` are used by ``reason``."""
+    for origin in ins:
+      if origin is not None:
+        self.seen[origin.leaf].append(_Seen(reason))
+    return _NOTHING
 
-  def _lookup(self, eqn, ins, here):
-    """``E[indices]``: whole rows of a 2-D leaf gathered by integer indices."""
-    if ins[0] is None or ins[1] is not None:
-      return False
-    origin = ins[0]
-    operand, indices = eqn.invars
-    out = eqn.outvars[0].aval
-    dn = eqn.params["dimension_numbers"]
-    ok = (origin.mode == "exact" and operand.aval.ndim == 2
+  def accept(self, origin, use, stack, general=False):
+    """Records a factorable use of ``origin``'s leaf; its output is raw."""
+    self.seen[origin.leaf].append(_Seen(use.kind, use.path, stack, general))
+    self.candidates[use.path] = use
+    return _Out((None,), (use.path,))
+
+
+# The rules: (walk, eqn, ins, lays, here) -> _Out. ``ins``/``lays``: the
+# origin/raw layer output of each operand (or None); ``here``: the path.
+
+
+def _unmatched(walk, eqn, ins, lays, here):
+  del lays, here
+  return walk.reject(ins, f"`{eqn.primitive.name}`")
+
+
+def _call(walk, eqn, ins, lays, here):
+  """A ``jit``/``closed_call``/``checkpoint``: its body is walked inline."""
+  inner = _inner_jaxpr(eqn)
+  if inner is None:
+    return _unmatched(walk, eqn, ins, lays, here)
+  jaxpr = inner[0]
+  # The call itself is not a reader of a raw output; its body is.
+  walk.output_reads.subtract(lay for lay in lays if lay is not None)
+  out_o, out_l = walk.run(jaxpr, _pair(jaxpr.invars, ins),
+                          _pair(jaxpr.invars, lays), here)
+  return _Out(tuple(_read(out_o, jaxpr.outvars)),
+              tuple(_read(out_l, jaxpr.outvars)))
+
+
+def _custom_call(walk, eqn, ins, lays, here):
+  del lays, here
+  return walk.reject(
+      ins, f"`{eqn.primitive.name}` (a function with a custom derivative,"
+      " whose inside is not followed)")
+
+
+def _identity(walk, eqn, ins, lays, here):
+  if len(ins) != 1:
+    return _unmatched(walk, eqn, ins, lays, here)
+  return _Out((ins[0],))
+
+
+def _transpose(walk, eqn, ins, lays, here):
+  """A 2-D transpose flips the kernel's sides; other transposes are uses."""
+  if (len(ins) != 1 or ins[0].mode not in _FLIP
+      or eqn.invars[0].aval.ndim != 2):
+    return _unmatched(walk, eqn, ins, lays, here)
+  return _Out((ins[0]._replace(mode=_FLIP[ins[0].mode]),))
+
+
+def _broadcast(walk, eqn, ins, lays, here):
+  """Broadcasts and reshapes keep a leaf's identity for the bias rule."""
+  derived = [o for o in ins if o is not None]
+  if len(derived) != 1:
+    return _unmatched(walk, eqn, ins, lays, here)
+  return _Out((derived[0]._replace(mode="broadcast", groups=None),))
+
+
+def _split_groups(shape, new_shape):
+  """The leaf's ``(leading axes, trailing axes)`` that a reshape to the 2-D
+  ``new_shape`` merges into its rows and columns, or ``None``."""
+  if len(new_shape) != 2:
+    return None
+  for k in range(1, len(shape)):
+    if math.prod(shape[:k]) == new_shape[0]:
+      return tuple(range(k)), tuple(range(k, len(shape)))
+  return None
+
+
+def _reshape(walk, eqn, ins, lays, here):
+  """A kernel reshaped to the matrix ``[leading axes, trailing axes]``."""
+  origin = ins[0]
+  shape, new_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  if origin is None or len(ins) != 1 or eqn.params.get("dimensions"):
+    return _broadcast(walk, eqn, ins, lays, here)
+  if tuple(shape) == tuple(new_shape):
+    return _Out((origin,))
+  groups = _split_groups(shape, new_shape)
+  if origin.mode != "exact" or groups is None:
+    return _broadcast(walk, eqn, ins, lays, here)
+  return _Out((origin._replace(mode="merged", groups=groups),))
+
+
+class _Dot(NamedTuple):
+  """A ``dot_general`` of one parameter-derived operand (the weight)."""
+
+  origin: _Origin
+  weight: Any  # The weight operand's aval.
+  x: Any  # The other operand's aval.
+  weight_is_lhs: bool
+  c_w: tuple  # Contracting dimensions of the weight and of x.
+  c_x: tuple
+  b_w: tuple  # Batch dimensions of the weight and of x.
+  b_x: tuple
+
+
+def _dot_of(eqn, ins) -> _Dot:
+  (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
+      "dimension_numbers"]
+  lhs, rhs = (v.aval for v in eqn.invars)
+  if ins[0] is not None:
+    return _Dot(ins[0], lhs, rhs, True, tuple(contract_l),
+                tuple(contract_r), tuple(batch_l), tuple(batch_r))
+  return _Dot(ins[1], rhs, lhs, False, tuple(contract_r), tuple(contract_l),
+              tuple(batch_r), tuple(batch_l))
+
+
+def _vmapped_dense(dot, here):
+  """A stack of dense layers applied by ``vmap`` (``nnx.vmap``)."""
+  if not (dot.origin.mode == "exact" and dot.origin.stack is None
+          and dot.weight.ndim == 3 and dot.b_w == (0,) and len(dot.c_w) == 1
+          and len(dot.c_x) == 1):
+    return None
+  c_w, c_x, b_x = dot.c_w[0], dot.c_x[0], dot.b_x[0]
+  in_w = c_w - 1
+  return Use("dense", here, in_w, dot.weight_is_lhs,
+             c_x - (1 if b_x < c_x else 0), None, dot.weight.shape[c_w],
+             dot.weight.shape[1 + (1 - in_w)], batch_axis=b_x)
+
+
+def _general_dense(dot, here):
+  """A kernel of rank ≥ 3 contracted over some of its axes (DenseGeneral).
+
+  The contracted axes are the input side, the others the output side:
+  the kernel is the matrix ``[prod(contracted), prod(others)]``.
+  """
+  shape = dot.weight.shape
+  if not (dot.origin.mode == "exact" and len(shape) >= 3 and not dot.b_w
+          and not dot.b_x and len(dot.c_w) < len(shape)):
+    return None
+  free = tuple(d for d in range(len(shape)) if d not in dot.c_w)
+  return Use("dense", here, 0, dot.weight_is_lhs, dot.c_x[-1], None,
+             math.prod(shape[d] for d in dot.c_w),
+             math.prod(shape[d] for d in free), kernel_axes=(dot.c_w, free),
+             input_axes=dot.c_x)
+
+
+def _merged_dense(dot, here):
+  """A kernel reshaped to ``[leading axes, trailing axes]``, then a matmul.
+
+  The contracted side of the matrix is a group of the leaf's axes: as for
+  :func:`_general_dense`, the kernel is the matrix ``[that group, the
+  other]``.
+  """
+  if not (dot.origin.mode == "merged" and dot.weight.ndim == 2
+          and len(dot.c_w) == 1 and len(dot.c_x) == 1 and not dot.b_w
+          and not dot.b_x):
+    return None
+  size, groups = dot.weight.shape, dot.origin.groups
+  contracted, free = groups if dot.c_w[0] == 0 else groups[::-1]
+  if dot.weight_is_lhs and len(free) != 1:  # Its free axes would lead.
+    return None
+  return Use("dense", here, 0, dot.weight_is_lhs, dot.c_x[0], None,
+             size[dot.c_w[0]], size[1 - dot.c_w[0]],
+             kernel_axes=(contracted, free), input_axes=dot.c_x)
+
+
+def _plain_dense(dot, here):
+  """A 2-D kernel (or its transpose) contracted with the activations."""
+  if not (dot.origin.mode in _FLIP and dot.weight.ndim == 2
+          and len(dot.c_w) == 1 and len(dot.c_x) == 1 and not dot.b_w
+          and not dot.b_x and dot.x.ndim >= 1):
+    return None
+  in_w = dot.c_w[0]
+  in_axis = in_w if dot.origin.mode == "exact" else 1 - in_w
+  return Use("dense", here, in_axis, dot.weight_is_lhs, dot.c_x[0], None,
+             dot.weight.shape[in_w], dot.weight.shape[1 - in_w])
+
+
+def _dot_general(walk, eqn, ins, lays, here):
+  """A dense use: the weight of a ``dot_general`` with an activation."""
+  del lays
+  if ins[0] is not None and ins[1] is not None:
+    return walk.reject(ins, "`dot_general` of two parameters")
+  dot = _dot_of(eqn, ins)
+  for match in (_vmapped_dense, _general_dense, _merged_dense, _plain_dense):
+    use = match(dot, here)
+    if use is not None:
+      stack = ((here, dot.weight.shape[0]) if use.batch_axis is not None
+               else dot.origin.stack)
+      return walk.accept(dot.origin, use, stack,
+                         general=use.kernel_axes is not None)
+  if dot.origin.mode in ("broadcast", "merged"):
+    return walk.reject(
+        ins, "`dot_general` of a reshaped kernel (only a reshape to the"
+        " matrix of its leading and trailing axes, used as it is, is"
+        " followed)")
+  return walk.reject(
+      ins, "`dot_general` that is not a dense layer (weight not 2-D, batch"
+      " dimensions, or several contracting dimensions)")
+
+
+def _conv_spec(params, shape) -> ConvSpec:
+  dn = params["dimension_numbers"]
+  return ConvSpec(
+      tuple(params["window_strides"]), tuple(map(tuple, params["padding"])),
+      tuple(params["lhs_dilation"]), tuple(params["rhs_dilation"]),
+      tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec),
+      tuple(shape[d] for d in dn.rhs_spec[2:]))
+
+
+def _conv(walk, eqn, ins, lays, here):
+  """A conv use: the plain kernel of an ungrouped convolution."""
+  del lays
+  p = eqn.params
+  origin = ins[1]
+  if ins[0] is not None or origin is None or origin.mode != "exact":
+    return walk.reject(ins, "`conv_general_dilated` not as a plain kernel")
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return walk.reject(
+        ins, "grouped convolution (feature_group_count or batch_group_count"
+        " > 1)")
+  shape = eqn.invars[1].aval.shape
+  spec = _conv_spec(p, shape)
+  use = Use("conv", here, 0, False, 0, spec,
+            math.prod(shape[d] for d in spec.rhs_spec[1:]),
+            shape[spec.rhs_spec[0]])
+  return walk.accept(origin, use, origin.stack)
+
+
+def _is_row_lookup(eqn, ins) -> bool:
+  """``E[indices]``: whole rows of a 2-D leaf gathered by integer indices."""
+  if ins[0] is None or ins[1] is not None or ins[0].mode != "exact":
+    return False
+  operand, indices = (v.aval for v in eqn.invars)
+  out = eqn.outvars[0].aval
+  dn = eqn.params["dimension_numbers"]
+  return (operand.ndim == 2
           and tuple(dn.collapsed_slice_dims) == (0,)
           and tuple(dn.start_index_map) == (0,)
           and tuple(dn.offset_dims) == (out.ndim - 1,)
           and not tuple(getattr(dn, "operand_batching_dims", ()))
-          and tuple(eqn.params["slice_sizes"]) == (1, operand.aval.shape[1])
-          and indices.aval.shape[-1:] == (1,)
-          and jnp.issubdtype(indices.aval.dtype, jnp.integer))
-    if not ok:
-      return False
-    self.uses[origin.leaf].append(("lookup", here, origin.stack))
-    self.candidates[here] = dict(
-        kind="lookup", kernel=origin.leaf, in_axis=0, weight_is_lhs=False,
-        input_axis=0, conv=None, path=here,
-        input_dim=operand.aval.shape[0], output_dim=operand.aval.shape[1])
-    return True
-
-  def _conv(self, eqn, ins, here):
-    p = eqn.params
-    origin = ins[1]
-    if ins[0] is not None or origin is None or origin.mode != "exact":
-      for o in ins:
-        if o is not None:
-          self.uses[o.leaf].append(
-              ("`conv_general_dilated` not as a plain kernel", None))
-      return True
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-      self.uses[origin.leaf].append(
-          ("grouped convolution (feature_group_count or batch_group_count"
-           " > 1)", None))
-      return True
-    dn = p["dimension_numbers"]
-    shape = eqn.invars[1].aval.shape
-    out_dim = shape[dn.rhs_spec[0]]
-    in_dim = int(np.prod([shape[d] for d in dn.rhs_spec[1:]]))
-    self.uses[origin.leaf].append(("conv", here, origin.stack))
-    self.candidates[here] = dict(
-        kind="conv", kernel=origin.leaf, in_axis=0, weight_is_lhs=False,
-        input_axis=0,
-        conv=(tuple(p["window_strides"]), tuple(map(tuple, p["padding"])),
-              tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]),
-              tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec),
-              tuple(shape[d] for d in dn.rhs_spec[2:])),
-        path=here, input_dim=in_dim, output_dim=out_dim)
-    return True
-
-  def _bias(self, eqn, ins, lays, here):
-    if len(eqn.invars) != 2:
-      return False
-    for k in (0, 1):
-      lay, origin = lays[k], ins[1 - k]
-      if lay is None or origin is None or ins[k] is not None:
-        continue
-      cand = self.candidates.get(lay)
-      bias_var = eqn.invars[1 - k]
-      if (cand is None or bias_var.aval.size != cand["output_dim"]
-          or eqn.outvars[0].aval.shape != eqn.invars[k].aval.shape):
-        continue
-      self.uses[origin.leaf].append(("bias", here, origin.stack))
-      self.bias_adds.append((lay, origin.leaf, origin.stack))
-      return True
-    return False
+          and tuple(eqn.params["slice_sizes"]) == (1, operand.shape[1])
+          and indices.shape[-1:] == (1,)
+          and jnp.issubdtype(indices.dtype, jnp.integer))
 
 
-def _use_of(candidate) -> Use:
-  return Use(candidate["kind"], candidate["path"], candidate["in_axis"],
-             candidate["weight_is_lhs"], candidate["input_axis"],
-             candidate["conv"], candidate["input_dim"],
-             candidate["output_dim"], candidate.get("batch_axis"),
-             candidate.get("kernel_axes"), candidate.get("input_axes"))
+def _gather(walk, eqn, ins, lays, here):
+  """A lookup: the same as a dense use on one-hot inputs."""
+  if not _is_row_lookup(eqn, ins):
+    return _unmatched(walk, eqn, ins, lays, here)
+  shape = eqn.invars[0].aval.shape
+  use = Use("lookup", here, 0, False, 0, None, shape[0], shape[1])
+  return walk.accept(ins[0], use, ins[0].stack)
 
 
-def _layer_reason(uses):
+def _add(walk, eqn, ins, lays, here):
+  """A bias: a leaf of the output size added to a use's raw output."""
+  for k in (0, 1) if len(ins) == 2 else ():
+    lay, origin = lays[k], ins[1 - k]
+    if lay is None or origin is None or ins[k] is not None:
+      continue
+    use = walk.candidates.get(lay)
+    if (use is None or eqn.invars[1 - k].aval.size != use.output_dim
+        or eqn.outvars[0].aval.shape != eqn.invars[k].aval.shape):
+      continue
+    walk.seen[origin.leaf].append(_Seen("bias", here, origin.stack))
+    walk.bias_adds.append((lay, origin.leaf, origin.stack))
+    return _NOTHING
+  return _unmatched(walk, eqn, ins, lays, here)
+
+
+def _scan_reason(k, origin, num_loop_invariant):
+  """Why the ``k``-th input of a ``scan`` is not followed, or ``None``."""
+  if k < num_loop_invariant:
+    return ("`scan` as a loop constant or carry (applied at every"
+            " iteration)")
+  if origin.stack is not None:
+    return "a nested `scan` stack"
+  if origin.mode != "exact":
+    return "`scan` after a reshape or transpose of the stack"
+  return None
+
+
+def _scan(walk, eqn, ins, lays, here):
+  """Follows stacked parameters (``xs``) into a ``scan`` body."""
+  del lays
+  body, _, num_consts, num_carry = _scan_parts(eqn)
+  sub = {}
+  for k, (inner_var, origin) in enumerate(zip(body.invars, ins)):
+    if origin is None:
+      continue
+    reason = _scan_reason(k, origin, num_consts + num_carry)
+    if reason is None:
+      sub[inner_var] = origin._replace(
+          stack=(here, int(eqn.params["length"])))
+    else:
+      walk.seen[origin.leaf].append(_Seen(reason))
+  _, out_l = walk.run(body, sub, {}, here)
+  walk.output_reads.update(out_l.values())  # A raw output leaving is read.
+  return _NOTHING
+
+
+_RULES = types.MappingProxyType({
+    **{name: _call for name in _CALL_PRIMITIVES},
+    **{name: _custom_call for name in _CUSTOM_CALLS},
+    **{name: _identity for name in _IDENTITY_OPS},
+    **{name: _broadcast for name in _BROADCAST_OPS},
+    "reshape": _reshape,
+    "transpose": _transpose,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "add": _add,
+    "scan": _scan,
+})
+"""The walk's rule for each primitive that can keep a leaf's identity or use
+it as a layer; every other primitive is an unfactored use."""
+
+
+def _layer_reason(seen):
   """Why the uses of one leaf do not make a layer, or ``None`` if they do."""
-  if len(uses) == 1 and uses[0][1] is None:
-    return "used by " + uses[0][0]
-  unfactored = sorted({u[0] for u in uses if u[1] is None or u[0] == "bias"})
+  if len(seen) == 1 and seen[0].path is None:
+    return "used by " + seen[0].what
+  unfactored = sorted({s.what for s in seen
+                       if s.path is None or s.what == "bias"})
   if unfactored:
-    return (f"used {len(uses)} times (weight sharing), and not every use is"
+    return (f"used {len(seen)} times (weight sharing), and not every use is"
             " a dense layer or a lookup: " + ", ".join(unfactored))
-  kinds = [u[0] for u in uses]
-  if "conv" in kinds and len(uses) > 1:
-    return (f"used {len(uses)} times (weight sharing) as a convolution"
+  if len(seen) > 1 and any(s.what == "conv" for s in seen):
+    return (f"used {len(seen)} times (weight sharing) as a convolution"
             " kernel: only dense uses and lookups can share a block")
-  if len(uses) > 1 and any(len(u) > 3 and u[3] for u in uses):
-    return (f"used {len(uses)} times (weight sharing) as a kernel of rank"
-            " ≥ 3: only 2-D kernels can share a block")
-  if len({u[2] for u in uses}) > 1:
+  if len(seen) > 1 and any(s.general for s in seen):
+    return (f"used {len(seen)} times (weight sharing) as a kernel of rank"
+            " ≥ 3 or a reshaped kernel: only 2-D kernels can share a block")
+  if len({s.stack for s in seen}) > 1:
     return ("used both inside and outside a `scan` stack (or in two stacks):"
             " its uses see different slices")
   return None
+
+
+def _kernels(walk):
+  """``({first use path: kernel leaf}, {leaf: reason})`` of the walk."""
+  kernels, reasons = {}, {}
+  for leaf, seen in walk.seen.items():
+    if not seen:
+      reasons[leaf] = "not used by predict_fn (or only through constants)"
+    elif len(seen) == 1 and seen[0].what == "bias":
+      continue  # Decided by _biases.
+    elif (reason := _layer_reason(seen)) is not None:
+      reasons[leaf] = reason
+    else:
+      kernels[seen[0].path] = leaf
+  return kernels, reasons
+
+
+def _biases(walk, kernels, reasons):
+  """``{layer path: bias leaf}``; the reason of each bias left out."""
+  biases = {}
+  for lay, leaf, stack in walk.bias_adds:
+    if len(walk.seen[leaf]) != 1:
+      continue  # Read elsewhere too: _layer_reason says why.
+    kernel = kernels.get(lay)
+    fits = (kernel is not None and len(walk.seen[kernel]) == 1
+            and walk.seen[kernel][0].stack == stack)
+    if fits and walk.output_reads[lay] == 1:
+      biases[lay] = leaf
+    else:
+      reasons[leaf] = ("bias of a layer whose raw output is read elsewhere,"
+                       " whose kernel is used several times, or whose kernel"
+                       " is not a K-FAC layer")
+  return biases
+
+
+def _layer(walk, path, leaf, bias) -> Layer:
+  """The layer of kernel ``leaf``, whose first use is at ``path``."""
+  seen = walk.seen[leaf]
+  uses = tuple(walk.candidates[s.path] for s in seen)
+  first = walk.candidates[path]
+  keep = len(uses) > 1 or first.batch_axis is not None
+  stack = seen[0].stack
+  return Layer(
+      kind=first.kind, kernel=leaf, bias=bias, in_axis=first.in_axis,
+      weight_is_lhs=first.weight_is_lhs, input_axis=first.input_axis,
+      conv=first.conv, path=path, input_dim=first.input_dim,
+      output_dim=first.output_dim, uses=uses if keep else (),
+      stack=0 if stack is None else stack[1],
+      kernel_axes=first.kernel_axes, input_axes=first.input_axes)
+
+
+def _discover(predict_fn, params, batch) -> Discovery:
+  """:func:`discover_layers` on abstract ``params`` and ``batch``."""
+  closed = jax.make_jaxpr(predict_fn)(params, batch)
+  num_params = len(jax.tree.leaves(params))
+  walk = _Walk(num_params)
+  origins = {v: _Origin(i, "exact")
+             for i, v in enumerate(closed.jaxpr.invars[:num_params])}
+  walk.run(closed.jaxpr, origins, {}, ())
+  kernels, reasons = _kernels(walk)
+  biases = _biases(walk, kernels, reasons)
+  layers = tuple(_layer(walk, path, kernels[path], biases.get(path))
+                 for path in sorted(kernels))
+  return Discovery(layers, reasons)
+
+
+class _Signature(NamedTuple):
+  """A hashable stand-in for the shapes and dtypes of a pytree."""
+
+  treedef: Any
+  leaves: tuple  # (shape, dtype) per leaf.
+
+  def abstract(self):
+    return jax.tree.unflatten(self.treedef, [
+        jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.leaves])
+
+
+def _signature(tree) -> _Signature:
+  leaves, treedef = jax.tree.flatten(tree)
+  return _Signature(treedef, tuple((tuple(x.shape), np.dtype(x.dtype))
+                                   for x in leaves))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _cached_discovery(predict_fn, params, batch, x64):
+  del x64  # Part of the key only: it changes the traced dtypes.
+  return _discover(predict_fn, params.abstract(), batch.abstract())
 
 
 def discover_layers(
     predict_fn: Callable[[Any, Any], Any], params: Any, batch: Any
 ) -> Discovery:
   """Finds the dense, convolution and lookup layers of ``predict_fn``.
+
+  The discovery depends only on ``predict_fn`` and on the shapes and dtypes
+  of ``params`` and ``batch``: it is cached on them (the last few), so that
+  the statistics, the summary and every trace of an update share one
+  trace of ``predict_fn``. A ``predict_fn`` that cannot be hashed is traced
+  at every call.
 
   Args:
     predict_fn: ``(params, batch) -> outputs``.
@@ -512,58 +786,18 @@ def discover_layers(
     >>> [layer.kind for layer in found.layers]
     ['dense', 'dense']
   """
-  closed = _trace(predict_fn, params, batch)
-  leaves = jax.tree.leaves(params)
-  walk = _Walk(len(leaves))
-  origins = {v: _Origin(i, "exact")
-             for i, v in enumerate(closed.jaxpr.invars[:len(leaves)])}
-  walk.run(closed.jaxpr, origins, {}, ())
-  kernels = {}  # first use path -> leaf
-  reasons = {}
-  for leaf, uses in walk.uses.items():
-    if not uses:
-      reasons[leaf] = "not used by predict_fn (or only through constants)"
-      continue
-    if len(uses) == 1 and uses[0][0] == "bias":
-      continue
-    reason = _layer_reason(uses)
-    if reason is None:
-      kernels[uses[0][1]] = leaf
-    else:
-      reasons[leaf] = reason
-  biases = {}
-  for lay, leaf, stack in walk.bias_adds:
-    single = len(walk.uses[leaf]) == 1
-    kernel = kernels.get(lay)
-    fits = (kernel is not None and len(walk.uses[kernel]) == 1
-            and walk.uses[kernel][0][2] == stack)
-    raw_read_once = walk.output_reads.get(lay, 0) == 1
-    if single and raw_read_once and fits:
-      biases[lay] = leaf
-    elif single:
-      reasons[leaf] = ("bias of a layer whose raw output is read elsewhere,"
-                       " whose kernel is used several times, or whose kernel"
-                       " is not a K-FAC layer")
-  layers = []
-  for lay in sorted(kernels):
-    leaf = kernels[lay]
-    uses = tuple(_use_of(walk.candidates[u[1]]) for u in walk.uses[leaf])
-    stack = walk.uses[leaf][0][2]
-    first = {k: v for k, v in walk.candidates[lay].items()
-             if k != "batch_axis"}
-    vmapped = walk.candidates[lay].get("batch_axis") is not None
-    layers.append(Layer(bias=biases.get(lay), **first,
-                        uses=uses if len(uses) > 1 or vmapped else (),
-                        stack=0 if stack is None else stack[1]))
-  return Discovery(tuple(layers), reasons)
+  key = (predict_fn, _signature(params), _signature(batch),
+         bool(jax.config.jax_enable_x64))
+  try:
+    hash(key)
+  except TypeError:  # An unhashable callable (or pytree metadata).
+    return _discover(predict_fn, _abstract(params), _abstract(batch))
+  found = _cached_discovery(*key)
+  return found._replace(reasons=dict(found.reasons))  # The cache's is kept.
 
 
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
-def _trace(predict_fn, params, batch):
-  return jax.make_jaxpr(predict_fn)(_abstract(params), _abstract(batch))
 
 
 def _bind(eqn, invals):
@@ -694,13 +928,24 @@ def tapped_forward(
   return fn, zeros
 
 
+_USE_PRIMITIVES = {"dense": "dot_general", "conv": "conv_general_dilated",
+                   "lookup": "gather"}
+
+
 def _raw_output_shapes(jaxpr, taps):
+  """``(shape, dtype)`` of each tap's raw output (stacked in a ``scan``).
+
+  Raises:
+    ValueError: a tap is not at an equation of its kind: ``predict_fn``
+      traced to another program than at discovery.
+  """
   shapes = [None] * len(taps)
 
   def visit(jaxpr, path, lead):
     for i, eqn in enumerate(jaxpr.eqns):
       here = path + (i,)
       if here in taps:
+        _check_tap(eqn, taps[here][1])
         aval = eqn.outvars[0].aval
         shapes[taps[here][0]] = (lead + tuple(aval.shape), aval.dtype)
       inner = _inner_jaxpr(eqn)
@@ -710,7 +955,18 @@ def _raw_output_shapes(jaxpr, taps):
         visit(_scan_parts(eqn)[0], here, lead + (eqn.params["length"],))
 
   visit(jaxpr, (), ())
+  if any(shape is None for shape in shapes):
+    _check_tap(None, None)
   return shapes
+
+
+def _check_tap(eqn, use):
+  if eqn is None or eqn.primitive.name != _USE_PRIMITIVES[use.kind]:
+    raise ValueError(
+        "predict_fn traced to another program than when its layers were"
+        " discovered, with the same shapes of params and batch: a value it"
+        " closes over changed shape or kind. Pass such values in the batch"
+        " or params, or rebuild the optimizer.")
 
 
 # Statistics -----------------------------------------------------------------
@@ -743,16 +999,15 @@ def use_output_grads(use: Use, grads: Array, num_examples: int) -> Array:
 def layer_inputs(layer, inputs: Array) -> Array:
   """The layer's input as rows ``[positions, input_dim]`` (patches for conv)."""
   if layer.kind == "conv":
-    (strides, padding, lhs_dil, rhs_dil, lhs_spec, _, out_spec,
-     filter_shape) = layer.conv
-    spatial = len(lhs_spec) - 2
+    spec = layer.conv
+    spatial = len(spec.lhs_spec) - 2
     patches = lax.conv_general_dilated_patches(
-        inputs, filter_shape, strides, padding, lhs_dilation=lhs_dil,
-        rhs_dilation=rhs_dil,
+        inputs, spec.filter_shape, spec.window_strides, spec.padding,
+        lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
         dimension_numbers=lax.ConvDimensionNumbers(
-            lhs_spec, tuple(range(spatial + 2)), out_spec),
+            spec.lhs_spec, tuple(range(spatial + 2)), spec.out_spec),
         precision=lax.Precision.HIGHEST)
-    patches = jnp.moveaxis(patches, out_spec[1], -1)
+    patches = jnp.moveaxis(patches, spec.out_spec[1], -1)
     return patches.reshape(-1, patches.shape[-1])
   axes = getattr(layer, "input_axes", None)
   if axes:  # A kernel of rank ≥ 3: its contracted axes, flattened.
@@ -772,7 +1027,7 @@ def layer_output_grads(layer, grads: Array) -> Array:
                            tuple(range(-free, 0)))
     return grads.reshape(-1, layer.output_dim)
   if layer.kind == "conv":
-    feature = layer.conv[6][1]
+    feature = layer.conv.out_spec[1]
   elif layer.kind == "dense" and layer.weight_is_lhs:
     feature = 0
   else:
