@@ -63,7 +63,9 @@ def scale_by_adadelta(
 
   Args:
     rho: decay :math:`\rho \in [0, 1)` of the running averages.
-    eps: damping :math:`\epsilon \geq 0` inside both roots.
+    eps: damping :math:`\epsilon \geq 0` inside both roots. Where a
+      denominator is 0 (``eps = 0`` and a gradient that has been 0 so far)
+      the update is 0, not 0/0.
     form: ``"updates"`` (Zeiler) or ``"weights"`` (running average of squared
       weights).
 
@@ -96,7 +98,9 @@ def scale_by_adadelta(
     return ScaleByAdaDeltaState(grad_sq=zeros, scale_sq=zeros)
 
   def ratio(num, den, g):
-    return jnp.sqrt(num + eps) / jnp.sqrt(den + eps) * g
+    # den + eps = 0 only where g = 0 (and eps = 0): the limit 0, not 0/0.
+    den = den + eps
+    return jnp.where(den == 0, 0, jnp.sqrt(num + eps) / jnp.sqrt(den) * g)
 
   def update_fn(updates, state, params=None):
     grad_sq = _moments.ema_update(

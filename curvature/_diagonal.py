@@ -48,7 +48,10 @@ def precondition(
   For ``p = 1/2`` this uses the same floating-point operations as optax:
   ``x / (sqrt(d + in) + out)`` (Adam, RMSProp with ``eps_in_sqrt=False``)
   and, when ``damping`` is the Python number 0, ``x * rsqrt(d + in)`` (RMSProp
-  and AdaGrad with eps in the root).
+  and AdaGrad with eps in the root). Where the denominator is 0 (no damping
+  and a diagonal entry that is still 0: a coordinate whose gradient has been
+  0 so far, e.g. a dead ReLU) the update is 0, its limit, instead of
+  ``0/0 = NaN``.
 
   Args:
     direction: the pytree :math:`x` to precondition.
@@ -62,14 +65,27 @@ def precondition(
   """
   if _is_concrete(power, 0.5):
     if _is_concrete(damping, 0.0):
-      fn = lambda x, d: x * jax.lax.rsqrt(d + damping_in_root)
+      root = lambda d: d + damping_in_root
+      fn = lambda x, d: _zero_where(root(d) == 0,
+                                    x * jax.lax.rsqrt(root(d)))
     else:
-      fn = lambda x, d: x / (jnp.sqrt(d + damping_in_root) + damping)
+      fn = lambda x, d: _safe_divide(x, jnp.sqrt(d + damping_in_root)
+                                     + damping)
   elif _is_concrete(power, 1.0):
-    fn = lambda x, d: x / (d + damping_in_root + damping)
+    fn = lambda x, d: _safe_divide(x, d + damping_in_root + damping)
   else:
-    fn = lambda x, d: x / ((d + damping_in_root) ** power + damping)
+    fn = lambda x, d: _safe_divide(x, (d + damping_in_root) ** power
+                                   + damping)
   return jax.tree.map(fn, direction, diagonal)
+
+
+def _zero_where(condition, value):
+  return jnp.where(condition, jnp.zeros_like(value), value)
+
+
+def _safe_divide(x, denominator):
+  """``x / denominator``, 0 where ``denominator`` is 0 (0/0 = NaN else)."""
+  return _zero_where(denominator == 0, x / denominator)
 
 
 def scale_by_diagonal(

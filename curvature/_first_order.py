@@ -342,7 +342,7 @@ def rmsprop(
     learning_rate: :math:`\epsilon \geq 0` or a schedule.
     decay: :math:`\beta \in [0, 1)`.
     eps: damping :math:`\nu \geq 0`.
-    initial_scale: :math:`a_0`.
+    initial_scale: :math:`a_0 \geq 0`.
     eps_in_root: :math:`\nu` inside (optax, Goodfellow et al.) or outside
       (PyTorch) the root.
     momentum: :math:`\alpha \in [0, 1)` or ``None``.
@@ -376,6 +376,11 @@ def rmsprop(
 
     Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
+  _validation.check_nonnegative(
+      "initial_scale",
+      initial_scale,
+      "It starts the running mean of squared gradients: use 0 (optax) or 1.",
+  )
   second_moment = _moments.scale_by_ema(
       decay,
       statistic="square",

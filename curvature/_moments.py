@@ -150,7 +150,7 @@ def scale_by_ema(
       must be listed in ``static_args`` under ``optax.inject_hyperparams``
       (which would take it for a schedule); ``curvature.inject_hyperparams``
       does that for you.
-    initial_value: value of :math:`m_0` (RMSProp's ``initial_scale``).
+    initial_value: value of :math:`m_0` (RMSProp's ``initial_scale``), finite.
     accumulator_dtype: dtype of the stored average (default: the updates').
 
   Returns:
@@ -171,6 +171,9 @@ def scale_by_ema(
     Goodfellow, Bengio & Courville, "Deep Learning", MIT Press, 2016, ch. 8.
   """
   check_decay("decay", decay)
+  _validation.check_finite(
+      "initial_value", initial_value, "It is the average's value m_0, e.g. 0."
+  )
   statistic = _statistic_fn(statistic)
 
   def init_fn(params):

@@ -34,6 +34,17 @@ def check_nonnegative(name: str, value: Any, fix: str = "") -> None:
     )
 
 
+def check_finite(name: str, value: Any, fix: str = "") -> None:
+  """Raises ``ValueError`` if a concrete ``value`` is NaN or infinite."""
+  concrete = concrete_value(value)
+  if concrete is None:
+    return
+  if not np.all(np.isfinite(concrete)):
+    raise ValueError(
+        f"`{name}` must be finite, got {value!r}." + (f" {fix}" if fix else "")
+    )
+
+
 def check_positive(name: str, value: Any, fix: str = "") -> None:
   """Raises ``ValueError`` if a concrete ``value`` is not finite and > 0."""
   concrete = concrete_value(value)

@@ -299,6 +299,10 @@ def test_nonfinite_gradient_propagates_by_default(name):
         (lambda: curvature.nesterov(0.1, momentum=1.0), "momentum"),
         (lambda: curvature.adagrad(1e-3, eps=-1.0), "damping"),
         (lambda: curvature.adagrad(1e-3, -0.1), "initial_value"),
+        (lambda: curvature.rmsprop(1e-3, initial_scale=-1.0),
+         "initial_scale.*>= 0"),
+        (lambda: curvature.rmsprop(1e-3, initial_scale=float("nan")),
+         "initial_scale"),
         (lambda: curvature.adadelta(1.0, rho=1.0), "rho"),
         (lambda: curvature.adadelta(1.0, eps=-1e-6), "eps"),
         (lambda: curvature.adadelta(-1.0), "learning_rate"),
@@ -312,6 +316,44 @@ def test_nonfinite_gradient_propagates_by_default(name):
 def test_bad_hyperparameters_raise_at_construction(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+# Found by tests/test_contract_fuzz.py: with every damping term 0, a
+# coordinate whose gradient is 0 (a dead ReLU) got 0/0 = NaN (as in optax,
+# except its adagrad). Its update is now 0, the limit (optax.adagrad's); the
+# other coordinates are optax's.
+@pytest.mark.parametrize(
+    "make, reference",
+    [
+        (lambda: curvature.adam(1e-3, eps=0.0),
+         lambda: optax.adam(1e-3, eps=0.0)),
+        (lambda: curvature.adam(1e-3, eps=0.0, bias_correction=False),
+         None),
+        (lambda: curvature.rmsprop(1e-3, eps=0.0),
+         lambda: optax.rmsprop(1e-3, eps=0.0)),
+        (lambda: curvature.rmsprop(1e-3, eps=0.0, eps_in_root=False),
+         lambda: optax.rmsprop(1e-3, eps=0.0, eps_in_sqrt=False)),
+        (lambda: curvature.adagrad(1e-3, 0.0, eps=0.0),
+         lambda: optax.adagrad(1e-3, 0.0, eps=0.0)),
+        (lambda: curvature.adadelta(1.0, eps=0.0),
+         lambda: optax.adadelta(1.0, eps=0.0)),
+        (lambda: curvature.adadelta(1.0, eps=0.0, form="weights"), None),
+    ],
+)
+def test_zero_damping_at_a_zero_gradient_gives_a_zero_update(make,
+                                                             reference):
+  opt = make()
+  params = jnp.array([1.0, -2.0], jnp.float64)
+  state = opt.init(params)
+  ref = reference() if reference else None
+  ref_state = ref.init(params) if ref else None
+  for g in ([0.0, 1.0], [0.0, -0.5]):
+    g = jnp.array(g, jnp.float64)
+    updates, state = opt.update(g, state, params)
+    assert np.all(np.isfinite(updates)) and float(updates[0]) == 0.0
+    if ref:
+      expected, ref_state = ref.update(g, ref_state, params)
+      np.testing.assert_allclose(updates[1], expected[1], rtol=1e-12)
 
 
 def test_schedule_and_clipping_recipe():

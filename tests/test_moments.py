@@ -106,3 +106,10 @@ def test_bad_decay_raises(decay):
 def test_negative_initial_sum_raises():
   with pytest.raises(ValueError, match="initial_value"):
     curvature.scale_by_running_sum(initial_value=-1.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_initial_value_raises(value):
+  """Found by tests/test_contract_fuzz.py: it reached the updates."""
+  with pytest.raises(ValueError, match="initial_value.*finite"):
+    curvature.scale_by_ema(0.9, initial_value=value)
