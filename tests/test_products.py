@@ -1,6 +1,7 @@
 """Curvature-vector products against dense matrices from jax.hessian / jacfwd."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,70 @@ def test_axis_name_reduces_over_mapped_shards(curvature_name):
   for e, g in zip(expected, got):
     g = jax.tree.map(lambda x: x[0], g)  # Identical on every shard.
     np.testing.assert_allclose(flat(g), flat(e), rtol=1e-12, atol=1e-14)
+
+
+# Outputs of vocabulary size -------------------------------------------------
+# A decoder whose logits dominate its memory: the softmax output Hessian must
+# be applied per token as diag(p)v − p(pᵀv), never built as [N·T, V, V], and
+# no Jacobian with a vocabulary axis may appear.
+
+VOCAB_HEAVY = dict(vocab=3001, seq=16, dim=8, heads=2, layers=1)
+
+
+def _compiled_memory(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled.memory_analysis(), compiled.as_text()
+
+
+def _vocab_heavy_problem():
+  import helpers  # pylint: disable=g-import-not-at-top
+  params = helpers.transformer_params(dtype=jnp.float64, **VOCAB_HEAVY)
+  batch = helpers.transformer_batch(n=8, **VOCAB_HEAVY)
+  predict = functools.partial(helpers.transformer_predict,
+                              heads=VOCAB_HEAVY["heads"])
+  return predict, params, batch
+
+
+def _shapes_with_two_vocab_axes(hlo_text, vocab):
+  shapes = re.findall(r"\[([0-9,]+)\]", hlo_text)
+  return [s for s in shapes if s.split(",").count(str(vocab)) >= 2]
+
+
+@pytest.mark.parametrize("product", ["ggn", "fisher"])
+def test_vocab_sized_outputs_product_memory_is_close_to_the_gradient(product):
+  """One curvature-vector product costs ≤ 1.5× ``value_and_grad``'s compiled
+  memory on a vocabulary-heavy decoder, and holds no ``[.., V, V]`` buffer."""
+  predict, params, batch = _vocab_heavy_problem()
+  loss = curvature.losses.softmax_cross_entropy
+  vector = jax.tree.map(jnp.ones_like, params)
+  logits_bytes = 8 * np.prod(batch["inputs"].shape) * VOCAB_HEAVY["vocab"]
+
+  def value_and_grad(params, batch):
+    objective = lambda p: loss.value(predict(p, batch), batch["targets"])
+    return jax.value_and_grad(objective)(params)
+
+  def curvature_product(params, batch, vector):
+    return curvature.linearize(predict, loss, params, batch,
+                               curvature=product).matvec(vector)
+
+  grad_memory, _ = _compiled_memory(value_and_grad, params, batch)
+  product_memory, hlo = _compiled_memory(curvature_product, params, batch,
+                                         vector)
+  # The logits dominate: a [N·T, V, V] buffer would be V = 3001 times them.
+  assert grad_memory.temp_size_in_bytes >= logits_bytes
+  assert (product_memory.temp_size_in_bytes
+          <= 1.5 * grad_memory.temp_size_in_bytes), (product_memory,
+                                                      grad_memory)
+  peak = lambda m: (m.temp_size_in_bytes + m.argument_size_in_bytes
+                    + m.output_size_in_bytes)
+  assert peak(product_memory) <= 1.5 * peak(grad_memory)
+  assert not _shapes_with_two_vocab_axes(hlo, VOCAB_HEAVY["vocab"])
+
+
+def test_two_vocab_axes_are_detected():
+  """The HLO shape check of the test above does see an [N, V, V] buffer."""
+  vocab = VOCAB_HEAVY["vocab"]
+  logits = jnp.zeros((2, vocab), jnp.float64)
+  outer = lambda z: jax.vmap(jnp.diag)(jax.nn.softmax(z)) @ z[..., None]
+  _, hlo = _compiled_memory(outer, logits)
+  assert _shapes_with_two_vocab_axes(hlo, vocab)
