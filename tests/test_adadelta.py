@@ -46,6 +46,17 @@ def test_weights_form_update_has_the_units_of_the_weights():
   np.testing.assert_allclose(u2, c * u1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["updates", "weights"])
+def test_zero_eps_at_a_zero_gradient_gives_a_zero_update(form):
+  """Found by tests/test_contract_fuzz.py: eps=0 gave 0/0 = NaN there."""
+  opt = curvature.scale_by_adadelta(0.9, 0.0, form=form)
+  params = jnp.array([1.0, 0.0], jnp.float64)
+  state = opt.init(params)
+  for _ in range(2):
+    updates, state = opt.update(jnp.array([0.0, 0.0]), state, params)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+
+
 def test_weights_form_needs_params():
   opt = curvature.scale_by_adadelta(form="weights")
   with pytest.raises(ValueError, match="params"):

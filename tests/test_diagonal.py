@@ -132,3 +132,16 @@ def test_extra_args_reach_the_curvature_transform():
 def test_bad_damping_or_power_raises(bad, match):
   with pytest.raises(ValueError, match=match):
     curvature.scale_by_diagonal(curvature.scale_by_running_sum(), **bad)
+
+
+# Found by tests/test_contract_fuzz.py: no damping and a diagonal entry still
+# 0 (a coordinate whose gradient has been 0) gave 0/0 = NaN.
+@pytest.mark.parametrize("power", [0.5, 1.0, 0.75, jnp.asarray(0.5)])
+@pytest.mark.parametrize("damping", [0.0, jnp.asarray(0.0)])
+def test_zero_denominator_gives_a_zero_update(power, damping):
+  direction = jnp.array([0.0, 2.0])
+  diagonal = jnp.array([0.0, 4.0])
+  out = curvature.precondition(direction, diagonal, power=power,
+                               damping=damping)
+  np.testing.assert_allclose(out, [0.0, 2.0 / 4.0 ** float(power)],
+                             rtol=1e-6)
