@@ -1,9 +1,12 @@
-"""Small models and dense oracles shared by the tests."""
+"""Small models, dense oracles and the contract table shared by the tests."""
+
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+import optax
 
 import curvature
 
@@ -281,3 +284,240 @@ def nnx_transformer(key=0, **dims):
 
   graphdef, state = nnx.split(Decoder(nnx.Rngs(key)))
   return state, lambda s, batch: nnx.merge(graphdef, s)(batch["inputs"])
+
+
+# The contract table -----------------------------------------------------------
+# Every public transform, with the keyword arguments the table tests build it
+# with and what it promises (tests/test_contract.py, tests/test_bad_input.py,
+# tests/test_dtypes.py, tests/test_checkpoint.py). Tests select rows by these
+# flags, never by lists of names: a new row states its flags once, here.
+
+
+class Contract(NamedTuple):
+  """One row of the contract table: a public transform and its promises.
+
+  Attributes:
+    name: the row's id (a test id; unique).
+    factory: the public factory, e.g. ``curvature.kfac``.
+    kwargs: keyword arguments that build it on :func:`mlp_predict` models.
+    self_rejecting: rejects a non-finite step itself and counts it in a
+      ``rejected_steps`` field of its state.
+    uses_loss: evaluates the loss, so a NaN loss with finite gradients is
+      seen (and rejected); the others never compute it and step normally.
+    monotone: a step never raises the loss on its batch (line search or
+      Levenberg-Marquardt step rejection).
+    damped: the name of the damping argument (``"damping"`` or
+      ``"initial_damping"``), or None for an undamped transform.
+    damping_in_state: the adapted damping lives in the state as ``damping``
+      from the first step (a fixed damping is read from the argument).
+    positive_damping: divides by the damping itself, so λ = 0 is refused at
+      construction with a message that names the fix.
+    first_order: no curvature model (takes no ``axis_name``).
+    max_consecutive_errors: a first-order alias whose documented non-finite
+      policy is ``max_consecutive_errors=N`` (``optax.apply_if_finite``).
+    reads_batch: reads the ``batch`` keyword of ``update`` (the curvature
+      transforms; Shampoo and SOAP take their statistics from the gradient).
+    chain_learning_rate: a ``scale_by_*`` primitive (or averaging) with no
+      learning rate of its own: the tests chain it with one.
+    moves_without_gradient: may move at a zero gradient (decoupled weight
+      decay, as ``optax.adamw``).
+  """
+
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any]
+  self_rejecting: bool = False
+  uses_loss: bool = False
+  monotone: bool = False
+  damped: Optional[str] = None
+  damping_in_state: bool = False
+  positive_damping: bool = False
+  first_order: bool = False
+  max_consecutive_errors: bool = False
+  reads_batch: bool = False
+  chain_learning_rate: bool = False
+  moves_without_gradient: bool = False
+
+  def build(self, **overrides) -> optax.GradientTransformation:
+    """``factory(**kwargs, **overrides)``, chained with a learning rate if
+    it has none of its own."""
+    return with_learning_rate(self.name,
+                              self.factory(**dict(self.kwargs, **overrides)))
+
+
+_LOSS = curvature.losses.squared_error
+_MODEL = dict(predict_fn=mlp_predict, loss=_LOSS)
+
+# Flag sets shared by several rows.
+# A line-searched Hessian-free-family step: rejects, evaluates the loss,
+# never goes uphill, and reads the batch.
+_HF = dict(self_rejecting=True, uses_loss=True, monotone=True,
+           reads_batch=True)
+_CURVATURE = dict(self_rejecting=True, reads_batch=True)
+_ALIAS = dict(first_order=True, max_consecutive_errors=True)
+_PRIMITIVE = dict(first_order=True, chain_learning_rate=True)
+
+
+def _structural_fn(p, b):
+  return jnp.tanh(b["inputs"] @ p[0]["w"] + p[0]["b"])
+
+
+CONTRACT_TABLE = (
+    Contract("hessian_free", curvature.hessian_free,
+             dict(learning_rate=1.0, **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True),
+    Contract("hessian_free_sampled_fisher", curvature.hessian_free,
+             dict(learning_rate=1.0, curvature="sampled_fisher",
+                  num_samples=2, **_MODEL),
+             **dict(_HF, monotone=False)),
+    Contract("hessian_free_kfac_preconditioned", curvature.hessian_free,
+             dict(learning_rate=1.0, preconditioner="kfac",
+                  preconditioner_every=2, **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True),
+    Contract("hessian_free_structural", curvature.hessian_free,
+             dict(learning_rate=1.0, structural_damping=1 / 30,
+                  structural_fn=_structural_fn, **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True),
+    Contract("gauss_newton", curvature.gauss_newton,
+             dict(learning_rate=1.0, damping=0.1, **_MODEL),
+             **dict(_HF, monotone=False), damped="damping"),
+    Contract("levenberg_marquardt", curvature.levenberg_marquardt,
+             dict(learning_rate=1.0, **_MODEL), **_HF, damped="damping",
+             damping_in_state=True),
+    Contract("newton", curvature.newton, dict(learning_rate=1.0, **_MODEL),
+             **dict(_HF, monotone=False)),
+    Contract("damped_newton", curvature.damped_newton,
+             dict(learning_rate=1.0, **_MODEL), **_HF, damped="damping",
+             damping_in_state=True),
+    Contract("scale_by_hessian_free", curvature.scale_by_hessian_free,
+             dict(max_cg_iterations=20, **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True,
+             chain_learning_rate=True),
+    Contract("monitor", curvature.monitor,
+             dict(inner=optax.sgd(0.1), every=2, **_MODEL), reads_batch=True),
+    Contract("sgd", curvature.sgd, dict(learning_rate=0.1), **_ALIAS),
+    Contract("sgd_momentum", curvature.sgd,
+             dict(learning_rate=0.1, momentum=0.9), **_ALIAS),
+    Contract("heavy_ball", curvature.heavy_ball, dict(learning_rate=0.1),
+             **_ALIAS),
+    Contract("nesterov", curvature.nesterov, dict(learning_rate=0.1),
+             **_ALIAS),
+    Contract("adagrad", curvature.adagrad, dict(learning_rate=0.1),
+             **_ALIAS),
+    Contract("rmsprop", curvature.rmsprop, dict(learning_rate=0.01),
+             **_ALIAS),
+    Contract("rmsprop_nesterov", curvature.rmsprop,
+             dict(learning_rate=0.01, momentum=0.9, nesterov=True), **_ALIAS),
+    Contract("adadelta", curvature.adadelta, dict(learning_rate=1.0),
+             **_ALIAS),
+    Contract("adam", curvature.adam, dict(learning_rate=0.01), **_ALIAS),
+    Contract("adam_no_bias_correction", curvature.adam,
+             dict(learning_rate=0.01, bias_correction=False), **_ALIAS),
+    Contract("delta_bar_delta", curvature.delta_bar_delta,
+             dict(learning_rate=0.1), **_ALIAS),
+    Contract("scale_by_momentum", curvature.scale_by_momentum,
+             dict(decay=0.9), **_PRIMITIVE),
+    Contract("scale_by_ema", curvature.scale_by_ema, dict(decay=0.9),
+             **_PRIMITIVE),
+    Contract("scale_by_adadelta", curvature.scale_by_adadelta,
+             dict(rho=0.9), **_PRIMITIVE),
+    Contract("scale_by_delta_bar_delta", curvature.scale_by_delta_bar_delta,
+             dict(), **_PRIMITIVE),
+    Contract("polyak_averaging", curvature.polyak_averaging, dict(decay=0.9),
+             **_PRIMITIVE),
+    Contract("natural_gradient", curvature.natural_gradient,
+             dict(learning_rate=0.5, max_cg_iterations=10, **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True),
+    Contract("natural_gradient_sampled", curvature.natural_gradient,
+             dict(learning_rate=0.5, fisher="sampled_fisher", num_samples=2,
+                  max_cg_iterations=10, **_MODEL), **_HF),
+    Contract("scale_by_natural_gradient", curvature.scale_by_natural_gradient,
+             dict(fisher="empirical_fisher", **_MODEL), **_HF,
+             damped="initial_damping", damping_in_state=True,
+             chain_learning_rate=True),
+    Contract("scale_by_curvature_diagonal",
+             curvature.scale_by_curvature_diagonal,
+             dict(damping=0.1, **_MODEL), reads_batch=True, damped="damping",
+             positive_damping=True, chain_learning_rate=True),
+    Contract("scale_by_curvature_diagonal_hutchinson",
+             curvature.scale_by_curvature_diagonal,
+             dict(estimator="hutchinson", num_samples=3, damping=1.0,
+                  **_MODEL), reads_batch=True, chain_learning_rate=True),
+    Contract("kfac", curvature.kfac,
+             dict(learning_rate=0.01, inverse_every=2, **_MODEL),
+             **_CURVATURE, damped="initial_damping"),
+    Contract("kfac_adaptive", curvature.kfac,
+             dict(learning_rate=1.0, adaptive=True, damping_every=2,
+                  statistics_batch_size=8, **_MODEL), **_CURVATURE),
+    Contract("scale_by_kfac", curvature.scale_by_kfac,
+             dict(statistics="empirical_fisher", initial_damping=0.1,
+                  **_MODEL), **_CURVATURE, damped="initial_damping",
+             chain_learning_rate=True),
+    Contract("scale_by_block_diagonal", curvature.scale_by_block_diagonal,
+             dict(max_block_size=8, damping=0.1, inverse_every=2, **_MODEL),
+             reads_batch=True, chain_learning_rate=True),
+    Contract("ekfac", curvature.ekfac,
+             dict(learning_rate=0.01, inverse_every=2, **_MODEL),
+             **_CURVATURE),
+    Contract("ekfac_adaptive", curvature.ekfac,
+             dict(learning_rate=1.0, adaptive=True, damping_every=2,
+                  gamma_every=2, **_MODEL), **_CURVATURE),
+    Contract("kfac_schedule_averaging", curvature.kfac,
+             dict(learning_rate=0.01, averaging="schedule", **_MODEL),
+             **_CURVATURE),
+    Contract("shampoo", curvature.shampoo,
+             dict(learning_rate=0.01, inverse_every=2), self_rejecting=True),
+    Contract("scale_by_shampoo", curvature.scale_by_shampoo,
+             dict(inverse_every=2, statistics_decay=0.9,
+                  graft=optax.scale_by_adam(b1=0.0)),
+             self_rejecting=True, chain_learning_rate=True),
+    Contract("soap", curvature.soap,
+             dict(learning_rate=0.01, inverse_every=2, weight_decay=1e-4),
+             self_rejecting=True, moves_without_gradient=True),
+    Contract("scale_by_soap", curvature.scale_by_soap,
+             dict(inverse_every=2), self_rejecting=True,
+             chain_learning_rate=True),
+    Contract("block_diagonal_natural_gradient",
+             curvature.block_diagonal_natural_gradient,
+             dict(learning_rate=0.01, curvature="sampled_fisher",
+                  grouping="layer", max_block_size=12, **_MODEL),
+             reads_batch=True),
+    Contract("lbfgs", curvature.lbfgs,
+             dict(learning_rate=1.0, memory_size=3, **_MODEL), **_HF),
+    Contract("bfgs", curvature.bfgs, dict(learning_rate=1.0, **_MODEL),
+             **_HF),
+    Contract("nonlinear_cg", curvature.nonlinear_cg,
+             dict(learning_rate=1.0, beta="hestenes_stiefel",
+                  restart_every=2, **_MODEL), **_HF),
+    Contract("saddle_free_newton", curvature.saddle_free_newton,
+             dict(learning_rate=1.0, num_iterations=6, damping=0.1,
+                  **_MODEL), **dict(_HF, monotone=False), damped="damping"),
+)
+CONTRACTS = {c.name: c for c in CONTRACT_TABLE}
+assert len(CONTRACTS) == len(CONTRACT_TABLE), "duplicate contract names"
+# The table as ``name -> (factory, kwargs)``, its older form.
+TRANSFORMS = {c.name: (c.factory, c.kwargs) for c in CONTRACT_TABLE}
+
+
+def contract_names(where: Callable[[Contract], bool] = lambda c: True,
+                   **flags) -> list[str]:
+  """Sorted names of the rows where ``where(row)`` holds and every flag in
+  ``flags`` has the given truth value, e.g. ``contract_names(monotone=True)``
+  or ``contract_names(damped=True)`` (any damping argument)."""
+  for flag in flags:
+    if flag not in Contract._fields:
+      raise ValueError(f"{flag!r} is not a field of Contract: "
+                       f"{Contract._fields}")
+  return sorted(c.name for c in CONTRACT_TABLE if where(c) and all(
+      bool(getattr(c, f)) == bool(v) for f, v in flags.items()))
+
+
+def with_learning_rate(name, transform):
+  """``transform`` chained with a learning rate where it has none of its
+  own (a ``scale_by_*`` primitive, ``polyak_averaging``)."""
+  row = CONTRACTS.get(name)
+  chain = (row.chain_learning_rate if row is not None
+           else name.startswith("scale_by") or name == "polyak_averaging")
+  if chain:
+    return optax.chain(transform, optax.scale_by_learning_rate(0.01))
+  return transform

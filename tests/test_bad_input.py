@@ -5,15 +5,22 @@ or trace time (the message names the fix), or leaves the parameters finite
 and records the rejected step in the optax state. Nothing may crash with an
 XLA-internals message.
 
-Non-finite policies under test:
+Non-finite policies under test, chosen by the flags of each row of the
+contract table (``tests/helpers.py``):
 
-* curvature transforms (Hessian-free family, natural gradient, K-FAC): the
-  step is rejected inside the transform (``rejected_steps``);
-* first-order aliases: opt-in ``max_consecutive_errors=N``
-  (``optax.apply_if_finite``, ``total_notfinite``), set here;
-* ``scale_by_*`` primitives, ``polyak_averaging`` and ``monitor`` have no
-  policy of their own; they are composed with ``optax.apply_if_finite``, the
-  documented way to skip non-finite steps.
+* ``self_rejecting`` rows (Hessian-free family, natural gradient, K-FAC,
+  Shampoo, ...): the step is rejected inside the transform
+  (``rejected_steps``);
+* ``max_consecutive_errors`` rows, the first-order aliases: opt-in
+  ``max_consecutive_errors=N`` (``optax.apply_if_finite``,
+  ``total_notfinite``), set here;
+* the others (``scale_by_*`` primitives, ``polyak_averaging``, ``monitor``)
+  have no policy of their own; they are composed with
+  ``optax.apply_if_finite``, the documented way to skip non-finite steps.
+
+To add a case: a row of the contract table for a new transform, a row of
+``BAD_HYPERPARAMETERS`` or ``BATCH_CASES`` for a new hostile input, or a
+``KNOWN_DEFECTS`` entry to pin a defect owned elsewhere as a strict xfail.
 """
 
 import functools
@@ -27,54 +34,18 @@ import pytest
 
 import curvature
 from curvature import losses
+from helpers import CONTRACTS
+from helpers import contract_names
 from helpers import flat
 from helpers import mlp_predict
 from helpers import regression_problem
-from test_contract import TRANSFORMS
-from test_contract import _with_learning_rate
+from helpers import TRANSFORMS
 
 LOSS = losses.squared_error
-NAMES = sorted(TRANSFORMS)
-
-# Transforms that reject non-finite steps themselves.
-SELF_REJECTING = {
-    "hessian_free", "hessian_free_sampled_fisher",
-    "hessian_free_kfac_preconditioned", "hessian_free_structural",
-    "gauss_newton",
-    "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
-    "natural_gradient", "natural_gradient_sampled",
-    "scale_by_natural_gradient", "kfac", "kfac_adaptive", "scale_by_kfac",
-    "kfac_schedule_averaging", "ekfac", "ekfac_adaptive", "shampoo",
-    "scale_by_shampoo", "soap", "scale_by_soap",
-    "lbfgs", "bfgs", "nonlinear_cg", "saddle_free_newton",
-}
-# First-order aliases: their documented policy is `max_consecutive_errors`.
-FIRST_ORDER_ALIASES = {
-    "sgd", "sgd_momentum", "heavy_ball", "nesterov", "adagrad", "rmsprop",
-    "rmsprop_nesterov", "adadelta", "adam", "adam_no_bias_correction",
-    "delta_bar_delta",
-}
-# Transforms that evaluate the loss (so a NaN loss with finite gradients is
-# seen and rejected); the others never compute it and step normally.
-USES_LOSS = {
-    "hessian_free", "hessian_free_sampled_fisher",
-    "hessian_free_kfac_preconditioned", "hessian_free_structural",
-    "gauss_newton",
-    "levenberg_marquardt", "newton", "damped_newton", "scale_by_hessian_free",
-    "natural_gradient", "natural_gradient_sampled",
-    "scale_by_natural_gradient",
-    "lbfgs", "bfgs", "nonlinear_cg", "saddle_free_newton",
-}
-# Steps that must not raise the loss (line search or LM step rejection).
-MONOTONE = {"hessian_free", "hessian_free_kfac_preconditioned",
-            "hessian_free_structural",
-            "levenberg_marquardt", "damped_newton",
-            "scale_by_hessian_free", "natural_gradient",
-            "natural_gradient_sampled", "scale_by_natural_gradient",
-            "lbfgs", "bfgs", "nonlinear_cg"}
-# Transforms allowed to move at a zero gradient: SOAP's alias has decoupled
-# weight decay (as optax.adamw), which shrinks the weights without one.
-MOVES_WITHOUT_GRADIENT = {"soap"}
+# Every row of the contract table (tests/helpers.py). The tests below pick
+# rows by the table's capability flags (self_rejecting, uses_loss, monotone,
+# damped, ...): a new transform is covered by adding one row there.
+NAMES = contract_names()
 
 # Defects in modules owned elsewhere, reported and pinned here (strict
 # xfail: the test starts failing once they are fixed, so drop the entry).
@@ -110,12 +81,11 @@ REJECTION_FIELDS = ("rejected_steps", "total_notfinite")
 
 def _optimizer(name, **overrides):
   """The transform ``name`` with its documented non-finite policy on."""
-  factory, kwargs = TRANSFORMS[name]
-  kwargs = dict(kwargs, **overrides)
-  if name in FIRST_ORDER_ALIASES:
-    kwargs["max_consecutive_errors"] = 3
-  opt = _with_learning_rate(name, factory(**kwargs))
-  if name not in SELF_REJECTING | FIRST_ORDER_ALIASES:
+  row = CONTRACTS[name]
+  if row.max_consecutive_errors:
+    overrides = dict(overrides, max_consecutive_errors=3)
+  opt = row.build(**overrides)
+  if not (row.self_rejecting or row.max_consecutive_errors):
     opt = optax.with_extra_args_support(optax.apply_if_finite(opt, 3))
   return opt
 
@@ -226,14 +196,14 @@ def _check_case(name, step, state0, params0, case):
   assert np.all(np.isfinite(flat(params))), f"{case}: NaN reached params"
   seen = rejections(state)
   if non_finite is None:  # nan_loss: a rejection only where the loss is used.
-    non_finite = name in USES_LOSS
+    non_finite = CONTRACTS[name].uses_loss
   if non_finite:
     assert seen == 1, f"{case}: the rejected step was not recorded"
     np.testing.assert_array_equal(flat(params), flat(params0),
                                   err_msg=f"{case}: a rejected step moved")
   elif case == "zero_grad":
     assert seen == 0, f"{case}: a finite step was rejected"
-    if name not in MOVES_WITHOUT_GRADIENT:
+    if not CONTRACTS[name].moves_without_gradient:
       np.testing.assert_allclose(flat(params), flat(params0), atol=1e-12,
                                  err_msg="zero gradient, but a step")
   # A good step after the bad one works: the state is not poisoned.
@@ -269,7 +239,7 @@ def test_bad_data_and_condition_number_1e12(name):
     _check_case(name, step, state0, params0, case)
   start, end = _three_steps(step, state0)
   assert end < 10 * start, f"loss exploded: {start} -> {end}"
-  if name in MONOTONE:
+  if CONTRACTS[name].monotone:
     assert end <= start * (1 + 1e-12), f"{start} -> {end}"
 
 
@@ -337,35 +307,6 @@ def test_mismatched_gradient_shapes(name):
   assert _is_clear(info.value), str(info.value)
 
 
-# Damped transforms: name -> the damping argument.
-DAMPED = {
-    "hessian_free": "initial_damping",
-    "hessian_free_kfac_preconditioned": "initial_damping",
-    "hessian_free_structural": "initial_damping",
-    "gauss_newton": "damping",
-    "levenberg_marquardt": "damping",
-    "damped_newton": "damping",
-    "scale_by_hessian_free": "initial_damping",
-    "natural_gradient": "initial_damping",
-    "scale_by_natural_gradient": "initial_damping",
-    "scale_by_curvature_diagonal": "damping",
-    "kfac": "initial_damping",
-    "scale_by_kfac": "initial_damping",
-    "saddle_free_newton": "damping",
-}
-# Those whose adapted damping lives in the state as `damping` from the first
-# step: the shared compiled step runs them with the state's damping replaced.
-# (A fixed damping, as gauss_newton's, is read from the argument each step.)
-DAMPING_IN_STATE = {"hessian_free", "hessian_free_kfac_preconditioned",
-                    "hessian_free_structural",
-                    "levenberg_marquardt",
-                    "damped_newton", "scale_by_hessian_free",
-                    "natural_gradient", "scale_by_natural_gradient"}
-# Those that divide by the damping itself: λ = 0 is refused (0/0 = NaN for
-# an unused parameter), with a message that names the fix.
-POSITIVE_DAMPING = {"scale_by_curvature_diagonal"}
-
-
 def _set_damping(state, value):
   """``state`` with every ``damping`` field set to ``value``."""
   if hasattr(state, "_fields"):
@@ -378,31 +319,35 @@ def _set_damping(state, value):
 
 
 @pytest.mark.parametrize("damping", [0.0, 1e12])
-@pytest.mark.parametrize("name", sorted(DAMPED))
+@pytest.mark.parametrize("name", contract_names(damped=True))
 def test_absurd_damping(name, damping):
   """λ = 0 or 1e12 on the κ = 1e12 problem: construction succeeds, steps are
   finite, and λ = 1e12 is a tiny gradient step.
 
   λ = 0 with a singular curvature (e.g. the empirical Fisher) may take large
   steps, but they stay finite; the line-searched transforms never go uphill.
-  Transforms in ``POSITIVE_DAMPING`` refuse λ = 0 at construction instead.
+  Rows with ``positive_damping`` refuse λ = 0 at construction instead.
+  Rows with ``damping_in_state`` (the adapted damping is the state's
+  ``damping`` from the first step) run the shared compiled step with the
+  state's damping replaced; a fixed damping is passed as the argument.
   """
-  if damping == 0 and name in POSITIVE_DAMPING:
+  row = CONTRACTS[name]
+  if damping == 0 and row.positive_damping:
     with pytest.raises(ValueError, match="0/0 = NaN") as info:
-      _optimizer(name, **{DAMPED[name]: damping})
+      _optimizer(name, **{row.damped: damping})
     assert _is_clear(info.value), str(info.value)
     return
-  opt = _optimizer(name, **{DAMPED[name]: damping})  # Must not raise.
+  opt = _optimizer(name, **{row.damped: damping})  # Must not raise.
   del opt
-  if name in DAMPING_IN_STATE:
+  if row.damping_in_state:
     step, state = _compiled(name)
     state = _set_damping(state, damping)
   else:
-    step, state = _compiled(name, **{DAMPED[name]: damping})
+    step, state = _compiled(name, **{row.damped: damping})
   start, end = _three_steps(step, state)
   if damping == 1e12:
     assert abs(end - start) < 1e-6 * start, "λ=1e12 must barely move"
-  elif name in MONOTONE:
+  elif row.monotone:
     assert end <= start * (1 + 1e-12), f"{start} -> {end}"
 
 
@@ -414,10 +359,7 @@ AXIS_NAME_TRANSFORMS = sorted(
 
 
 def test_every_curvature_transform_takes_axis_name():
-  first_order = FIRST_ORDER_ALIASES | {
-      "scale_by_momentum", "scale_by_ema", "scale_by_adadelta",
-      "scale_by_delta_bar_delta", "polyak_averaging"}
-  assert set(AXIS_NAME_TRANSFORMS) == set(TRANSFORMS) - first_order
+  assert AXIS_NAME_TRANSFORMS == contract_names(first_order=False)
 
 
 @pytest.mark.parametrize("axis_name", [0, ["batch"], ("batch", 1), (),
@@ -577,8 +519,7 @@ BATCH_CASES = {
 }
 # The curvature transforms read the batch; first-order ones ignore it, and so
 # do Shampoo and SOAP (their statistics come from the gradient alone).
-GRADIENT_ONLY = {"shampoo", "scale_by_shampoo", "soap", "scale_by_soap"}
-BATCH_TRANSFORMS = sorted(set(AXIS_NAME_TRANSFORMS) - GRADIENT_ONLY)
+BATCH_TRANSFORMS = contract_names(reads_batch=True)
 
 
 @pytest.mark.parametrize(
@@ -708,8 +649,7 @@ def test_out_of_range_labels_under_jit_reject_the_step(name, label):
   params, batch = _problem()
   batch = dict(batch, targets=jnp.asarray(
       [label] + [i % 2 for i in range(31)]))
-  factory, kwargs = TRANSFORMS[name]
-  opt = factory(**dict(kwargs, loss=loss))
+  opt = CONTRACTS[name].factory(**dict(CONTRACTS[name].kwargs, loss=loss))
   value = jax.jit(loss.value)(mlp_predict(params, batch), batch["targets"])
   assert np.isnan(value)
   grads = jax.jit(jax.grad(
