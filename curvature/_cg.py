@@ -1,6 +1,7 @@
 """Preconditioned conjugate gradient on pytrees, inside ``lax.while_loop``."""
 
 import enum
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -83,29 +84,169 @@ def backtracking_schedule(max_iterations: int, base: float = 1.3) -> np.ndarray:
   return np.asarray(schedule, dtype=np.int32)
 
 
+class _Records(NamedTuple):
+  """The iterates stored so far (one extra scratch row at the end)."""
+
+  iterates: Params  # leaves [num_slots + 1, ...]
+  values: Array  # φ at each stored iterate, [num_slots + 1]
+  count: Array  # how many slots hold an iterate
+
+
+class _Recorder(NamedTuple):
+  """Stores ``xᵢ`` at ``i = ⌈baseʲ⌉`` for backtracking (Martens 2010 §4.6).
+
+  ``init`` / ``write`` / ``finish``; with ``schedule=None`` it records
+  nothing and its records are ``None``.
+  """
+
+  schedule: Optional[np.ndarray]
+
+  def init(self, x: Params, dtype) -> Optional[_Records]:
+    if self.schedule is None:
+      return None
+    num_slots = len(self.schedule)
+    # The last row takes the writes of unscheduled iterations. The buffers
+    # are broadcast from the iterate, so they carry its sharding (and mesh)
+    # and the in-place writes type-check under explicit sharding.
+    iterates = jax.tree.map(
+        lambda leaf: jnp.broadcast_to(
+            jnp.zeros_like(leaf), (num_slots + 1,) + leaf.shape), x)
+    return _Records(iterates, jnp.zeros(num_slots + 1, dtype),
+                    jnp.zeros((), jnp.int32))
+
+  def write(self, records: Optional[_Records], accept, iteration, x: Params,
+            value) -> Optional[_Records]:
+    """Stores ``x`` if ``accept`` and ``iteration`` is the next scheduled."""
+    if records is None:
+      return None
+    num_slots = len(self.schedule)
+    due = jnp.asarray(self.schedule)[jnp.minimum(records.count,
+                                                 num_slots - 1)]
+    write = accept & (records.count < num_slots) & (iteration == due)
+    row = jnp.where(write, records.count, num_slots)
+    iterates = jax.tree.map(
+        lambda buf, leaf: jax.lax.dynamic_update_index_in_dim(
+            buf, leaf, row, 0), records.iterates, x)
+    return _Records(iterates, records.values.at[row].set(value),
+                    records.count + write.astype(jnp.int32))
+
+  def finish(self, records: Optional[_Records]) -> dict[str, Any]:
+    """The ``recorded*`` fields of :class:`CGResult` (none if not recording)."""
+    if records is None:
+      return {}
+    num_slots = len(self.schedule)
+    return dict(
+        recorded=jax.tree.map(lambda buf: buf[:num_slots], records.iterates),
+        recorded_values=records.values[:num_slots],
+        recorded_iterations=jnp.asarray(self.schedule),
+        num_recorded=records.count)
+
+
 class _LoopState(NamedTuple):
   x: Params
   r: Params
-  z: Params
   p: Params
   rz: Array
   iteration: Array
   status: Array
   values: Array  # φ after each iteration, [max_iterations + 1].
-  recorded: Optional[Params]
-  recorded_values: Optional[Array]
-  next_slot: Array
+  records: Optional[_Records]
   preconditioned: Array  # False after a breakdown of the preconditioner.
 
 
-def _where(condition, on_true: Params, on_false: Params) -> Params:
-  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true,
-                      on_false)
+class _Solve(NamedTuple):
+  """What stays fixed during one solve."""
+
+  matvec: Callable[[Params], Params]
+  precondition: Callable[[Params], Params]
+  b: Params
+  b_norm: Array
+  tol: Any
+  progress_tol: Optional[float]
+  min_progress_window: int
+  max_iterations: int
+  limit: Any  # max_iterations, or the traced budget below it
+  recorder: _Recorder
 
 
 def _quadratic_value(x: Params, b: Params, r: Params) -> Array:
   # φ(x) = ½xᵀAx − bᵀx and Ax = b − r, so φ(x) = −½ xᵀ(b + r).
   return -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
+
+
+# How this differs from jax.scipy.sparse.linalg.cg (same PCG recurrence,
+# same M ≈ A⁻¹ convention, same ‖r‖ ≤ tol·‖b‖ test with atol = 0):
+#  1. It stops at pᵀAp ≤ 0 (NEGATIVE_CURVATURE) and at a non-finite product,
+#     step or φ (NON_FINITE), returning the last accepted, finite iterate;
+#     jax's divides by pᵀAp regardless and runs on with NaNs.
+#  2. It has Martens' (2010) relative-progress stop on φ (STALLED) and a
+#     traced per-solve `budget` (BUDGET) besides the cap.
+#  3. It returns a CGResult: iterations, ‖r‖, φ(x), a CGStatus, the
+#     recorded iterates for backtracking and the preconditioner breakdown
+#     flag; jax's returns (x, None).
+#  4. A preconditioner breakdown (rᵀM⁻¹r non-finite or ≤ 0 for r ≠ 0)
+#     restarts along r and finishes unpreconditioned; jax's has no check.
+#  5. With x0=None it skips the product A·0; jax's always forms b − A x0.
+#  6. The cap is required (250 by default); jax's defaults to 10·size.
+#  7. It is not wrapped in lax.custom_linear_solve, so it has no implicit
+#     (adjoint-solve) derivative; jax's has. It also takes real floating
+#     vectors only (jax's accepts complex), and checks at trace time that
+#     matvec and the preconditioner keep b's tree and shapes.
+
+
+def _stop_status(solve: _Solve, state: _LoopState, iteration, pap, r,
+                 value, finite) -> Array:
+  """Why the solve stops after ``iteration``, or ``_RUNNING``."""
+  return jnp.select(
+      [
+          ~jnp.isfinite(pap),
+          pap <= 0,
+          ~finite,
+          optax.tree.norm(r) <= solve.tol * solve.b_norm,
+          _stalled(state.values, iteration, value, solve.progress_tol,
+                   solve.min_progress_window),
+          iteration >= solve.max_iterations,
+          iteration >= solve.limit,
+      ],
+      [
+          CGStatus.NON_FINITE,
+          CGStatus.NEGATIVE_CURVATURE,
+          CGStatus.NON_FINITE,
+          CGStatus.CONVERGED,
+          CGStatus.STALLED,
+          CGStatus.MAX_ITERATIONS,
+          CGStatus.BUDGET,
+      ],
+      _RUNNING,
+  ).astype(jnp.int32)
+
+
+def _iterate(solve: _Solve, state: _LoopState) -> _LoopState:
+  """One PCG iteration; a rejected step keeps the last iterate."""
+  ap = solve.matvec(state.p)
+  pap = optax.tree.vdot(state.p, ap)
+  alpha = state.rz / pap
+  x = optax.tree.add_scale(state.x, alpha, state.p)
+  r = optax.tree.add_scale(state.r, -alpha, ap)
+  z, rz, broke = _preconditioned(solve.precondition, r, state.preconditioned)
+  # After a breakdown CG restarts along the plain residual (β = 0).
+  beta = jnp.where(broke, 0.0, rz / state.rz)
+  p = optax.tree.add_scale(z, beta, state.p)
+  iteration = state.iteration + 1
+  value = _quadratic_value(x, solve.b, r)
+  finite = jnp.isfinite(pap) & jnp.isfinite(rz) & jnp.isfinite(value)
+  accept = finite & ~(pap <= 0)
+  status = _stop_status(solve, state, iteration, pap, r, value, finite)
+  x = optax.tree.where(accept, x, state.x)
+  r = optax.tree.where(accept, r, state.r)
+  taken = jnp.where(accept, iteration, state.iteration)
+  value = jnp.where(accept, value, state.values[state.iteration])
+  return _LoopState(
+      x=x, r=r, p=p, rz=rz, iteration=taken, status=status,
+      values=state.values.at[taken].set(value),
+      records=solve.recorder.write(state.records, accept, iteration, x,
+                                   value),
+      preconditioned=state.preconditioned & ~broke)
 
 
 def conjugate_gradient(
@@ -197,163 +338,39 @@ def conjugate_gradient(
   _validation.check_nonnegative("tol", tol)
   if progress_tol is not None:
     _validation.check_nonnegative("progress_tol", progress_tol)
-  if jax.tree.structure(b).num_leaves == 0:
-    raise ValueError("`b` is an empty pytree: there is nothing to solve.")
-  precondition = preconditioner or (lambda r: r)
   x = optax.tree.zeros_like(b) if x0 is None else x0
-  _check_same_structure(x, b)
-  matvec = _checked(matvec, b, "matvec(v)")
-  if preconditioner is not None:
-    precondition = _checked(preconditioner, b, "preconditioner(r)")
-
-  dtype = jnp.result_type(*jax.tree.leaves(b))
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"CG needs floating-point vectors, got {dtype}.")
+  matvec, precondition, dtype = _checked_operators(matvec, preconditioner, b,
+                                                   x)
+  solve = _Solve(
+      matvec, precondition, b, optax.tree.norm(b), tol, progress_tol,
+      min_progress_window, max_iterations,
+      max_iterations if budget is None else jnp.minimum(budget,
+                                                        max_iterations),
+      _Recorder(backtracking_schedule(max_iterations, record_base)
+                if record_iterates else None))
   r = optax.tree.sub(b, matvec(x)) if x0 is not None else b
   preconditioned = jnp.asarray(preconditioner is not None)
   z, rz, broke = _preconditioned(precondition, r, preconditioned)
-  preconditioned = preconditioned & ~broke
-  b_norm = optax.tree.norm(b)
-  values = jnp.zeros(max_iterations + 1, dtype).at[0].set(
-      _quadratic_value(x, b, r)
-  )
-  limit = max_iterations if budget is None else jnp.minimum(
-      budget, max_iterations)
-  converged = optax.tree.norm(r) <= tol * b_norm
-  status = jnp.where(converged, CGStatus.CONVERGED, _RUNNING).astype(jnp.int32)
-
-  if record_iterates:
-    schedule = backtracking_schedule(max_iterations, record_base)
-    num_slots = len(schedule)
-    # One extra scratch row takes the writes of unscheduled iterations. The
-    # buffers are broadcast from the iterate, so they carry its sharding
-    # (and mesh) and the in-place writes type-check under explicit sharding.
-    recorded = jax.tree.map(
-        lambda leaf: jnp.broadcast_to(
-            jnp.zeros_like(leaf), (num_slots + 1,) + leaf.shape), x
-    )
-    recorded_values = jnp.zeros(num_slots + 1, dtype)
-  else:
-    schedule, num_slots, recorded, recorded_values = None, 0, None, None
-
-  def cond(state: _LoopState):
-    return state.status == _RUNNING
-
-  def body(state: _LoopState) -> _LoopState:
-    ap = matvec(state.p)
-    pap = optax.tree.vdot(state.p, ap)
-    alpha = state.rz / pap
-    x = optax.tree.add_scale(state.x, alpha, state.p)
-    r = optax.tree.add_scale(state.r, -alpha, ap)
-    z, rz, broke = _preconditioned(precondition, r, state.preconditioned)
-    # After a breakdown CG restarts along the plain residual (β = 0).
-    beta = jnp.where(broke, 0.0, rz / state.rz)
-    p = optax.tree.add_scale(z, beta, state.p)
-    iteration = state.iteration + 1
-    value = _quadratic_value(x, b, r)
-
-    negative = pap <= 0
-    finite = jnp.isfinite(pap) & jnp.isfinite(rz) & jnp.isfinite(value)
-    accept = finite & ~negative
-    stop_status = jnp.select(
-        [
-            ~jnp.isfinite(pap),
-            negative,
-            ~finite,
-            optax.tree.norm(r) <= tol * b_norm,
-            _stalled(state.values, iteration, value, progress_tol,
-                     min_progress_window),
-            iteration >= max_iterations,
-            iteration >= limit,
-        ],
-        [
-            CGStatus.NON_FINITE,
-            CGStatus.NEGATIVE_CURVATURE,
-            CGStatus.NON_FINITE,
-            CGStatus.CONVERGED,
-            CGStatus.STALLED,
-            CGStatus.MAX_ITERATIONS,
-            CGStatus.BUDGET,
-        ],
-        _RUNNING,
-    ).astype(jnp.int32)
-    x = _where(accept, x, state.x)
-    r = _where(accept, r, state.r)
-    taken = jnp.where(accept, iteration, state.iteration)
-    value = jnp.where(accept, value, state.values[state.iteration])
-    values = state.values.at[taken].set(value)
-
-    rec, rec_values, next_slot = state.recorded, state.recorded_values, (
-        state.next_slot
-    )
-    if record_iterates:
-      slot_iteration = jnp.asarray(schedule)[
-          jnp.minimum(state.next_slot, num_slots - 1)
-      ]
-      write = accept & (state.next_slot < num_slots) & (
-          iteration == slot_iteration
-      )
-      row = jnp.where(write, state.next_slot, num_slots)
-      rec = jax.tree.map(
-          lambda buf, leaf: jax.lax.dynamic_update_index_in_dim(
-              buf, leaf, row, 0
-          ),
-          rec,
-          x,
-      )
-      rec_values = rec_values.at[row].set(value)
-      next_slot = state.next_slot + write.astype(jnp.int32)
-
-    return _LoopState(
-        x=x,
-        r=r,
-        z=z,
-        p=p,
-        rz=rz,
-        iteration=taken,
-        status=stop_status,
-        values=values,
-        recorded=rec,
-        recorded_values=rec_values,
-        next_slot=next_slot,
-        preconditioned=state.preconditioned & ~broke,
-    )
-
+  converged = optax.tree.norm(r) <= tol * solve.b_norm
   init = _LoopState(
-      x=x,
-      r=r,
-      z=z,
-      p=z,
-      rz=rz,
-      iteration=jnp.zeros((), jnp.int32),
-      status=status,
-      values=values,
-      recorded=recorded,
-      recorded_values=recorded_values,
-      next_slot=jnp.zeros((), jnp.int32),
-      preconditioned=preconditioned,
-  )
-  final = jax.lax.while_loop(cond, body, init)
-
-  if record_iterates:
-    recorded = jax.tree.map(lambda buf: buf[:num_slots], final.recorded)
-    recorded_values = final.recorded_values[:num_slots]
-    recorded_iterations = jnp.asarray(schedule)
-  else:
-    recorded, recorded_values, recorded_iterations = None, None, None
+      x=x, r=r, p=z, rz=rz, iteration=jnp.zeros((), jnp.int32),
+      status=jnp.where(converged, CGStatus.CONVERGED, _RUNNING).astype(
+          jnp.int32),
+      values=jnp.zeros(max_iterations + 1, dtype).at[0].set(
+          _quadratic_value(x, b, r)),
+      records=solve.recorder.init(x, dtype),
+      preconditioned=preconditioned & ~broke)
+  final = jax.lax.while_loop(lambda state: state.status == _RUNNING,
+                             functools.partial(_iterate, solve), init)
   return CGResult(
       x=final.x,
       iterations=final.iteration,
       residual_norm=optax.tree.norm(final.r),
       quadratic_value=final.values[final.iteration],
       status=final.status,
-      recorded=recorded,
-      recorded_values=recorded_values,
-      recorded_iterations=recorded_iterations,
-      num_recorded=final.next_slot if record_iterates else None,
       preconditioner_breakdown=jnp.asarray(preconditioner is not None)
       & ~final.preconditioned,
-  )
+      **solve.recorder.finish(final.records))
 
 
 def _preconditioned(precondition, r, use):
@@ -367,7 +384,7 @@ def _preconditioned(precondition, r, use):
   rz = optax.tree.vdot(r, z)
   breakdown = use & (rr > 0) & ~(jnp.isfinite(rz) & (rz > 0))
   keep = use & ~breakdown
-  return _where(keep, z, r), jnp.where(keep, rz, rr), breakdown
+  return optax.tree.where(keep, z, r), jnp.where(keep, rz, rr), breakdown
 
 
 def _stalled(values, iteration, value, progress_tol, min_window) -> Array:
@@ -380,6 +397,20 @@ def _stalled(values, iteration, value, progress_tol, min_window) -> Array:
   previous = values[jnp.maximum(iteration - window, 0)]
   progress = (value - previous) / value
   return (iteration > window) & (value < 0) & (progress < window * progress_tol)
+
+
+def _checked_operators(matvec, preconditioner, b: Params, x: Params):
+  """``(matvec, r ↦ M⁻¹r, dtype)``, checked against ``b`` at trace time."""
+  if jax.tree.structure(b).num_leaves == 0:
+    raise ValueError("`b` is an empty pytree: there is nothing to solve.")
+  _check_same_structure(x, b)
+  matvec = _checked(matvec, b, "matvec(v)")
+  precondition = (lambda r: r) if preconditioner is None else _checked(
+      preconditioner, b, "preconditioner(r)")
+  dtype = jnp.result_type(*jax.tree.leaves(b))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"CG needs floating-point vectors, got {dtype}.")
+  return matvec, precondition, dtype
 
 
 def _check_same_structure(x: Params, b: Params) -> None:

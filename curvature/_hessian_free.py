@@ -29,6 +29,7 @@ import optax
 from curvature import _block_diagonal
 from curvature import _blocks
 from curvature import _cg
+from curvature import _damping
 from curvature import _diagonal
 from curvature import _kfac
 from curvature import _losses
@@ -40,36 +41,25 @@ Array = jax.Array
 Params = Any
 
 
-class ScaleByHessianFreeState(NamedTuple):
-  """State of :func:`scale_by_hessian_free`.
+class HessianFreeInfo(NamedTuple):
+  """Statistics of :func:`scale_by_hessian_free`'s last step.
 
   Attributes:
-    count: number of ``update`` calls.
-    damping: the current Tikhonov damping ``λ``.
-    previous_solution: the last step's final, un-backtracked CG iterate,
-      the warm start of the next solve.
-    key: PRNG key for sampled curvature.
     rejected_steps: how many steps were rejected because the gradient, the
-      loss or a curvature product was not finite.
+      loss or a curvature product was not finite (cumulative).
     objective_value: the objective ``f(θ)`` at the last step (not named
       ``value``, which optax's line searches look up in the state).
-    reduction_ratio: ``ρ`` of the last step.
+    reduction_ratio: ``ρ`` of the last step (``−∞`` if it was rejected).
     cg_iterations: CG iterations of the last step.
     cg_status: a :class:`curvature.CGStatus` of the last step.
     step_size: the line-search step ``α`` of the last step (0: no step).
     loss_evaluations: objective evaluations of the last step beyond the
       linearization (backtracking, line search, full-batch value).
-    preconditioner_state: the CG preconditioner's statistics:
-      a :class:`curvature.ScaleByKfacState` for ``"kfac"``, the dense blocks
-      and diagonal for ``"block_diagonal"``, ``()`` otherwise.
     preconditioner_breakdowns: solves in which the preconditioner gave a
-      non-finite or non-positive ``rᵀM⁻¹r`` and CG fell back to plain CG.
+      non-finite or non-positive ``rᵀM⁻¹r`` and CG fell back to plain CG
+      (cumulative).
   """
 
-  count: Array
-  damping: Array
-  previous_solution: Params
-  key: Array
   rejected_steps: Array
   objective_value: Array
   reduction_ratio: Array
@@ -77,8 +67,50 @@ class ScaleByHessianFreeState(NamedTuple):
   cg_status: Array
   step_size: Array
   loss_evaluations: Array
-  preconditioner_state: Any
   preconditioner_breakdowns: Array
+
+
+def _info_field(name: str):
+  """A read-only ``state.<name>`` for ``state.info.<name>``."""
+  return property(lambda state: getattr(state.info, name),
+                  doc=f"``info.{name}`` (read-only shorthand).")
+
+
+class ScaleByHessianFreeState(NamedTuple):
+  """State of :func:`scale_by_hessian_free`.
+
+  The statistics of the last step are in ``info``; each of them is also
+  readable as ``state.<name>`` (``state.cg_iterations`` is
+  ``state.info.cg_iterations``).
+
+  Attributes:
+    count: number of ``update`` calls.
+    damping: the current Tikhonov damping ``λ``.
+    previous_solution: the last step's final, un-backtracked CG iterate,
+      the warm start of the next solve.
+    key: PRNG key for sampled curvature.
+    info: a :class:`HessianFreeInfo`: ``ρ``, CG iterations and status, the
+      step size, rejected steps and the other statistics.
+    preconditioner_state: the CG preconditioner's statistics:
+      a :class:`curvature.ScaleByKfacState` for ``"kfac"``, the dense blocks
+      and diagonal for ``"block_diagonal"``, ``()`` otherwise.
+  """
+
+  count: Array
+  damping: Array
+  previous_solution: Params
+  key: Array
+  info: HessianFreeInfo
+  preconditioner_state: Any
+
+  rejected_steps = _info_field("rejected_steps")
+  objective_value = _info_field("objective_value")
+  reduction_ratio = _info_field("reduction_ratio")
+  cg_iterations = _info_field("cg_iterations")
+  cg_status = _info_field("cg_status")
+  step_size = _info_field("step_size")
+  loss_evaluations = _info_field("loss_evaluations")
+  preconditioner_breakdowns = _info_field("preconditioner_breakdowns")
 
 
 def _state_dtype(params: Params):
@@ -121,12 +153,6 @@ def _check_update_args(updates, params, batch):
           f"A gradient leaf of shape {g.shape} does not match its parameter"
           f" of shape {p.shape}."
       )
-
-
-def _levenberg_marquardt(damping, rho, low, high, increase, decrease):
-  """Martens' (2010) rule: ρ < low → λ·increase; ρ > high → λ·decrease."""
-  factor = jnp.where(rho < low, increase, jnp.where(rho > high, decrease, 1.0))
-  return damping * factor
 
 
 class _Candidate(NamedTuple):
@@ -453,6 +479,377 @@ def _structural_matvec(structural_fn, params, batch, num_examples, axis_name):
   return matvec
 
 
+class _Config(NamedTuple):
+  """The checked settings of :func:`scale_by_hessian_free`."""
+
+  predict_fn: Callable[..., Any]
+  loss: _losses.Loss
+  curvature: str
+  initial_damping: Any
+  adapt_damping: bool
+  damping_increase: float
+  damping_decrease: float
+  rho_low: float
+  rho_high: float
+  min_damping: float
+  max_damping: float
+  l2_reg: float
+  structural: bool  # Whether the structural-damping term is built.
+  structural_damping: float
+  structural_fn: Optional[Callable[..., Any]]
+  max_cg_iterations: int
+  cg_tol: float
+  progress_tol: Optional[float]
+  warm_start_decay: float
+  backtracking: bool
+  line_search: bool
+  line_search_decay: float
+  line_search_c: float
+  max_line_search_steps: int
+  reject_uphill: bool
+  preconditioner: Optional[str]
+  preconditioner_exponent: float
+  preconditioner_every: int
+  preconditioner_decay: float
+  preconditioner_batch_size: Optional[int]
+  preconditioner_block_size: int
+  cg_budget_growth: Optional[float]
+  curvature_batch_size: Optional[int]
+  evaluation_batch_size: Optional[int]
+  num_samples: int
+  targets_fn: Callable[[Any], Any]
+  seed: int
+  axis_name: Any
+
+
+def _check_damping_settings(s: dict) -> None:
+  """Checks ``λ₀`` and the Levenberg-Marquardt settings."""
+  if s["adapt_damping"]:
+    _validation.check_not_schedule(
+        "initial_damping", s["initial_damping"],
+        "The damping is adapted by the Levenberg-Marquardt rule, so only its"
+        " start is given: pass a number (Martens starts at 1.0). To follow"
+        " a schedule, fix the damping: `adapt_damping=False` (in"
+        " scale_by_hessian_free or natural_gradient) or"
+        " `gauss_newton(damping=schedule)`.")
+  elif callable(s["initial_damping"]):
+    _validation.check_nonnegative(
+        "initial_damping(0)", s["initial_damping"](0),
+        "The schedule must give a damping >= 0.")
+  _validation.check_nonnegative(
+      "initial_damping", s["initial_damping"],
+      "Use a damping >= 0 (Martens starts at 1.0).")
+  _validation.check_nonnegative("l2_reg", s["l2_reg"])
+  s["structural"] = _use_structural_damping(s["structural_damping"],
+                                            s["structural_fn"])
+  _validation.check_nonnegative("min_damping", s["min_damping"])
+  _validation.check_positive("max_damping", s["max_damping"])
+  _validation.check_ordered(
+      "min_damping", s["min_damping"], "max_damping", s["max_damping"],
+      "Swap them: λ is clipped to [min_damping, max_damping].")
+  _validation.check_in_interval(
+      "damping_decrease", s["damping_decrease"], 0.0, 1.0, closed_high=True)
+  _validation.check_at_least(
+      "damping_increase", s["damping_increase"], 1.0,
+      "It multiplies λ after a poor step (ρ < rho_low); below 1 the damping"
+      " would fall exactly when the model failed. Martens uses 1.5.")
+  _validation.check_ordered(
+      "rho_low", s["rho_low"], "rho_high", s["rho_high"],
+      "λ grows below rho_low and shrinks above rho_high; Martens uses 0.25"
+      " and 0.75.")
+
+
+def _check_solver_settings(s: dict) -> None:
+  """Checks the CG, line-search and batch-size settings."""
+  _validation.check_nonnegative(
+      "cg_tol", s["cg_tol"],
+      "It is CG's relative-residual tolerance, e.g. 1e-10.")
+  if s["progress_tol"] is not None:
+    _validation.check_nonnegative(
+        "progress_tol", s["progress_tol"],
+        "Martens' relative-progress rule uses 5e-4; None disables it.")
+  _validation.check_in_interval(
+      "warm_start_decay", s["warm_start_decay"], 0.0, 1.0, closed_high=True)
+  _validation.check_in_interval(
+      "line_search_decay", s["line_search_decay"], 0, 1)
+  _validation.check_in_interval("line_search_c", s["line_search_c"], 0, 1)
+  for name in ("curvature_batch_size", "evaluation_batch_size"):
+    if s[name] is not None:
+      s[name] = _validation.check_static_int(name, s[name], 1)
+  s["max_cg_iterations"] = _validation.check_static_int(
+      "max_cg_iterations", s["max_cg_iterations"], 1)
+  s["max_line_search_steps"] = _validation.check_static_int(
+      "max_line_search_steps", s["max_line_search_steps"], 0)
+  if s["curvature"] == "sampled_fisher":
+    _validation.check_static_int("num_samples", s["num_samples"], 1)
+  s["axis_name"] = _validation.check_axis_name(s["axis_name"])
+
+
+def _check_preconditioner_settings(s: dict) -> None:
+  """Checks the preconditioner settings and the CG budget."""
+  for name in ("preconditioner_every", "preconditioner_block_size"):
+    s[name] = _validation.check_static_int(name, s[name], 1)
+  if s["preconditioner_batch_size"] is not None:
+    s["preconditioner_batch_size"] = _validation.check_static_int(
+        "preconditioner_batch_size", s["preconditioner_batch_size"], 1)
+  _validation.check_in_interval(
+      "preconditioner_decay", s["preconditioner_decay"], 0.0, 1.0)
+  if s["cg_budget_growth"] is not None:
+    _validation.check_at_least(
+        "cg_budget_growth", s["cg_budget_growth"], 1.0,
+        "The budget is this times the previous solve's iterations; use e.g."
+        " 1.5, or None for the cap alone.")
+
+
+def _checked_config(*, diagonal_preconditioner, **settings) -> _Config:
+  """:func:`scale_by_hessian_free`'s arguments, checked, as a ``_Config``."""
+  _validation.check_choice("curvature", settings["curvature"],
+                           _products.CURVATURES)
+  _check_damping_settings(settings)
+  _check_solver_settings(settings)
+  settings["preconditioner"] = _check_preconditioner(
+      settings["preconditioner"], diagonal_preconditioner)
+  _check_preconditioner_settings(settings)
+  if not callable(settings["predict_fn"]):
+    raise TypeError(
+        "`predict_fn` must be a function (params, batch) -> outputs.")
+  if not isinstance(settings["loss"], _losses.Loss):
+    raise TypeError(
+        "`loss` must be a curvature.losses.Loss, e.g."
+        " curvature.losses.softmax_cross_entropy.")
+  return _Config(**settings)
+
+
+def _preconditioner_stage(config: _Config) -> _Preconditioner:
+  """The ``_Preconditioner`` that ``config.preconditioner`` names."""
+  c = config
+  if c.preconditioner == "diagonal":
+    return _martens_diagonal(c.predict_fn, c.loss, c.l2_reg,
+                             c.preconditioner_exponent, c.targets_fn,
+                             c.axis_name)
+  if c.preconditioner == "kfac":
+    return _kfac_blocks(c.predict_fn, c.loss, c.l2_reg,
+                        c.preconditioner_every, c.preconditioner_decay,
+                        c.targets_fn, c.seed, c.axis_name)
+  if c.preconditioner == "block_diagonal":
+    return _dense_blocks(c.predict_fn, c.loss, c.l2_reg,
+                         c.preconditioner_every, c.preconditioner_decay,
+                         c.preconditioner_block_size, c.targets_fn,
+                         c.axis_name)
+  return _no_preconditioner()
+
+
+# The stages of one step, in order ------------------------------------------
+
+
+class _Batches(NamedTuple):
+  """Stage 1's output: the parts of the batch each computation uses."""
+
+  curvature: Any  # leading examples: curvature products
+  evaluation: Any  # trailing examples: f for ρ, backtracking, line search
+  statistics: Any  # leading examples of `curvature`: the preconditioner
+  num_curvature: int
+  whole: bool  # curvature and evaluation are the whole batch
+
+
+def _split_batch(config: _Config, batch) -> _Batches:
+  """Stage 1: the curvature, evaluation and preconditioner batches."""
+  num_examples = _products.batch_size(batch, config.targets_fn)
+  num_curvature = min(config.curvature_batch_size or num_examples,
+                      num_examples)
+  num_evaluation = min(config.evaluation_batch_size or num_examples,
+                       num_examples)
+  curvature_batch = _products.take_examples(batch, num_curvature)
+  num_statistics = min(config.preconditioner_batch_size or num_curvature,
+                       num_curvature)
+  return _Batches(
+      curvature=curvature_batch,
+      evaluation=_last_examples(batch, num_evaluation),
+      statistics=_products.take_examples(curvature_batch, num_statistics),
+      num_curvature=num_curvature,
+      whole=num_curvature == num_evaluation == num_examples)
+
+
+class _Model(NamedTuple):
+  """Stage 2's output: the objective and its damped quadratic model at θ."""
+
+  value: Array  # f(θ) on the evaluation batch
+  grad: Params  # g + ηθ
+  damped_matvec: Callable[[Params], Params]  # v ↦ (C + λI [+ μλ S]) v
+  evaluate: Callable[[Params], Array]  # d ↦ f(θ + d) on the evaluation batch
+  extra_evaluations: int  # 1 if f(θ) needed its own evaluation
+
+
+def _linearize(config: _Config, params, grad, batches: _Batches, damping,
+               key) -> _Model:
+  """Stage 2: one linearization at ``θ``: ``f(θ)``, ``g + ηθ``, ``C + λI``."""
+  c = config
+
+  def evaluate(step):
+    return _products.objective(
+        c.predict_fn, c.loss, optax.tree.add(params, step),
+        batches.evaluation, l2_reg=c.l2_reg, targets_fn=c.targets_fn,
+        axis_name=c.axis_name)
+
+  lin = _products.linearize(
+      c.predict_fn, c.loss, params, batches.curvature, curvature=c.curvature,
+      l2_reg=c.l2_reg, targets_fn=c.targets_fn, key=key,
+      num_samples=c.num_samples, axis_name=c.axis_name)
+  if batches.whole:
+    value, extra_evaluations = lin.value, 0
+  else:
+    value, extra_evaluations = evaluate(optax.tree.zeros_like(params)), 1
+  return _Model(value, optax.tree.add_scale(grad, c.l2_reg, params),
+                _damped_matvec(c, lin.matvec, params, batches, damping),
+                evaluate, extra_evaluations)
+
+
+def _damped_matvec(config: _Config, matvec, params, batches: _Batches,
+                   damping):
+  """``v ↦ Cv + λv``, plus ``μλ (1/N) J_Sᵀ J_S v`` with structural damping."""
+
+  def tikhonov(vector):
+    return optax.tree.add_scale(matvec(vector), damping, vector)
+
+  if not config.structural:
+    return tikhonov
+  structural = _structural_matvec(
+      config.structural_fn, params, batches.curvature, batches.num_curvature,
+      config.axis_name)
+  weight = jnp.asarray(config.structural_damping, damping.dtype) * damping
+  return lambda vector: optax.tree.add_scale(
+      tikhonov(vector), weight, structural(vector))
+
+
+def _cg_budget(config: _Config, state: ScaleByHessianFreeState):
+  """The adaptive CG budget ``max(10, ⌈growth · i₋₁⌉)``, or ``None``."""
+  if config.cg_budget_growth is None:
+    return None
+  budget = jnp.maximum(10, jnp.ceil(
+      config.cg_budget_growth * state.info.cg_iterations).astype(jnp.int32))
+  return jnp.where(state.count == 0, config.max_cg_iterations, budget)
+
+
+def _solve(config: _Config, model: _Model, state: ScaleByHessianFreeState,
+           precondition) -> _cg.CGResult:
+  """Stage 3: warm-started CG on ``(C + λI) p = −g``, Newton-CG fallback."""
+  cg = _cg.conjugate_gradient(
+      model.damped_matvec,
+      optax.tree.scale(-1.0, model.grad),
+      optax.tree.scale(config.warm_start_decay, state.previous_solution),
+      max_iterations=config.max_cg_iterations,
+      tol=config.cg_tol,
+      progress_tol=config.progress_tol,
+      preconditioner=precondition,
+      record_iterates=config.backtracking,
+      budget=_cg_budget(config, state),
+  )
+  return _steepest_descent_at_first_negative_curvature(
+      cg, model.grad, model.damped_matvec, precondition)
+
+
+def _choose_step(config: _Config, cg: _cg.CGResult, model: _Model):
+  """Stage 4: the best stored CG iterate (backtracking), or the last one."""
+  if config.backtracking:
+    return _backtrack(cg, model.evaluate)
+  return _Candidate(cg.x, model.evaluate(cg.x), cg.quadratic_value,
+                    jnp.ones((), jnp.int32))
+
+
+def _line_search(config: _Config, model: _Model, chosen: _Candidate,
+                 value_at_step):
+  """Stage 5: ``(α, evaluations)``: Armijo, all-or-nothing, or ``α = 1``.
+
+  ``reject_uphill`` takes the full step if ``f(θ + p) ≤ f(θ)`` and none
+  otherwise: Armijo with ``c = 0`` and no shrinking.
+  """
+  if config.reject_uphill:
+    decay, c, max_steps = config.line_search_decay, 0.0, 0
+  elif config.line_search:
+    decay, c, max_steps = (config.line_search_decay, config.line_search_c,
+                           config.max_line_search_steps)
+  else:
+    return jnp.ones((), model.value.dtype), 0
+  return _armijo(
+      model.evaluate, chosen.step, value_at_step, model.value,
+      optax.tree.vdot(model.grad, chosen.step), decay=decay, c=c,
+      max_steps=max_steps)
+
+
+def _adapt_damping(config: _Config, damping, rho, rejected):
+  """Stage 6: Levenberg-Marquardt on ``ρ``; a rejected step raises ``λ``."""
+  if not config.adapt_damping:
+    return damping
+  bounds = (config.min_damping, config.max_damping)
+  adapted = _damping.levenberg_marquardt(
+      damping, rho, low=config.rho_low, high=config.rho_high,
+      increase=config.damping_increase, decrease=config.damping_decrease,
+      bounds=bounds)
+  return _damping.raise_on_rejection(
+      damping, adapted, rejected, increase=config.damping_increase,
+      bounds=bounds)
+
+
+class _Step(NamedTuple):
+  """What stages 3-6 decided, for the next state."""
+
+  cg: _cg.CGResult
+  chosen: _Candidate
+  rho: Array
+  alpha: Array
+  line_search_evaluations: Any
+  rejected: Array
+  damping: Array
+
+
+def _next_state(state: ScaleByHessianFreeState, step: _Step, model: _Model,
+                key, preconditioner_state) -> ScaleByHessianFreeState:
+  """Stage 7: the new state; a rejected step resets the warm start."""
+  dtype = state.info.objective_value.dtype
+  rejected = step.rejected
+  info = HessianFreeInfo(
+      rejected_steps=state.info.rejected_steps + rejected.astype(jnp.int32),
+      objective_value=model.value.astype(dtype),
+      reduction_ratio=jnp.where(rejected, -jnp.inf, step.rho).astype(dtype),
+      cg_iterations=step.cg.iterations,
+      cg_status=step.cg.status,
+      step_size=jnp.where(rejected, 0.0, step.alpha).astype(dtype),
+      loss_evaluations=(step.chosen.evaluations
+                        + step.line_search_evaluations
+                        + model.extra_evaluations).astype(jnp.int32),
+      preconditioner_breakdowns=state.info.preconditioner_breakdowns
+      + step.cg.preconditioner_breakdown.astype(jnp.int32),
+  )
+  zeros = optax.tree.zeros_like(state.previous_solution)
+  return ScaleByHessianFreeState(
+      count=optax.safe_increment(state.count),
+      damping=step.damping,
+      previous_solution=optax.tree.where(rejected, zeros, step.cg.x),
+      key=key,
+      info=info,
+      preconditioner_state=preconditioner_state,
+  )
+
+
+def _init_state(config: _Config, stage: _Preconditioner, params, damping_at):
+  """The state before the first step."""
+  _validation.check_params(params, "scale_by_hessian_free")
+  dtype = _state_dtype(params)
+  zero, int_zero = jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
+  return ScaleByHessianFreeState(
+      count=int_zero,
+      damping=damping_at(int_zero, dtype),
+      previous_solution=optax.tree.zeros_like(params, dtype=dtype),
+      key=jax.random.key(config.seed),
+      info=HessianFreeInfo(
+          rejected_steps=int_zero, objective_value=zero,
+          reduction_ratio=zero, cg_iterations=int_zero, cg_status=int_zero,
+          step_size=zero, loss_evaluations=int_zero,
+          preconditioner_breakdowns=int_zero),
+      preconditioner_state=stage.init(params),
+  )
+
+
 def scale_by_hessian_free(
     predict_fn: _products.PredictFn,
     loss: _losses.Loss,
@@ -478,6 +875,7 @@ def scale_by_hessian_free(
     line_search_decay: float = 0.8,
     line_search_c: float = 1e-2,
     max_line_search_steps: int = 20,
+    reject_uphill: bool = False,
     diagonal_preconditioner: bool = False,
     preconditioner_exponent: float = 0.75,
     preconditioner: Optional[str] = None,
@@ -571,12 +969,19 @@ def scale_by_hessian_free(
   steps. With ``M`` positive definite PCG solves the same system; a
   preconditioner that gives a non-finite or non-positive ``rᵀM⁻¹r`` is a
   breakdown: that solve continues as plain CG and
-  ``preconditioner_breakdowns`` counts it.
+  ``info.preconditioner_breakdowns`` counts it.
 
   **Non-finite input.** If the gradient, the objective or a curvature product
   is NaN/Inf, the step is rejected: the update is zero, ``λ`` is multiplied by
-  ``damping_increase``, the warm start is reset and ``rejected_steps`` counts
-  it. The parameters never see a NaN.
+  ``damping_increase``, the warm start is reset and ``info.rejected_steps``
+  counts it. The parameters never see a NaN.
+
+  **State.** ``damping``, ``count``, ``key``, the warm start and the
+  preconditioner's statistics are fields of the state; the last step's
+  statistics (``ρ``, CG iterations and status, ``α``, objective
+  evaluations, rejected steps) are in ``state.info``, a
+  :class:`HessianFreeInfo`, and each is also readable as
+  ``state.<name>``.
 
   **Data parallelism.** Under ``jit`` with a sharded batch nothing is needed:
   every batch mean is global. Inside ``jax.shard_map``, where ``update`` sees
@@ -629,6 +1034,9 @@ def scale_by_hessian_free(
     line_search_decay: step shrink factor (0.8).
     line_search_c: sufficient-decrease constant (1e-2).
     max_line_search_steps: shrinks before giving up and taking no step (20).
+    reject_uphill: instead of the line search, take the full step ``p`` if
+      ``f(θ + p) ≤ f(θ)`` and ``gᵀp < 0``, and no step otherwise
+      (Levenberg-Marquardt's step rejection; ``ρ`` and ``λ`` as usual).
     diagonal_preconditioner: deprecated synonym of
       ``preconditioner="diagonal"``.
     preconditioner_exponent: ``ξ`` of the ``"diagonal"`` preconditioner
@@ -685,7 +1093,7 @@ def scale_by_hessian_free(
     >>> grads = jax.grad(lambda p: loss.value(predict(p, batch),
     ...                                       batch["targets"]))(params)
     >>> updates, state = opt.update(grads, state, params, batch=batch)
-    >>> int(state[0].cg_iterations) > 0
+    >>> int(state[0].info.cg_iterations) > 0
     True
 
   References:
@@ -698,102 +1106,8 @@ def scale_by_hessian_free(
     Goodfellow, Bengio & Courville, *Deep Learning*, MIT Press, 2016, ch. 8
     (Newton, damping as a trust region, Levenberg-Marquardt, CG).
   """
-  _validation.check_choice("curvature", curvature, _products.CURVATURES)
-  if adapt_damping:
-    _validation.check_not_schedule(
-        "initial_damping", initial_damping,
-        "The damping is adapted by the Levenberg-Marquardt rule, so only its"
-        " start is given: pass a number (Martens starts at 1.0). To follow"
-        " a schedule, fix the damping: `adapt_damping=False` (in"
-        " scale_by_hessian_free or natural_gradient) or"
-        " `gauss_newton(damping=schedule)`.")
-  elif callable(initial_damping):
-    _validation.check_nonnegative(
-        "initial_damping(0)", initial_damping(0),
-        "The schedule must give a damping >= 0.")
-  _validation.check_nonnegative(
-      "initial_damping", initial_damping,
-      "Use a damping >= 0 (Martens starts at 1.0)."
-  )
-  _validation.check_nonnegative("l2_reg", l2_reg)
-  structural = _use_structural_damping(structural_damping, structural_fn)
-  _validation.check_nonnegative("min_damping", min_damping)
-  _validation.check_positive("max_damping", max_damping)
-  _validation.check_ordered(
-      "min_damping", min_damping, "max_damping", max_damping,
-      "Swap them: λ is clipped to [min_damping, max_damping].")
-  _validation.check_in_interval(
-      "damping_decrease", damping_decrease, 0.0, 1.0, closed_high=True)
-  _validation.check_at_least(
-      "damping_increase", damping_increase, 1.0,
-      "It multiplies λ after a poor step (ρ < rho_low); below 1 the damping"
-      " would fall exactly when the model failed. Martens uses 1.5.")
-  _validation.check_ordered(
-      "rho_low", rho_low, "rho_high", rho_high,
-      "λ grows below rho_low and shrinks above rho_high; Martens uses 0.25"
-      " and 0.75.")
-  _validation.check_nonnegative(
-      "cg_tol", cg_tol, "It is CG's relative-residual tolerance, e.g. 1e-10.")
-  if progress_tol is not None:
-    _validation.check_nonnegative(
-        "progress_tol", progress_tol,
-        "Martens' relative-progress rule uses 5e-4; None disables it.")
-  _validation.check_in_interval(
-      "warm_start_decay", warm_start_decay, 0.0, 1.0, closed_high=True)
-  _validation.check_in_interval("line_search_decay", line_search_decay, 0, 1)
-  _validation.check_in_interval("line_search_c", line_search_c, 0, 1)
-  if curvature_batch_size is not None:
-    curvature_batch_size = _validation.check_static_int(
-        "curvature_batch_size", curvature_batch_size, 1)
-  if evaluation_batch_size is not None:
-    evaluation_batch_size = _validation.check_static_int(
-        "evaluation_batch_size", evaluation_batch_size, 1)
-  max_cg_iterations = _validation.check_static_int(
-      "max_cg_iterations", max_cg_iterations, 1
-  )
-  max_line_search_steps = _validation.check_static_int(
-      "max_line_search_steps", max_line_search_steps, 0
-  )
-  if curvature == "sampled_fisher":
-    _validation.check_static_int("num_samples", num_samples, 1)
-  axis_name = _validation.check_axis_name(axis_name)
-  preconditioner = _check_preconditioner(preconditioner,
-                                         diagonal_preconditioner)
-  preconditioner_every = _validation.check_static_int(
-      "preconditioner_every", preconditioner_every, 1)
-  preconditioner_block_size = _validation.check_static_int(
-      "preconditioner_block_size", preconditioner_block_size, 1)
-  if preconditioner_batch_size is not None:
-    preconditioner_batch_size = _validation.check_static_int(
-        "preconditioner_batch_size", preconditioner_batch_size, 1)
-  _validation.check_in_interval(
-      "preconditioner_decay", preconditioner_decay, 0.0, 1.0)
-  if cg_budget_growth is not None:
-    _validation.check_at_least(
-        "cg_budget_growth", cg_budget_growth, 1.0,
-        "The budget is this times the previous solve's iterations; use e.g."
-        " 1.5, or None for the cap alone.")
-  if not callable(predict_fn):
-    raise TypeError(
-        "`predict_fn` must be a function (params, batch) -> outputs.")
-  if not isinstance(loss, _losses.Loss):
-    raise TypeError(
-        "`loss` must be a curvature.losses.Loss, e.g."
-        " curvature.losses.softmax_cross_entropy."
-    )
-
-  if preconditioner == "diagonal":
-    stage = _martens_diagonal(predict_fn, loss, l2_reg,
-                              preconditioner_exponent, targets_fn, axis_name)
-  elif preconditioner == "kfac":
-    stage = _kfac_blocks(predict_fn, loss, l2_reg, preconditioner_every,
-                         preconditioner_decay, targets_fn, seed, axis_name)
-  elif preconditioner == "block_diagonal":
-    stage = _dense_blocks(predict_fn, loss, l2_reg, preconditioner_every,
-                          preconditioner_decay, preconditioner_block_size,
-                          targets_fn, axis_name)
-  else:
-    stage = _no_preconditioner()
+  config = _checked_config(**locals())
+  stage = _preconditioner_stage(config)
 
   def damping_at(count, dtype):
     """The given damping at step ``count`` (a number, an injected value or
@@ -803,158 +1117,38 @@ def scale_by_hessian_free(
     return jnp.asarray(value, dtype)
 
   def init_fn(params):
-    _validation.check_params(params, "scale_by_hessian_free")
-    dtype = _state_dtype(params)
-    zero = jnp.zeros((), dtype)
-    return ScaleByHessianFreeState(
-        count=jnp.zeros((), jnp.int32),
-        damping=damping_at(jnp.zeros((), jnp.int32), dtype),
-        previous_solution=optax.tree.zeros_like(params, dtype=dtype),
-        key=jax.random.key(seed),
-        rejected_steps=jnp.zeros((), jnp.int32),
-        objective_value=zero,
-        reduction_ratio=zero,
-        cg_iterations=jnp.zeros((), jnp.int32),
-        cg_status=jnp.zeros((), jnp.int32),
-        step_size=zero,
-        loss_evaluations=jnp.zeros((), jnp.int32),
-        preconditioner_state=stage.init(params),
-        preconditioner_breakdowns=jnp.zeros((), jnp.int32),
-    )
+    return _init_state(config, stage, params, damping_at)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args  # value, grad, value_fn: accepted for chaining.
     _check_update_args(updates, params, batch)
     _validation.check_state(params, state.previous_solution)
-    original_params = params
-    compute_dtype = state.damping.dtype  # params' dtype, at least float32.
-    params = _cast(params, compute_dtype)
-    updates = _products.batch_mean(_cast(updates, compute_dtype), axis_name)
+    dtype = state.damping.dtype  # params' dtype, at least float32.
     key, sample_key = jax.random.split(state.key)
-    num_examples = _products.batch_size(batch, targets_fn)
-    num_curvature = min(curvature_batch_size or num_examples, num_examples)
-    num_evaluation = min(evaluation_batch_size or num_examples, num_examples)
-    curvature_batch = _products.take_examples(batch, num_curvature)
-    evaluation_batch = _last_examples(batch, num_evaluation)
-
-    def evaluate(step):
-      return _products.objective(
-          predict_fn, loss, optax.tree.add(params, step), evaluation_batch,
-          l2_reg=l2_reg, targets_fn=targets_fn, axis_name=axis_name)
-
-    lin = _products.linearize(
-        predict_fn, loss, params, curvature_batch, curvature=curvature,
-        l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
-        num_samples=num_samples, axis_name=axis_name)
-    if num_curvature == num_evaluation == num_examples:
-      value, extra_evaluations = lin.value, 0
-    else:
-      value, extra_evaluations = evaluate(optax.tree.zeros_like(params)), 1
-    grad = optax.tree.add_scale(updates, l2_reg, params)
+    theta = _cast(params, dtype)
+    batches = _split_batch(config, batch)
     # Adapted λ lives in the state; a fixed one is read from the argument
     # each step, so that a schedule or an injected value is followed.
-    damping = state.damping if adapt_damping else damping_at(
-        state.count, compute_dtype)
-
-    def damped_matvec(vector):
-      return optax.tree.add_scale(lin.matvec(vector), damping, vector)
-
-    if structural:
-      structural_matvec = _structural_matvec(
-          structural_fn, params, curvature_batch, num_curvature, axis_name)
-      tikhonov_matvec = damped_matvec
-
-      def damped_matvec(vector):  # pylint: disable=function-redefined
-        return optax.tree.add_scale(
-            tikhonov_matvec(vector),
-            jnp.asarray(structural_damping, damping.dtype) * damping,
-            structural_matvec(vector))
-
-    statistics_batch = _products.take_examples(
-        curvature_batch,
-        min(preconditioner_batch_size or num_curvature, num_curvature))
+    damping = state.damping if adapt_damping else damping_at(state.count,
+                                                             dtype)
+    grad = _products.batch_mean(_cast(updates, dtype), config.axis_name)
+    model = _linearize(config, theta, grad, batches, damping, sample_key)
     preconditioner_state, precondition = stage.update(
-        state.preconditioner_state, params, statistics_batch, damping,
+        state.preconditioner_state, theta, batches.statistics, damping,
         sample_key)
-    budget = None
-    if cg_budget_growth is not None:
-      budget = jnp.maximum(10, jnp.ceil(
-          cg_budget_growth * state.cg_iterations).astype(jnp.int32))
-      budget = jnp.where(state.count == 0, max_cg_iterations, budget)
-
-    x0 = optax.tree.scale(warm_start_decay, state.previous_solution)
-    cg = _cg.conjugate_gradient(
-        damped_matvec,
-        optax.tree.scale(-1.0, grad),
-        x0,
-        max_iterations=max_cg_iterations,
-        tol=cg_tol,
-        progress_tol=progress_tol,
-        preconditioner=precondition,
-        record_iterates=backtracking,
-        budget=budget,
-    )
-    cg = _steepest_descent_at_first_negative_curvature(
-        cg, grad, damped_matvec, precondition)
-    if backtracking:
-      chosen = _backtrack(cg, evaluate)
-    else:
-      chosen = _Candidate(cg.x, evaluate(cg.x), cg.quadratic_value,
-                          jnp.ones((), jnp.int32))
-    value_at_step = jnp.where(
-        jnp.isnan(chosen.value), jnp.inf, chosen.value)
-    rho = _taylor.reduction_ratio(value_at_step, value, chosen.model)
-
-    if line_search:
-      alpha, tries = _armijo(
-          evaluate, chosen.step, value_at_step, value,
-          optax.tree.vdot(grad, chosen.step), decay=line_search_decay,
-          c=line_search_c, max_steps=max_line_search_steps)
-    else:
-      alpha, tries = jnp.ones((), value.dtype), 0
-
-    finite = (
-        jnp.isfinite(value) & _validation.all_finite(grad)
-        & (cg.status != _cg.CGStatus.NON_FINITE)
-        & _validation.all_finite(chosen.step)
-    )
-    if adapt_damping:
-      new_damping = jnp.clip(
-          _levenberg_marquardt(damping, rho, rho_low, rho_high,
-                               damping_increase, damping_decrease),
-          min_damping, max_damping)
-    else:
-      new_damping = damping
-    new_damping = jnp.where(
-        finite, new_damping,
-        jnp.clip(damping * damping_increase, min_damping, max_damping)
-        if adapt_damping else damping,
-    ).astype(damping.dtype)
-
-    direction = optax.tree.scale(-alpha, chosen.step)
-    zeros = optax.tree.zeros_like(params)
-    direction = optax.tree.where(finite, direction, zeros)
-    direction = optax.tree.cast_like(direction, original_params)
-    new_state = ScaleByHessianFreeState(
-        count=optax.safe_increment(state.count),
-        damping=new_damping,
-        previous_solution=optax.tree.where(finite, cg.x, zeros),
-        key=key,
-        rejected_steps=state.rejected_steps + (~finite).astype(jnp.int32),
-        objective_value=value.astype(state.objective_value.dtype),
-        reduction_ratio=jnp.where(finite, rho, -jnp.inf).astype(
-            state.objective_value.dtype),
-        cg_iterations=cg.iterations,
-        cg_status=cg.status,
-        step_size=jnp.where(finite, alpha, 0.0).astype(
-            state.objective_value.dtype),
-        loss_evaluations=(chosen.evaluations + tries
-                          + extra_evaluations).astype(jnp.int32),
-        preconditioner_state=preconditioner_state,
-        preconditioner_breakdowns=state.preconditioner_breakdowns
-        + cg.preconditioner_breakdown.astype(jnp.int32),
-    )
-    return direction, new_state
+    cg = _solve(config, model, state, precondition)
+    chosen = _choose_step(config, cg, model)
+    value_at_step = jnp.where(jnp.isnan(chosen.value), jnp.inf, chosen.value)
+    rho = _taylor.reduction_ratio(value_at_step, model.value, chosen.model)
+    alpha, tries = _line_search(config, model, chosen, value_at_step)
+    direction, rejected = _damping.guard_step(
+        jnp.isfinite(model.value) & _validation.all_finite(model.grad)
+        & (cg.status != _cg.CGStatus.NON_FINITE),
+        optax.tree.scale(-alpha, chosen.step))
+    step = _Step(cg, chosen, rho, alpha, tries, rejected,
+                 _adapt_damping(config, damping, rho, rejected))
+    return optax.tree.cast_like(direction, params), _next_state(
+        state, step, model, key, preconditioner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -1105,15 +1299,14 @@ def hessian_free(
 
 def _full_solve(predict_fn, loss, *, curvature, damping, adapt, l2_reg,
                 max_cg_iterations, cg_tol, line_search, targets_fn,
-                axis_name, max_line_search_steps=20, line_search_c=1e-2):
+                axis_name, reject_uphill=False):
   """A damped Newton-type step, CG solved to tolerance (no Martens devices)."""
   return scale_by_hessian_free(
       predict_fn, loss, curvature=curvature, initial_damping=damping,
       adapt_damping=adapt, l2_reg=l2_reg,
       max_cg_iterations=max_cg_iterations, cg_tol=cg_tol, progress_tol=None,
       warm_start_decay=0.0, backtracking=False, line_search=line_search,
-      max_line_search_steps=max_line_search_steps,
-      line_search_c=line_search_c, targets_fn=targets_fn,
+      reject_uphill=reject_uphill, targets_fn=targets_fn,
       axis_name=axis_name)
 
 
@@ -1306,7 +1499,6 @@ def levenberg_marquardt(
       _full_solve(predict_fn, loss, curvature="ggn", damping=damping,
                   adapt=True, l2_reg=l2_reg,
                   max_cg_iterations=max_cg_iterations, cg_tol=cg_tol,
-                  line_search=True, max_line_search_steps=0,
-                  line_search_c=0.0, targets_fn=targets_fn,
+                  line_search=False, reject_uphill=True, targets_fn=targets_fn,
                   axis_name=axis_name),
       learning_rate)

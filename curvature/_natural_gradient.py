@@ -68,7 +68,7 @@ def scale_by_natural_gradient(
   with a Fisher curvature and no CG backtracking; see it for the contract
   (``update(grads, state, params, batch=batch)``) and the handling of
   non-finite values (step rejected, zero update, ``λ`` raised,
-  ``rejected_steps`` counted).
+  ``info.rejected_steps`` counted).
 
   **Line search (on by default).** On mini-batches ``ρ`` is measured on the
   batch the step was solved on, and ``λ`` can fall so far that the full
@@ -77,8 +77,8 @@ def scale_by_natural_gradient(
   a few steps. As in Hessian-free, the engine's Armijo backtracking line search
   therefore scales the step by ``α = 1, 0.8, 0.8², …`` until the objective
   decreases sufficiently, and takes no step (``α = 0``, recorded as
-  ``step_size``; ``λ`` then grows since ``ρ < 1/4``) when none does. A step
-  that would increase the loss (``ρ < 0``) is therefore never taken in
+  ``info.step_size``; ``λ`` then grows since ``ρ < 1/4``) when none does. A
+  step that would increase the loss (``ρ < 0``) is therefore never taken in
   full. ``line_search=False`` gives the plain natural-gradient step, with
   the learning rate alone setting its length (then keep ``λ`` large or
   fixed).
@@ -114,7 +114,8 @@ def scale_by_natural_gradient(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`curvature.ScaleByHessianFreeState`.
+    :class:`curvature.ScaleByHessianFreeState` (statistics in its
+    ``info``).
 
   Example:
     >>> import jax

@@ -107,14 +107,6 @@ def test_reduction_ratio_and_levenberg_marquardt_rule():
   np.testing.assert_allclose(state.damping, lam * factor, rtol=1e-12)
 
 
-@pytest.mark.parametrize("rho, factor", [(0.1, 1.5), (0.5, 1.0), (0.9, 2 / 3)])
-def test_levenberg_marquardt_factors(rho, factor):
-  from curvature._hessian_free import _levenberg_marquardt
-  got = _levenberg_marquardt(jnp.asarray(2.0), jnp.asarray(rho), 0.25, 0.75,
-                             1.5, 2 / 3)
-  np.testing.assert_allclose(got, 2.0 * factor)
-
-
 def test_warm_start_uses_the_previous_unbacktracked_solution():
   loss, make = PROBLEMS["softmax_cross_entropy"]
   params, batch = make()
@@ -298,7 +290,8 @@ def test_adaptive_cg_budget_caps_the_next_solve():
       cg_budget_growth=1.0, line_search=False, warm_start_decay=0.0)
   state = opt.init(params)
   state = state._replace(count=jnp.ones((), jnp.int32),
-                         cg_iterations=jnp.asarray(3, jnp.int32))
+                         info=state.info._replace(
+                             cg_iterations=jnp.asarray(3, jnp.int32)))
   _, state = jax.jit(opt.update)(_grad(loss, params, batch), state, params,
                                  batch=batch)
   assert int(state.cg_iterations) == 10  # max(10, ⌈1.0 · 3⌉)
@@ -791,3 +784,211 @@ def test_structural_matvec_reduces_over_mapped_shards():
   got = jax.vmap(lambda b: product(b, "shards"), axis_name="shards")(shards)
   np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[0], got)),
                              expected, rtol=1e-10, atol=1e-12)
+
+
+# The named stages of one step ------------------------------------------------
+
+_HF = curvature._hessian_free  # pylint: disable=protected-access
+
+
+def _config(**overrides):
+  """scale_by_hessian_free's checked settings: its defaults, MLP, L2."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  parameters = inspect.signature(curvature.scale_by_hessian_free).parameters
+  settings = {name: p.default for name, p in parameters.items()
+              if p.default is not inspect.Parameter.empty}
+  loss, _ = PROBLEMS["squared_error"]
+  settings.update(predict_fn=mlp_predict, loss=loss, l2_reg=L2)
+  settings.update(overrides)
+  return _HF._checked_config(**settings)  # pylint: disable=protected-access
+
+
+def test_stage_split_batch_takes_leading_and_trailing_examples():
+  _, batch = PROBLEMS["squared_error"][1](n=7)
+  parts = _HF._split_batch(  # pylint: disable=protected-access
+      _config(curvature_batch_size=3, evaluation_batch_size=2,
+              preconditioner_batch_size=2), batch)
+  for name, part in batch.items():
+    np.testing.assert_array_equal(parts.curvature[name], part[:3])
+    np.testing.assert_array_equal(parts.evaluation[name], part[-2:])
+    np.testing.assert_array_equal(parts.statistics[name], part[:2])
+  assert parts.num_curvature == 3 and not parts.whole
+  whole = _HF._split_batch(_config(), batch)  # pylint: disable=protected-access
+  assert whole.whole and whole.num_curvature == 7
+
+
+@pytest.mark.parametrize("evaluation_batch_size", [None, 4])
+def test_stage_linearize_matches_dense_oracles(evaluation_batch_size):
+  loss, make = PROBLEMS["squared_error"]
+  params, batch = make()
+  config = _config(curvature_batch_size=5,
+                   evaluation_batch_size=evaluation_batch_size)
+  parts = _HF._split_batch(config, batch)  # pylint: disable=protected-access
+  grad = _grad(loss, params, batch)
+  model = _HF._linearize(  # pylint: disable=protected-access
+      config, params, grad, parts, jnp.asarray(0.3, jnp.float64),
+      jax.random.key(0))
+  evaluation = jax.tree.map(lambda x: x[-(evaluation_batch_size or 7):],
+                            batch)
+  np.testing.assert_allclose(model.value, _objective(loss, params,
+                                                     evaluation), rtol=1e-12)
+  assert model.extra_evaluations == 1  # The curvature batch is a prefix.
+  np.testing.assert_allclose(flat(model.grad),
+                             flat(grad) + L2 * flat(params), rtol=1e-12)
+  curvature_batch = jax.tree.map(lambda x: x[:5], batch)
+  damped = (dense_ggn(mlp_predict, loss, params, curvature_batch, L2)
+            + 0.3 * np.eye(flat(params).size))
+  vector = random_like(params, 1)
+  np.testing.assert_allclose(flat(model.damped_matvec(vector)),
+                             damped @ flat(vector), rtol=1e-10)
+  shifted = jax.tree.map(lambda p, v: p + v, params, vector)
+  np.testing.assert_allclose(model.evaluate(vector),
+                             _objective(loss, shifted, evaluation),
+                             rtol=1e-12)
+
+
+def _model(problem="squared_error", damping=0.3, **overrides):
+  loss, make = PROBLEMS[problem]
+  params, batch = make()
+  config = _config(loss=loss, **overrides)
+  parts = _HF._split_batch(config, batch)  # pylint: disable=protected-access
+  model = _HF._linearize(  # pylint: disable=protected-access
+      config, params, _grad(loss, params, batch), parts,
+      jnp.asarray(damping, jnp.float64), jax.random.key(0))
+  return config, params, batch, model
+
+
+def test_stage_solve_is_the_dense_damped_solve_from_the_warm_start():
+  config, params, batch, model = _model(cg_tol=1e-13, progress_tol=None,
+                                        max_cg_iterations=200)
+  state = curvature.scale_by_hessian_free(mlp_predict, config.loss).init(
+      params)
+  state = state._replace(previous_solution=random_like(params, 2))
+  cg = _HF._solve(config, model, state, None)  # pylint: disable=protected-access
+  damped = (dense_ggn(mlp_predict, config.loss, params, batch, L2)
+            + 0.3 * np.eye(flat(params).size))
+  np.testing.assert_allclose(flat(cg.x),
+                             -np.linalg.solve(damped, flat(model.grad)),
+                             rtol=1e-7, atol=1e-10)
+  assert cg.status == curvature.CGStatus.CONVERGED
+
+
+def test_stage_solve_falls_back_to_steepest_descent():
+  config, params, _, model = _model()
+  model = model._replace(damped_matvec=lambda v: optax.tree.scale(-1.0, v))
+  state = curvature.scale_by_hessian_free(mlp_predict, config.loss).init(
+      params)
+  cg = _HF._solve(config, model, state, None)  # pylint: disable=protected-access
+  np.testing.assert_allclose(flat(cg.x), -flat(model.grad), rtol=1e-15)
+  g = flat(model.grad)
+  np.testing.assert_allclose(cg.quadratic_value, -g @ g - 0.5 * g @ g,
+                             rtol=1e-12)  # gᵀd + ½ dᵀ(−I)d at d = −g.
+
+
+@pytest.mark.parametrize("backtracking", [False, True])
+def test_stage_choose_step_is_no_worse_than_the_last_iterate(backtracking):
+  config, params, _, model = _model(
+      "softmax_cross_entropy", damping=1e-4, backtracking=backtracking,
+      progress_tol=None, max_cg_iterations=30)
+  state = curvature.scale_by_hessian_free(mlp_predict, config.loss).init(
+      params)
+  cg = _HF._solve(config, model, state, None)  # pylint: disable=protected-access
+  chosen = _HF._choose_step(config, cg, model)  # pylint: disable=protected-access
+  np.testing.assert_allclose(chosen.value, model.evaluate(chosen.step),
+                             rtol=1e-12)
+  assert float(chosen.value) <= float(model.evaluate(cg.x))
+  if not backtracking:
+    assert int(chosen.evaluations) == 1
+    np.testing.assert_array_equal(flat(chosen.step), flat(cg.x))
+
+
+def _armijo_oracle(f, value, slope, c, decay, max_steps):
+  alpha = 1.0
+  for _ in range(max_steps + 1):
+    if f(alpha) <= value + c * alpha * slope:
+      return alpha if slope < 0 else 0.0
+    alpha *= decay
+  return 0.0
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(line_search_c=0.4, line_search_decay=0.5),
+    dict(line_search_c=0.9, max_line_search_steps=3),
+    dict(reject_uphill=True), dict(line_search=False)])
+@pytest.mark.parametrize("length", [0.5, 3.0, 30.0])
+def test_stage_line_search_matches_armijo_written_out(settings, length):
+  config, _, _, model = _model(**settings)
+  step = optax.tree.scale(-length, model.grad)
+  chosen = _HF._Candidate(  # pylint: disable=protected-access
+      step, model.evaluate(step), jnp.asarray(-1.0), jnp.asarray(1))
+  alpha, _ = _HF._line_search(  # pylint: disable=protected-access
+      config, model, chosen, chosen.value)
+  f = lambda a: float(model.evaluate(optax.tree.scale(a, step)))
+  slope = float(optax.tree.vdot(model.grad, step))
+  if config.reject_uphill:
+    want = _armijo_oracle(f, float(model.value), slope, 0.0, 0.8, 0)
+  elif config.line_search:
+    want = _armijo_oracle(f, float(model.value), slope, config.line_search_c,
+                          config.line_search_decay,
+                          config.max_line_search_steps)
+  else:
+    want = 1.0
+  np.testing.assert_allclose(float(alpha), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rho, rejected, want", [
+    (0.1, False, 1.5), (0.5, False, 1.0), (0.9, False, 2 / 3),
+    (0.9, True, 1.5), (-np.inf, False, 1.5)])
+def test_stage_adapt_damping_is_martens_rule(rho, rejected, want):
+  config = _config(min_damping=0.0, max_damping=10.0)
+  got = _HF._adapt_damping(  # pylint: disable=protected-access
+      config, jnp.asarray(2.0, jnp.float64), jnp.asarray(rho, jnp.float64),
+      jnp.asarray(rejected))
+  np.testing.assert_allclose(float(got), 2.0 * want, rtol=1e-15)
+  fixed = _HF._adapt_damping(  # pylint: disable=protected-access
+      config._replace(adapt_damping=False), jnp.asarray(2.0, jnp.float64),
+      jnp.asarray(rho, jnp.float64), jnp.asarray(rejected))
+  assert float(fixed) == 2.0
+
+
+@pytest.mark.parametrize("rejected", [False, True])
+def test_stage_next_state_records_the_step(rejected):
+  config, params, _, model = _model()
+  state = curvature.scale_by_hessian_free(mlp_predict, config.loss).init(
+      params)
+  cg = _HF._solve(config, model, state, None)  # pylint: disable=protected-access
+  chosen = _HF._choose_step(config, cg, model)  # pylint: disable=protected-access
+  step = _HF._Step(  # pylint: disable=protected-access
+      cg, chosen, jnp.asarray(0.5), jnp.asarray(0.8), 3,
+      jnp.asarray(rejected), jnp.asarray(0.2, jnp.float64))
+  new = _HF._next_state(  # pylint: disable=protected-access
+      state, step, model, jax.random.key(5), ())
+  assert int(new.count) == 1 and float(new.damping) == 0.2
+  assert int(new.info.rejected_steps) == int(rejected)
+  assert int(new.info.loss_evaluations) == int(chosen.evaluations) + 3
+  assert int(new.info.cg_iterations) == int(cg.iterations)
+  np.testing.assert_allclose(new.info.objective_value, model.value)
+  if rejected:
+    assert float(new.info.reduction_ratio) == -np.inf
+    assert float(new.info.step_size) == 0.0
+    assert np.all(flat(new.previous_solution) == 0)
+  else:
+    assert float(new.info.reduction_ratio) == 0.5
+    np.testing.assert_allclose(float(new.info.step_size), 0.8)
+    np.testing.assert_array_equal(flat(new.previous_solution), flat(cg.x))
+  # The statistics stay readable at the top level.
+  assert new.cg_iterations is new.info.cg_iterations
+  assert new.reduction_ratio is new.info.reduction_ratio
+
+
+def test_levenberg_marquardt_alias_takes_the_full_step_or_none():
+  loss, make = PROBLEMS["softmax_cross_entropy"]
+  params, batch = make()
+  for damping in (1e-3, 1.0):
+    opt = curvature.levenberg_marquardt(predict_fn=mlp_predict, loss=loss,
+                                        damping=damping, l2_reg=L2)
+    updates, state = _one_step(opt, params, batch, loss)
+    step_size = float(_hf_state(state).info.step_size)
+    assert step_size in (0.0, 1.0)
+    after = _objective(loss, optax.apply_updates(params, updates), batch)
+    assert float(after) <= float(_objective(loss, params, batch))
