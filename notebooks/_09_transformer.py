@@ -158,7 +158,8 @@ print("\n".join(bench.verdicts(summary, config)))
 **Caveats.** One seed, one small model and a short run on a shared CPU;
 the step times depend on the machine (on an accelerator the Kronecker
 factors' inversions cost relatively less). The learning-rate grids are
-small. `benchmarks/README.md` has the figures of a full run of
-`python benchmarks/transformer.py`.
+small. The committed outputs are from the fast mode; the full experiment
+is `python benchmarks/transformer.py` (or this notebook without
+`CURVATURE_FAST`).
 """),
 ]
