@@ -254,7 +254,8 @@ def refresh_due(count: Array, every: int, warmup: bool = True) -> Array:
   return periodic | ((count < every) & power_of_two)
 
 
-def refresh(blocks, states, estimates, due, damping, statistics_count):
+def refresh(blocks, states, estimates, due, damping, statistics_count,
+            axis_name=None):
   """Refreshes every block's preconditioner under one ``lax.cond``.
 
   A block whose new preconditioner is not finite keeps its previous one
@@ -265,17 +266,30 @@ def refresh(blocks, states, estimates, due, damping, statistics_count):
   always refreshes, whatever the schedule, so a rejected first batch does
   not leave the identity in place for a whole period.
 
+  With ``axis_name`` (inside ``jax.shard_map``) the refreshes are spread
+  over the devices of that axis instead of every device computing all of
+  them: :func:`assign_devices` gives each block to one device, greedily by
+  cost; every device computes its own blocks and zeros for the others, and
+  one ``psum`` gives every device all of them. The estimates must be the
+  same on every device (they are, being ``pmean``-ed batch statistics).
+
   Returns:
     ``(states, rejected)``.
   """
   due = (due | (statistics_count == 1)) & (statistics_count > 0)
   names = [n for n, b in blocks.items() if b.refresh is not None]
   previous = {n: states[n].preconditioner for n in names}
+  if axis_name is None:
+    new_for = lambda: {n: blocks[n].refresh(estimates[n], damping)
+                       for n in names}
+  else:
+    new_for = lambda: _distributed_refresh(
+        {n: blocks[n].refresh for n in names}, estimates, damping,
+        previous, axis_name)
 
   def compute():
     out, rejected = {}, jnp.zeros((), jnp.int32)
-    for name in names:
-      new = blocks[name].refresh(estimates[name], damping)
+    for name, new in new_for().items():
       ok = _validation.all_finite(new)
       out[name] = jax.tree.map(
           lambda x, y, ok=ok: jnp.where(ok, x, y), new, previous[name])
@@ -292,6 +306,66 @@ def refresh(blocks, states, estimates, due, damping, statistics_count):
   for name in names:
     out[name] = states[name]._replace(preconditioner=fresh[name])
   return out, rejected
+
+
+def refresh_cost(estimate) -> int:
+  """Flops-like cost of refreshing from ``estimate``: ``d³`` per square
+  matrix (a Cholesky factor or an ``eigh``, times a stack's size), ``d``
+  per vector (a factor kept diagonal)."""
+  cost = 0
+  for leaf in jax.tree.leaves(estimate):
+    shape = np.shape(leaf)
+    if len(shape) >= 2:
+      cost += int(np.prod(shape[:-2], dtype=np.int64)) * int(shape[-1]) ** 3
+    else:
+      cost += int(np.prod(shape, dtype=np.int64))
+  return cost
+
+
+def assign_devices(costs: dict, num_devices: int) -> dict:
+  """``{name: device}``: longest-processing-time-first greedy assignment.
+
+  Blocks are taken by decreasing cost (ties by name) and each goes to the
+  device with the least total cost so far (the lowest index on ties); the
+  busiest device then has at most ``4/3`` of the optimal load (Graham,
+  "Bounds on multiprocessing timing anomalies", 1969).
+
+  Example:
+    >>> from curvature import _blocks
+    >>> _blocks.assign_devices({"a": 8, "b": 5, "c": 4, "d": 3}, 2)
+    {'a': 0, 'b': 1, 'c': 1, 'd': 0}
+  """
+  loads = [0] * num_devices
+  out = {}
+  for name in sorted(costs, key=lambda n: (-costs[n], str(n))):
+    device = min(range(num_devices), key=lambda d: (loads[d], d))
+    out[name] = device
+    loads[device] += costs[name]
+  return {name: out[name] for name in costs}
+
+
+def _distributed_refresh(refreshes, estimates, damping, previous, axis_name):
+  """Every device refreshes its own blocks; one ``psum`` shares them.
+
+  A device's blocks are computed under ``lax.cond`` on its index along
+  ``axis_name`` (the others are zeros of the preconditioner's shape), so
+  each device factorizes only what :func:`assign_devices` gave it.
+  """
+  num_devices = jax.lax.axis_size(axis_name)
+  owner = assign_devices(
+      {n: refresh_cost(estimates[n]) for n in refreshes}, num_devices)
+  index = jax.lax.axis_index(axis_name)
+  out = {}
+  for name, fn in refreshes.items():
+    zeros = jax.tree.map(jnp.zeros_like, previous[name])
+    mine = jax.lax.cond(
+        index == owner[name],
+        lambda fn=fn, name=name, zeros=zeros: jax.tree.map(
+            lambda x, z: x.astype(z.dtype),
+            fn(estimates[name], damping), zeros),
+        lambda zeros=zeros: zeros)
+    out[name] = jax.lax.psum(mine, axis_name)
+  return out
 
 
 def refit(blocks, states, evidence, count, decay, mode, finite):

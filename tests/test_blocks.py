@@ -216,3 +216,16 @@ def test_refresh_runs_under_jit_without_recompiling():
 def test_block_rows_are_shared_by_kfac_and_block_diagonal():
   import curvature
   assert curvature.KfacBlock is curvature.CurvatureBlock is curvature.BlockRow
+
+
+def test_devices_are_assigned_greedily_by_refresh_cost():
+  # Longest first, each to the least-loaded device (lowest index on ties).
+  costs = {"a": 8, "b": 5, "c": 4, "d": 3, "e": 3}
+  assert _blocks.assign_devices(costs, 2) == {
+      "a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+  assert _blocks.assign_devices(costs, 8) == {
+      "a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
+  assert set(_blocks.assign_devices(costs, 1).values()) == {0}
+  # d³ per (stacked) square matrix, d per diagonal factor.
+  factors = _blocks.KroneckerFactors(jnp.zeros((2, 5, 5)), jnp.zeros(7))
+  assert _blocks.refresh_cost(factors) == 2 * 125 + 7

@@ -979,3 +979,93 @@ def test_general_dense_kernels_match_their_matrix_form():
     np.testing.assert_allclose(outs[0][name].reshape(-1),
                                outs[1][name].reshape(-1), rtol=1e-8,
                                atol=1e-12)
+
+
+def test_distribute_inverses_needs_axis_name():
+  with pytest.raises(ValueError, match="distribute_inverses=True needs"):
+    curvature.kfac(0.1, predict_fn=mlp_predict, loss=CE,
+                   distribute_inverses=True)
+
+
+def test_damping_rule_is_the_paper_rule_capped_by_the_step_curvature():
+  config = type("Config", (), dict(omega1=0.5, min_damping=1e-8,
+                                   max_damping=1e8))
+  update = lambda lam, rho, q: float(_kfac._damping_update(
+      config, jnp.float32(lam), jnp.float32(rho), jnp.float32(q)))
+  assert update(4.0, 0.9, 1.0) == 0.5  # ω₁ min(λ, q): the cap.
+  assert update(4.0, 0.9, 10.0) == 2.0  # λ ≤ q: M&G's ω₁λ.
+  assert update(4.0, 0.9, np.inf) == 2.0  # No step: no cap.
+  assert update(4.0, 0.5, 1.0) == 4.0  # Middle band: unchanged.
+  assert update(4.0, 0.1, 1.0) == 8.0  # ρ < ¼: λ/ω₁, never capped.
+  assert update(4.0, -np.inf, 1.0) == 8.0
+
+
+def test_step_curvature_is_the_rayleigh_quotient_of_the_ggn():
+  params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  forms, _ = _kfac._quadratic_model(mlp_predict, CE, params, batch, 0.1,
+                                    lambda b: b["targets"], None)
+  grad = _grads(mlp_predict, params, batch)
+  velocity = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size)).reshape(
+      x.shape), params)
+  step = _kfac._adaptive_step(forms, grad, grad, velocity, 0.5)
+  c = dense_ggn(mlp_predict, CE, params, batch) + 0.1 * np.eye(
+      flat(params).size)
+  d = flat(step.step)
+  np.testing.assert_allclose(float(step.curvature), d @ c @ d / (d @ d),
+                             rtol=1e-4)
+
+
+def _digits_mlp():
+  """scikit-learn's digits, a 64-32-10 tanh MLP, softmax cross-entropy."""
+  data = curvature.datasets.load_digits(num_test=0)
+  data = {"inputs": jnp.asarray(data.train_inputs),
+          "targets": jnp.asarray(data.train_labels)}
+
+  def predict(params, batch):
+    x = jnp.tanh(batch["inputs"] @ params[0]["w"] + params[0]["b"])
+    return x @ params[1]["w"] + params[1]["b"]
+
+  key = jax.random.PRNGKey(0)
+  params = [{"w": jax.random.normal(jax.random.fold_in(key, i), (m, n))
+                  / np.sqrt(m), "b": jnp.zeros(n)}
+            for i, (m, n) in enumerate(((64, 32), (32, 10)))]
+  return data, predict, params
+
+
+def test_adaptive_defaults_train_a_small_model():
+  """Adaptive K-FAC with its defaults (λ₀ = 150) on the digits MLP, batch
+  128, 60 steps, against fixed K-FAC at its best learning rate of a grid.
+
+  Measured: loss 2.40 → 0.058 with the curvature cap (1.75 without it, the
+  paper's rule alone); fixed K-FAC's best (lr 0.01 of {0.003, 0.01, 0.03}) →
+  0.0145. The cap closes most of the gap but not all of it: the damping
+  still falls only by ω₁ every 5 steps once it is below the curvature.
+  """
+  data, predict, params = _digits_mlp()
+  n = data["targets"].shape[0]
+  full_loss = lambda p: CE.value(predict(p, data), data["targets"])
+
+  def train(make, steps=60):
+    opt = make()
+    state = opt.init(params)
+
+    def step(carry, i):
+      p, s = carry
+      take = jax.random.choice(jax.random.PRNGKey(i), n, (128,),
+                               replace=False)
+      batch = jax.tree.map(lambda x: x[take], data)
+      grads = _grads(predict, p, batch)
+      updates, s = opt.update(grads, s, p, batch=batch)
+      return (optax.apply_updates(p, updates), s), None
+
+    (p, _), _ = jax.lax.scan(step, (params, state), jnp.arange(steps))
+    return full_loss(p)
+
+  model = dict(predict_fn=predict, loss=CE)
+  adaptive = float(jax.jit(lambda: train(
+      lambda: curvature.kfac(1.0, adaptive=True, **model)))())
+  fixed_run = jax.jit(lambda lr: train(lambda: curvature.kfac(lr, **model)))
+  fixed = min(float(fixed_run(lr)) for lr in (0.003, 0.01, 0.03))
+  start = float(full_loss(params))
+  assert adaptive < start / 20, (start, adaptive)
+  assert adaptive < 6 * fixed, (adaptive, fixed)
