@@ -945,9 +945,9 @@ def scale_by_kfac(
     reduction in 60 steps; ×41 with the cap, ×165 for fixed K-FAC at its
     best learning rate of a grid). A model trusted over the step
     (``ρ > ¾``) with ``λ > q`` lets ``λ`` fall to the curvature it damps at
-    once; the cap never raises
-    ``λ``, and while ``λ ≤ q`` the rule is the paper's. It acts at the
-    first adaptation (step 0), which calibrates ``λ₀`` to the model.
+    once; the cap never raises ``λ``, and while ``λ ≤ q`` the rule is the
+    paper's. It acts at the first adaptation (step 0), which calibrates
+    ``λ₀`` to the model.
   * ``gamma_search=True`` (adaptive mode only; M&G §6.6): ``γ`` is its
     own hyperparameter, ``γ₀ = √(λ₀ + η)``; every ``gamma_every`` steps
     (``T₂``) the step is computed for ``γ ∈ {ω₂γ, γ, γ/ω₂}``,
