@@ -11,7 +11,7 @@ inputs in [0, 1], it times two jitted functions of ``(params, batch, v)``:
 * ``lanczos (partial)``: the same with ``reorthogonalize="partial"``
   (Simon's partial reorthogonalization); the number of reorthogonalized
   vectors is printed;
-* ``lanczos (no reorth.)``: the same with ``reorthogonalize=False``.
+* ``lanczos (no reorth.)``: the same with ``reorthogonalize="none"``.
 
 Full reorthogonalization reads the ``20 × n`` basis once or twice per
 iteration, so on a memory-bound CPU its share grows as the batch shrinks;
@@ -76,9 +76,9 @@ def make_functions(num_iterations):
 
   return {
       "GGN products (shared linearization)": jax.jit(products),
-      "Lanczos iterations (full reorthogonalization)": lanczos(True),
+      "Lanczos iterations (full reorthogonalization)": lanczos("full"),
       "Lanczos iterations (partial reorthogonalization)": lanczos("partial"),
-      "Lanczos iterations (no reorthogonalization)": lanczos(False),
+      "Lanczos iterations (no reorthogonalization)": lanczos("none"),
   }
 
 
@@ -124,7 +124,7 @@ def eager_functions(params, batch, num_iterations):
     del batch, vector
     return curvature._lanczos._whole_eigenpairs(  # pylint: disable=protected-access
         lin.matvec, params, jax.random.key(0), k=1,
-        num_iterations=num_iterations, reorthogonalize=True,
+        num_iterations=num_iterations, reorthogonalize="full",
         largest=True).eigenvalues
 
   return {

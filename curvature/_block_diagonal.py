@@ -712,6 +712,7 @@ def block_diagonal_natural_gradient(
     Amari, "Natural gradient works efficiently in learning", Neural
     Computation, 1998.
   """
+  _validation.check_learning_rate(learning_rate)
   parts = [scale_by_block_diagonal(
       predict_fn, loss, curvature=curvature, max_block_size=max_block_size,
       grouping=grouping, damping=damping, decay=decay,

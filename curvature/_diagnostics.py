@@ -273,7 +273,7 @@ def spectral_density(
     *,
     num_iterations: Optional[int] = None,
     num_probes: int = 1,
-    reorthogonalize: Union[bool, str] = True,
+    reorthogonalize: _lanczos.Reorthogonalization = "full",
     key: Optional[Array] = None,
     probe_batch_size: Optional[int] = None,
     blocks: _lanczos.Blocks = None,
@@ -305,9 +305,9 @@ def spectral_density(
     num_iterations: Lanczos steps per probe; ``min(100, n)`` if ``None``
       (PyHessian's 100).
     num_probes: independent probes ``P``.
-    reorthogonalize: ``True``/``"full"`` (PyHessian's default),
+    reorthogonalize: ``"full"`` (PyHessian's default),
       ``"partial"`` (Simon 1984: only when the estimated loss of
-      orthogonality exceeds √ε; same Ritz values, less work) or ``False``
+      orthogonality exceeds √ε; same Ritz values, less work) or ``"none"``
       (``O(n)`` memory, but ghost copies of outliers appear).
     key: PRNG key; ``jax.random.key(0)`` if ``None``.
     probe_batch_size: probes run at once; ``None`` picks the most whose
@@ -564,7 +564,7 @@ def _extreme_ritz(matvec, params, num_iterations, key, reorthogonalize,
   """Validates, then one Lanczos run per block (or on the whole operator)."""
   if _lanczos.reorthogonalization_mode(reorthogonalize) is None:
     raise ValueError(
-        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize='full',"
         f" 'full' or 'partial', got {reorthogonalize!r}.")
   if blocks is None:
     named = None
@@ -586,7 +586,7 @@ def condition_number(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
-    reorthogonalize: Union[bool, str] = True,
+    reorthogonalize: _lanczos.Reorthogonalization = "full",
     blocks: _lanczos.Blocks = None,
     predict_fn: Optional[Callable[[Params, Any], Any]] = None,
     batch: Any = None,
@@ -606,7 +606,7 @@ def condition_number(
     params: a pytree with the shapes and dtypes ``A`` acts on.
     num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
     key: PRNG key of the start vector.
-    reorthogonalize: ``True``/``"full"`` or ``"partial"`` (Simon 1984: the
+    reorthogonalize: ``"full"`` or ``"partial"`` (Simon 1984: the
       same Ritz values for less work on a large basis).
     blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
       mapping ``{path pattern: block name}``: ``κ`` of each diagonal block
@@ -690,7 +690,7 @@ def negative_curvature(
     num_iterations: Optional[int] = None,
     rtol: float = 1e-5,
     key: Optional[Array] = None,
-    reorthogonalize: Union[bool, str] = True,
+    reorthogonalize: _lanczos.Reorthogonalization = "full",
     blocks: _lanczos.Blocks = None,
     predict_fn: Optional[Callable[[Params, Any], Any]] = None,
     batch: Any = None,
@@ -711,7 +711,7 @@ def negative_curvature(
     num_iterations: Lanczos steps; ``min(n, 30)`` if ``None``.
     rtol: ``θ₁`` counts as negative below ``−rtol · |θ_m|`` (rounding).
     key: PRNG key of the start vector.
-    reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
+    reorthogonalize: ``"full"`` or ``"partial"``, as in
       :func:`condition_number`.
     blocks: per-block results, as in :func:`condition_number`.
     predict_fn: for ``blocks="layers"``.

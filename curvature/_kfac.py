@@ -1607,6 +1607,7 @@ def kfac(
     approximate curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored
     approximate Fisher matrix for convolution layers", ICML 2016.
   """
+  _validation.check_learning_rate(learning_rate)
   if initial_damping is None:
     initial_damping = 150.0 if adaptive else 1e-3
   parts = [scale_by_kfac(

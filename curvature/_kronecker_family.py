@@ -399,6 +399,7 @@ def shampoo(
     Gupta, Koren & Singer, ICML 2018; Anil et al., "Scalable second order
     optimization for deep learning", 2020.
   """
+  _validation.check_learning_rate(learning_rate)
   if graft is None:
     _validation.check_in_interval("b2", b2, 0.0, 1.0)
     _validation.check_nonnegative("eps", eps)
@@ -631,6 +632,7 @@ def soap(
   References:
     Vyas et al., "SOAP: Improving and stabilizing Shampoo using Adam", 2024.
   """
+  _validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_soap(b1=b1, b2=b2, eps=eps, statistics_decay=statistics_decay,
                     inverse_every=inverse_every,

@@ -10,7 +10,8 @@ with ``jax.flatten_util.ravel_pytree`` inside; results come back as pytrees.
 import collections
 import fnmatch
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union
+import warnings
 
 import jax
 from jax.flatten_util import ravel_pytree
@@ -40,7 +41,7 @@ class LanczosResult(NamedTuple):
     num_reorthogonalizations: with ``reorthogonalize="partial"``, how many of
       the ``m`` new Lanczos vectors were reorthogonalized against the basis
       (an int32 scalar); ``None`` in the other modes (``"full"`` does all of
-      them, ``False`` none).
+      them, ``"none"`` none).
     valid_start: ``False`` if the (traced) start vector was zero or not
       finite; the run then started from a random vector instead, so
       ``finite`` still describes the operator alone. A concrete bad start
@@ -223,24 +224,32 @@ def _reorthogonalize(vector: Array, basis: Array) -> Array:
       needs_second, lambda: once - basis.T @ (basis @ once), lambda: once)
 
 
-_MODES = ("full", "partial", None)
+Reorthogonalization = Literal["full", "partial", "none"]
+_MODES = ("full", "partial", "none")
 
 
 def reorthogonalization_mode(reorthogonalize: Any) -> Optional[str]:
-  """``reorthogonalize`` as ``"full"``, ``"partial"`` or ``None``.
+  """``reorthogonalize`` as ``"full"``, ``"partial"`` or ``None`` (none).
 
-  ``True`` means ``"full"`` and ``False`` means ``None`` (no
-  reorthogonalization); anything else is a ``ValueError`` naming the options.
+  The booleans and ``None`` once accepted still work (``True`` is
+  ``"full"``; ``False`` and ``None`` are ``"none"``), with a
+  ``DeprecationWarning``; anything else is a ``ValueError`` naming the
+  options.
   """
-  if reorthogonalize is True or reorthogonalize is False:
-    return "full" if reorthogonalize else None
-  if reorthogonalize is None or (
-      isinstance(reorthogonalize, str) and reorthogonalize in _MODES):
-    return reorthogonalize
+  if reorthogonalize is True or reorthogonalize is False or (
+      reorthogonalize is None):
+    replacement = "full" if reorthogonalize else "none"
+    warnings.warn(
+        f"`reorthogonalize={reorthogonalize!r}` is deprecated: pass"
+        f" `reorthogonalize={replacement!r}`.", DeprecationWarning,
+        stacklevel=3)
+    reorthogonalize = replacement
+  if isinstance(reorthogonalize, str) and reorthogonalize in _MODES:
+    return None if reorthogonalize == "none" else reorthogonalize
   raise ValueError(
-      f"`reorthogonalize` must be True or 'full' (full reorthogonalization),"
-      f" 'partial' (Simon's partial reorthogonalization) or False / None"
-      f" (none), got {reorthogonalize!r}."
+      "`reorthogonalize` must be 'full' (full reorthogonalization),"
+      " 'partial' (Simon's partial reorthogonalization) or 'none',"
+      f" got {reorthogonalize!r}."
   )
 
 
@@ -378,7 +387,7 @@ def lanczos(
     initial_vector: Params,
     num_iterations: int,
     *,
-    reorthogonalize: Any = True,
+    reorthogonalize: Reorthogonalization = "full",
     key: Optional[Array] = None,
 ) -> LanczosResult:
   r"""Lanczos tridiagonalization of a symmetric operator (Lanczos 1950).
@@ -399,7 +408,7 @@ def lanczos(
   and spurious ("ghost") copies of converged eigenvalues appear in ``T``.
   ``reorthogonalize`` picks the remedy:
 
-  * ``True`` / ``"full"`` (the default, as in PyHessian): each ``w`` is
+  * ``"full"`` (the default, as in PyHessian): each ``w`` is
     Gram-Schmidt orthogonalized against all previous vectors (a second pass
     when the first removes much of the norm), ``O(m n)`` memory traffic per
     iteration; ``VᵀV = I`` to working precision, so Ritz vectors are
@@ -418,7 +427,7 @@ def lanczos(
     (nothing converged yet, e.g. 20 iterations on a large network) do no
     reorthogonalization at all; ``num_reorthogonalizations`` in the
     result counts them.
-  * ``False`` / ``None``: none; ``O(n)`` memory, no basis kept, ghosts
+  * ``"none"``: none; ``O(n)`` memory, no basis kept, ghosts
     appear once Ritz values converge (extreme values stay right).
 
   When the Krylov space is exhausted (``βⱼ ≈ 0``, e.g. a low-rank ``A``) the
@@ -433,9 +442,8 @@ def lanczos(
       is applied to vectors cast back to their dtype). A concrete zero start
       raises a ``ValueError``; a traced one is flagged by ``valid_start``.
     num_iterations: ``m``, the number of operator products, ``1 ≤ m ≤ n``.
-    reorthogonalize: ``True`` or ``"full"``, ``"partial"``, or ``False`` or
-      ``None``, as above. ``"full"`` and ``"partial"`` keep the basis for
-      Ritz vectors.
+    reorthogonalize: ``"full"``, ``"partial"`` or ``"none"``, as above.
+      ``"full"`` and ``"partial"`` keep the basis for Ritz vectors.
     key: PRNG key for restart vectors; ``jax.random.key(0)`` if ``None``.
 
   Returns:
@@ -567,7 +575,7 @@ def _batch_project(basis: Array, vectors: Array) -> Array:
 
 def lanczos_probes(
     matvec: Matvec, params: Params, starts: Array, num_iterations: int, *,
-    reorthogonalize: Any = True, key: Optional[Array] = None,
+    reorthogonalize: Reorthogonalization = "full", key: Optional[Array] = None,
 ) -> LanczosResult:
   """:func:`lanczos` from ``P`` raveled starts ``[P, n]`` at once.
 
@@ -576,7 +584,7 @@ def lanczos_probes(
   unlike ``vmap(lanczos)``, whose ``lax.cond`` branches would all run under
   ``vmap``, the second Gram-Schmidt pass and the restarts run (for every
   probe) only when some probe needs them. ``reorthogonalize`` is ``"full"``
-  (``True``) or ``False``; the ``"partial"`` recurrence is per probe, use
+  or ``"none"``; the ``"partial"`` recurrence is per probe, use
   :func:`lanczos` for it.
 
   Returns:
@@ -683,7 +691,7 @@ class RitzDecomposition(NamedTuple):
 
 def ritz_decomposition(
     matvec: Matvec, params: Params, num_iterations: int, key: Optional[Array],
-    reorthogonalize: Any = True,
+    reorthogonalize: Reorthogonalization = "full",
 ) -> RitzDecomposition:
   """Lanczos from a Gaussian start, then ``eigh(T)``.
 
@@ -692,7 +700,7 @@ def ritz_decomposition(
   """
   if reorthogonalization_mode(reorthogonalize) is None:
     raise ValueError(
-        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize='full',"
         f" 'full' or 'partial', got {reorthogonalize!r}.")
   num_iterations = check_num_iterations(num_iterations, params)
   key = jax.random.key(0) if key is None else key
@@ -1054,7 +1062,7 @@ def _eigenpairs(matvec, params, k, num_iterations, key, reorthogonalize,
                 largest: bool, blocks, predict_fn, batch):
   if reorthogonalization_mode(reorthogonalize) is None:
     raise ValueError(
-        "Ritz vectors need the Lanczos basis: pass reorthogonalize=True,"
+        "Ritz vectors need the Lanczos basis: pass reorthogonalize='full',"
         f" 'full' or 'partial', got {reorthogonalize!r}.")
   key = jax.random.key(0) if key is None else key
   if blocks is not None:
@@ -1080,7 +1088,7 @@ def top_eigenpairs(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
-    reorthogonalize: Any = True,
+    reorthogonalize: Reorthogonalization = "full",
     blocks: Blocks = None,
     predict_fn: Optional[Callable[[Params, Any], Any]] = None,
     batch: Any = None,
@@ -1106,8 +1114,8 @@ def top_eigenpairs(
     k: how many eigenpairs, ``k ≤ num_iterations ≤ n``.
     num_iterations: Lanczos steps; ``min(n, max(30, 3k))`` if ``None``.
     key: PRNG key of the start vector; ``jax.random.key(0)`` if ``None``.
-    reorthogonalize: ``True``/``"full"`` or ``"partial"`` (see
-      :func:`lanczos`); ``False`` is refused, Ritz vectors need the basis.
+    reorthogonalize: ``"full"`` or ``"partial"`` (see :func:`lanczos`);
+      ``"none"`` is refused, Ritz vectors need the basis.
     blocks: ``None`` (the whole operator), ``"leaves"``, ``"layers"`` or a
       mapping ``{path pattern: block name}``: the eigenpairs of each
       diagonal block ``P_b C P_b`` instead (see *Per-block diagnostics*).
@@ -1163,7 +1171,7 @@ def bottom_eigenpairs(
     *,
     num_iterations: Optional[int] = None,
     key: Optional[Array] = None,
-    reorthogonalize: Any = True,
+    reorthogonalize: Reorthogonalization = "full",
     blocks: Blocks = None,
     predict_fn: Optional[Callable[[Params, Any], Any]] = None,
     batch: Any = None,
@@ -1181,7 +1189,7 @@ def bottom_eigenpairs(
     k: how many eigenpairs, ``k ≤ num_iterations ≤ n``.
     num_iterations: Lanczos steps; ``min(n, max(30, 3k))`` if ``None``.
     key: PRNG key of the start vector.
-    reorthogonalize: ``True``/``"full"`` or ``"partial"``, as in
+    reorthogonalize: ``"full"`` or ``"partial"``, as in
       :func:`top_eigenpairs`.
     blocks: per-block eigenpairs, as in :func:`top_eigenpairs`.
     predict_fn: for ``blocks="layers"``.

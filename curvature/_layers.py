@@ -71,7 +71,6 @@ import jax
 from jax import lax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -735,17 +734,20 @@ class _Signature(NamedTuple):
   """A hashable stand-in for the shapes and dtypes of a pytree."""
 
   treedef: Any
-  leaves: tuple  # (shape, dtype) per leaf.
+  leaves: tuple  # (shape, dtype, weak_type) per leaf.
 
   def abstract(self):
     return jax.tree.unflatten(self.treedef, [
-        jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.leaves])
+        jax.ShapeDtypeStruct(shape, dtype, weak_type=weak)
+        for shape, dtype, weak in self.leaves])
 
 
 def _signature(tree) -> _Signature:
-  leaves, treedef = jax.tree.flatten(tree)
-  return _Signature(treedef, tuple((tuple(x.shape), np.dtype(x.dtype))
-                                   for x in leaves))
+  """Shapes and dtypes of ``tree`` (typed PRNG keys and Python scalars too)."""
+  leaves, treedef = jax.tree.flatten(jax.eval_shape(lambda t: t, tree))
+  return _Signature(treedef, tuple(
+      (tuple(x.shape), x.dtype, bool(getattr(x, "weak_type", False)))
+      for x in leaves))
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)

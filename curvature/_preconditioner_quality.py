@@ -390,25 +390,27 @@ def _identity(vector):
   return vector
 
 
-def _find(state: Any, fields: tuple, what: str):
-  """The first NamedTuple in ``state`` with all of ``fields``."""
+def _search(state: Any, fields: tuple) -> Optional[Any]:
+  """The first NamedTuple in ``state`` with all of ``fields``, or ``None``."""
   if isinstance(state, tuple) and hasattr(state, "_fields"):
     if all(f in state._fields for f in fields):
       return state
-  if isinstance(state, (tuple, list)):
-    for part in state:
-      found = _find(part, fields, None)
-      if found is not None:
-        return found
-  elif isinstance(state, dict):
-    for part in state.values():
-      found = _find(part, fields, None)
-      if found is not None:
-        return found
-  if what is not None:
+  parts = state.values() if isinstance(state, dict) else (
+      state if isinstance(state, (tuple, list)) else ())
+  for part in parts:
+    found = _search(part, fields)
+    if found is not None:
+      return found
+  return None
+
+
+def _find(state: Any, fields: tuple, what: str) -> Any:
+  """:func:`_search`, raising a ``ValueError`` that names ``what``."""
+  found = _search(state, fields)
+  if found is None:
     raise ValueError(f"No {what} in this optimizer state (looked for a"
                      f" NamedTuple with fields {fields}).")
-  return None
+  return found
 
 
 def adam_preconditioner(state: Any, *, b2: float = 0.999, eps: float = 1e-8,
@@ -490,7 +492,7 @@ def diagonal_preconditioner(diagonal: Any, *, power: float = 1.0,
     Gauss-Newton). Martens, "New insights and perspectives on the natural
     gradient method", JMLR 2020.
   """
-  ema = _find(diagonal, ("count", "ema"), None)
+  ema = _search(diagonal, ("count", "ema"))
   if ema is not None:
     count = jnp.maximum(ema.count, 1)
     diagonal = jax.tree.map(

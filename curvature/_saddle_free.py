@@ -221,7 +221,7 @@ def scale_by_saddle_free_newton(
     start = _start_vector(lanczos_start, grad, start_key)
     result = _lanczos.lanczos(
         lin.matvec, start, _num_iterations(num_iterations, params),
-        reorthogonalize=True, key=restart_key)
+        reorthogonalize="full", key=restart_key)
     ritz_values, ritz_vectors = _lanczos.eigh_tridiagonal(result)
     flat_grad, unravel = ravel_pytree(grad)
     dtype = ritz_values.dtype

@@ -290,47 +290,13 @@ def hyperparameters(draw, name: str) -> Draw:
 
 # The property -----------------------------------------------------------------
 
-_KFAC_FAMILY = ("kfac", "kfac_adaptive", "kfac_schedule_averaging",
-                "scale_by_kfac", "ekfac", "ekfac_adaptive",
-                "hessian_free_kfac_preconditioned")
-
-
-_UNCHECKED_LEARNING_RATE = {
-    "_kronecker_family.py": ("shampoo", "soap"),
-    "_kfac.py": ("kfac", "kfac_adaptive", "kfac_schedule_averaging",
-                 "ekfac", "ekfac_adaptive"),
-    "_block_diagonal.py": ("block_diagonal_natural_gradient",),
-}
-
-
-def _non_finite(key):
-  return lambda description, overrides: (
-      key in overrides and not math.isfinite(overrides[key]))
-
-
-def _has_key_leaf(description, overrides):
-  del overrides
-  return "key" in description["extras"]
-
-
 # (transform, predicate(model description, overrides)) -> reason: defects in
-# modules owned elsewhere, reported with reproducers in the coordination
-# notes. Only examples the predicate matches may fail (they xfail); every
-# other example of the transform must pass.
+# the library still to be fixed. Only examples the predicate matches may fail
+# (they xfail); every other example of the transform must pass.
 KNOWN_DEFECTS = {
-    **{(name, _non_finite("learning_rate")): (
-        f"{module}: a NaN/Inf learning_rate is accepted at construction "
-        "and can reach the parameters")
-       for module, names in _UNCHECKED_LEARNING_RATE.items()
-       for name in names},
     ("shampoo", lambda d, o: o.get("eps") == 0): (
         "_kronecker_family.py: shampoo(eps=0) divides 0/0 in the grafted "
         "Adam at a zero-gradient coordinate"),
-    **{(name, _has_key_leaf): (
-        "_layers.py: discover_layers' cache key calls np.dtype on a typed "
-        "PRNG key leaf of the batch (TypeError: Cannot interpret "
-        "'key<fry>' as a data type)")
-       for name in _KFAC_FAMILY},
 }
 
 

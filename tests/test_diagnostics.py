@@ -124,7 +124,7 @@ def test_lanczos_without_reorthogonalization_keeps_the_extremes():
   params, _, lin = _linearization("ggn")
   exact = np.linalg.eigvalsh(_dense(lin.matvec, params))
   result = curvature.lanczos(
-      lin.matvec, params | {"b2": jnp.ones(2)}, 20, reorthogonalize=False)
+      lin.matvec, params | {"b2": jnp.ones(2)}, 20, reorthogonalize="none")
   assert result.basis is None
   np.testing.assert_allclose(
       jnp.max(curvature.ritz_values(result)), exact[-1], rtol=1e-8)
@@ -159,10 +159,10 @@ def _orthogonality_loss(result):
 def test_partial_reorthogonalization_removes_the_ghosts_like_full():
   matvec, start, exact = _outlier_operator()
   runs = {mode: curvature.lanczos(matvec, start, 60, reorthogonalize=mode)
-          for mode in (False, "partial", "full")}
+          for mode in ("none", "partial", "full")}
   ritz = {mode: np.asarray(curvature.ritz_values(result))
           for mode, result in runs.items()}
-  assert _copies(ritz[False], exact[-1]) > 1  # Ghosts without reorth.
+  assert _copies(ritz["none"], exact[-1]) > 1  # Ghosts without reorth.
   for mode in ("partial", "full"):
     assert _copies(ritz[mode], exact[-1]) == 1
     np.testing.assert_allclose(ritz[mode][-4:], exact[-4:], rtol=1e-12)
@@ -184,7 +184,7 @@ def test_partial_reorthogonalization_is_skipped_on_a_benign_problem():
   run = jax.jit(lambda v: curvature.lanczos(
       matvec, v, 30, reorthogonalize="partial"))
   partial = run(start)
-  plain = curvature.lanczos(matvec, start, 30, reorthogonalize=False)
+  plain = curvature.lanczos(matvec, start, 30, reorthogonalize="none")
   assert int(partial.num_reorthogonalizations) == 0
   np.testing.assert_allclose(partial.alphas, plain.alphas, rtol=1e-13)
   np.testing.assert_allclose(partial.betas, plain.betas, rtol=1e-13)
@@ -232,7 +232,7 @@ def test_reorthogonalize_rejects_unknown_modes(mode):
 def test_ritz_pairs_refuse_no_reorthogonalization():
   params, _ = _problem()
   with pytest.raises(ValueError, match="need the Lanczos basis"):
-    curvature.top_eigenpairs(lambda v: v, params, reorthogonalize=False)
+    curvature.top_eigenpairs(lambda v: v, params, reorthogonalize="none")
 
 
 def test_lanczos_and_eigenpairs_jit():
@@ -680,3 +680,20 @@ def test_lanczos_probes_match_lanczos_one_probe_at_a_time():
     ritz = curvature.ritz_values(jax.tree.map(lambda x: x[p], batched))
     np.testing.assert_allclose(ritz[-3:], exact, rtol=1e-10)
     assert bool(batched.finite[p])
+
+
+@pytest.mark.parametrize("old, new", [(True, "full"), (False, "none"),
+                                      (None, "none")])
+def test_boolean_reorthogonalize_is_deprecated_but_still_works(old, new):
+  matvec = lambda v: jnp.arange(1.0, 7.0) * v
+  start = jnp.ones(6)
+  with pytest.warns(DeprecationWarning, match=repr(new)):
+    legacy = curvature.lanczos(matvec, start, 4, reorthogonalize=old)
+  current = curvature.lanczos(matvec, start, 4, reorthogonalize=new)
+  np.testing.assert_allclose(curvature.ritz_values(legacy),
+                             curvature.ritz_values(current))
+
+
+def test_unknown_reorthogonalize_names_the_options():
+  with pytest.raises(ValueError, match="'partial'"):
+    curvature.lanczos(lambda v: v, jnp.ones(3), 2, reorthogonalize="yes")

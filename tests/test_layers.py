@@ -640,3 +640,16 @@ def test_taps_refuse_layers_that_are_not_at_their_equations():
   missing = (found.layers[0]._replace(path=(99,)),)
   with pytest.raises(ValueError, match="another program"):
     _layers.tapped_forward(mlp_predict, missing, params, batch)
+
+
+def test_discovery_cache_takes_typed_keys_and_python_scalars_in_the_batch():
+  """Batch leaves without a numpy dtype (a typed PRNG key, a Python float)."""
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  batch = {"x": jnp.ones((4, 3)), "key": jax.random.key(0), "rate": 0.5}
+
+  def predict(p, b):
+    return b["x"] @ p["w"] + p["b"]
+
+  found = _layers.discover_layers(predict, params, batch)
+  assert found == _layers.discover_layers(predict, params, batch)
+  assert len(found.layers) == 1
