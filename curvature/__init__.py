@@ -59,6 +59,7 @@ from curvature._first_order import nesterov
 from curvature._first_order import rmsprop
 from curvature._first_order import sgd
 from curvature._hessian_free import PRECONDITIONERS
+from curvature._hessian_free import HessianFreeInfo
 from curvature._hessian_free import ScaleByHessianFreeState
 from curvature._hessian_free import damped_newton
 from curvature._hessian_free import gauss_newton
@@ -192,6 +193,7 @@ __all__ = (
     "ggn_diagonal",
     "ggn_vector_product",
     "heavy_ball",
+    "HessianFreeInfo",
     "hessian_free",
     "hessian_vector_product",
     "hutchinson_hessian_diagonal",
