@@ -468,11 +468,9 @@ def scale_by_block_diagonal(
   the previous one; a non-finite gradient or direction gives a zero update
   (``rejected_steps``).
 
-  **Data parallelism.** Inside ``jax.shard_map`` pass ``axis_name``, the
-  mesh axis the batch is sharded over: the statistics and the incoming
-  gradient (local or global; see :func:`curvature.scale_by_hessian_free`)
-  are ``jax.lax.pmean``-ed over it, so the step is the global-batch one.
-  Under plain ``jit`` leave it ``None``.
+  **Data parallelism.** Inside ``jax.shard_map`` pass ``axis_name``; see
+  the README's "Data parallelism" and "``shard_map``" sections. Under plain
+  ``jit`` leave it ``None``.
 
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.

@@ -983,20 +983,11 @@ def scale_by_hessian_free(
   :class:`HessianFreeInfo`, and each is also readable as
   ``state.<name>``.
 
-  **Data parallelism.** Under ``jit`` with a sharded batch nothing is needed:
-  every batch mean is global. Inside ``jax.shard_map``, where ``update`` sees
-  only the local shard of the batch, pass ``axis_name`` (the mesh axis the
-  batch is sharded over, with parameters and state replicated): the
-  objective values (``ρ``, backtracking, line search), the gradient and the
-  curvature products are ``jax.lax.pmean``-ed over it, so every device takes
-  the single-device, global-batch step (shards of equal size). The incoming
-  gradient is ``pmean``-ed too, so pass either the local shard's gradient
-  or the global one (the ``pmean`` leaves a replicated value unchanged).
-  Under ``shard_map``'s default ``check_vma=True``, ``jax.grad`` of a
-  per-shard loss with respect to replicated parameters already *sums* over
-  the devices: take the gradient of ``jax.lax.pmean(loss, axis_name)``
-  instead. ``curvature_batch_size`` and ``evaluation_batch_size`` then count
-  examples per shard.
+  **Data parallelism.** Under ``jit`` with a sharded batch nothing is needed;
+  inside ``jax.shard_map`` pass ``axis_name``: see the README's "Data
+  parallelism" and "``shard_map``" sections (how the gradient must be taken
+  there, too). ``curvature_batch_size`` and ``evaluation_batch_size`` then
+  count examples per shard.
 
   Args:
     predict_fn: ``(params, batch) -> outputs`` with a leading batch axis.
