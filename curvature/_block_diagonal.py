@@ -295,7 +295,7 @@ def block_diagonal_curvature(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> BlockDiagonalCurvature:
   r"""The dense curvature blocks of the small groups, the diagonal of the rest.
 
@@ -428,7 +428,7 @@ def scale_by_block_diagonal(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Block-diagonal natural-gradient / Gauss-Newton direction (TONGA-style).
 
@@ -637,7 +637,7 @@ def block_diagonal_natural_gradient(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     chunk_size: int = 128,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Block-diagonal natural gradient (TONGA-style) as an ``optax.chain``.
 

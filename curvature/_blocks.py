@@ -255,7 +255,7 @@ def refresh_due(count: Array, every: int, warmup: bool = True) -> Array:
 
 
 def refresh(blocks, states, estimates, due, damping, statistics_count,
-            axis_name=None):
+            axis_name: _validation.AxisName = None):
   """Refreshes every block's preconditioner under one ``lax.cond``.
 
   A block whose new preconditioner is not finite keeps its previous one

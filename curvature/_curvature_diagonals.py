@@ -86,7 +86,7 @@ def sampled_fisher_diagonal(
     key: Array,
     num_samples: int = 1,
     chunk_size: int = 32,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Params:
   r"""Monte-Carlo diagonal of the true Fisher (= GGN for canonical losses).
 
@@ -162,7 +162,7 @@ def ggn_diagonal(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     max_output_dim: int = 64,
     chunk_size: int = 32,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Params:
   r"""The exact GGN diagonal ``diag(Σᵢ Jᵢᵀ Hᵢ Jᵢ)`` for few outputs per example.
 
@@ -252,7 +252,7 @@ def hutchinson_hessian_diagonal(
     key: Array,
     num_samples: int = 100,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Params:
   r"""Hutchinson's estimate of the Hessian diagonal with Rademacher probes.
 
@@ -378,7 +378,7 @@ def ema_curvature_diagonal(
     statistics_batch_size: Optional[int] = None,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
     clip_negative: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the updates by a bias-corrected EMA of a curvature diagonal.
@@ -502,7 +502,7 @@ def scale_by_curvature_diagonal(
     statistics_batch_size: Optional[int] = None,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Diagonal natural-gradient / Newton direction ``g / (d̂ᵖ + λ)``.
 

@@ -519,7 +519,7 @@ class _Config(NamedTuple):
   num_samples: int
   targets_fn: Callable[[Any], Any]
   seed: int
-  axis_name: Any
+  axis_name: _validation.AxisName
 
 
 def _check_damping_settings(s: dict) -> None:
@@ -889,7 +889,7 @@ def scale_by_hessian_free(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Hessian-free (truncated-Newton) direction with LM damping (Martens 2010).
 
@@ -1179,7 +1179,7 @@ def hessian_free(
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
     linesearch: Optional[optax.GradientTransformation] = None,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Martens' (2010) Hessian-free optimizer: damped Gauss-Newton solved by CG.
 
@@ -1310,7 +1310,7 @@ def newton(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Newton's method, ``θ ← θ − lr · H⁻¹ g``, with ``H⁻¹g`` solved by CG.
 
@@ -1359,7 +1359,7 @@ def damped_newton(
     cg_tol: float = 1e-8,
     line_search: bool = True,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Damped (regularized) Newton: ``θ ← θ − lr · α (H + λI)⁻¹ g``.
 
@@ -1410,7 +1410,7 @@ def gauss_newton(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The (generalized) Gauss-Newton method: ``θ ← θ − lr · (G + λI)⁻¹ g``.
 
@@ -1457,7 +1457,7 @@ def levenberg_marquardt(
     max_cg_iterations: int = 100,
     cg_tol: float = 1e-8,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Levenberg-Marquardt: Gauss-Newton with adapted damping and step rejection.
 

@@ -881,7 +881,7 @@ def scale_by_kfac(
     max_factor_dim: int = 4096,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
     weight_sharing: str = "expand",
     example_batch: Any = None,
     distribute_inverses: bool = False,
@@ -1279,7 +1279,7 @@ class _Config(NamedTuple):
   overrides: dict
   max_factor_dim: int
   targets_fn: Callable
-  axis_name: Any
+  axis_name: _validation.AxisName
   omega1: float
   omega2: float
   weight_sharing: str = "expand"
@@ -1535,7 +1535,7 @@ def kfac(
     max_factor_dim: int = 4096,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
     weight_sharing: str = "expand",
     example_batch: Any = None,
     distribute_inverses: bool = False,
@@ -1661,7 +1661,7 @@ def kfac_preconditioner(
     max_factor_dim: int = 4096,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> KfacPreconditioner:
   """The stages of :func:`scale_by_kfac` as a preconditioner, damped outside.
 

@@ -210,7 +210,7 @@ def scale_by_shampoo(
     inverse_every: int = 10,
     graft: Optional[optax.GradientTransformation] = None,
     max_factor_dim: int = 4096,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo's direction (Gupta, Koren & Singer 2018), grafted if asked.
 
@@ -361,7 +361,7 @@ def shampoo(
     inverse_every: int = 10,
     graft: Optional[optax.GradientTransformation] = None,
     max_factor_dim: int = 4096,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""Shampoo with Adam grafting and heavy-ball momentum, as an ``optax.chain``.
 
@@ -461,7 +461,7 @@ def scale_by_soap(
     inverse_every: int = 10,
     max_factor_dim: int = 4096,
     weight_decay: float = 0.0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""SOAP's direction: Adam in the eigenbasis of Shampoo (Vyas et al. 2024).
 
@@ -598,7 +598,7 @@ def soap(
     statistics_decay: Optional[float] = None,
     inverse_every: int = 10,
     max_factor_dim: int = 4096,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""SOAP (Vyas et al. 2024) as an ``optax.chain``, like ``optax.adamw``.
 

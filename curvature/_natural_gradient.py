@@ -39,7 +39,7 @@ def scale_by_natural_gradient(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
     preconditioner: Optional[str] = None,
     preconditioner_every: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
@@ -173,7 +173,7 @@ def natural_gradient(
     num_samples: int = 1,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
     preconditioner: Optional[str] = None,
     preconditioner_every: int = 10,
 ) -> optax.GradientTransformationExtraArgs:

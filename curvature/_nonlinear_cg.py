@@ -175,7 +175,7 @@ def nonlinear_cg(
     linesearch: Optional[optax.GradientTransformation] = None,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Nonlinear conjugate gradients with a zoom line search.
 

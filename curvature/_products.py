@@ -202,7 +202,7 @@ def objective(
     *,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Batch], Any] = default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Array:
   """The objective ``loss.value(predict_fn(θ, batch), y) + ½ l2_reg ‖θ‖²``.
 
@@ -347,7 +347,7 @@ def linearize(
     targets_fn: Callable[[Batch], Any] = default_targets,
     key: Optional[Array] = None,
     num_samples: int = 1,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Linearization:
   r"""Linearizes the objective once, for many curvature-vector products.
 
@@ -565,7 +565,7 @@ def empirical_fisher_diagonal(
     *,
     targets_fn: Callable[[Batch], Any] = default_targets,
     chunk_size: int = 32,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> Params:
   r"""The exact empirical-Fisher diagonal ``(1/N) Σᵢ gᵢ ⊙ gᵢ``.
 

@@ -105,7 +105,7 @@ def with_objective(
     *,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gives a line-searched transform its ``value``, ``grad`` and ``value_fn``.
 
@@ -279,7 +279,7 @@ def lbfgs(
     linesearch: Optional[optax.GradientTransformation] = None,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""L-BFGS (Liu & Nocedal 1989): ``optax.lbfgs`` under the ``batch=`` API.
 
@@ -514,7 +514,7 @@ def bfgs(
     linesearch: Optional[optax.GradientTransformation] = None,
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dense BFGS with a zoom line search: ``θ ← θ − lr · α H g``.
 

@@ -97,7 +97,7 @@ def scale_by_saddle_free_newton(
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The saddle-free Newton direction ``(|H| + λI)⁻¹ g`` in a Krylov subspace.
 
@@ -253,7 +253,7 @@ def saddle_free_newton(
     l2_reg: float = 0.0,
     targets_fn: Callable[[Any], Any] = _products.default_targets,
     seed: int = 0,
-    axis_name=None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Saddle-free Newton: ``θ ← θ − lr · (|H| + λI)⁻¹ g`` in a Lanczos subspace.
 

@@ -6,11 +6,14 @@ with traced values). Concrete values are checked; traced ones cannot be and
 are let through.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The mesh axis (or axes) of ``jax.shard_map`` a batch is sharded over.
+AxisName = Optional[Union[str, tuple[str, ...]]]
 
 
 def concrete_value(value: Any):
