@@ -567,8 +567,8 @@ def scale_by_block_diagonal(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    _curvature_diagonals.check_update_args(
-        "scale_by_block_diagonal", params, batch)
+    _validation.check_update_args("scale_by_block_diagonal", None, params,
+                                  batch)
     if jax.tree.structure(updates) != jax.tree.structure(params):
       raise ValueError(
           "The gradients do not match the parameter tree: pass the gradient"

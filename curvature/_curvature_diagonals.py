@@ -360,14 +360,6 @@ def check_model(predict_fn, loss):
         " curvature.losses.softmax_cross_entropy.")
 
 
-def check_update_args(name, params, batch):
-  """Raises ``ValueError`` if ``update`` was called without params or batch."""
-  if params is None or batch is None:
-    raise ValueError(
-        f"{name} builds the curvature from the model: call"
-        " `update(grads, state, params, batch=batch)`.")
-
-
 def ema_curvature_diagonal(
     predict_fn: Callable[[Params, Any], Array],
     loss: _losses.Loss,
@@ -461,7 +453,8 @@ def ema_curvature_diagonal(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args
-    check_update_args("ema_curvature_diagonal", params, batch)
+    _validation.check_update_args("ema_curvature_diagonal", None, params,
+                                  batch)
     _validation.check_state(params, state.ema)
     _products.batch_size(
         batch, _no_targets if estimator == "sampled_fisher" else targets_fn)

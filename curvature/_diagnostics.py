@@ -816,24 +816,6 @@ def _inner_metrics(inner_state: Any, dtype) -> dict[str, Optional[Array]]:
   }
 
 
-def _state_dtype(params: Params):
-  leaves = jax.tree.leaves(params)
-  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-
-
-def _check_monitor_args(params, batch):
-  if params is None:
-    raise ValueError(
-        "monitor needs the parameters to build the curvature: call"
-        " `update(grads, state, params, batch=batch)`."
-    )
-  if batch is None:
-    raise ValueError(
-        "monitor needs the data to build the curvature: call"
-        " `update(grads, state, params, batch=batch)`."
-    )
-
-
 def monitor(
     inner: optax.GradientTransformation,
     predict_fn: _products.PredictFn,
@@ -936,7 +918,7 @@ def monitor(
   def init_fn(params):
     _validation.check_params(params, "monitor")
     inner_state = inner.init(params)
-    dtype = _state_dtype(params)
+    dtype = _validation.compute_dtype(params)
     zero = jnp.zeros((), dtype)
     metrics = MonitorMetrics(
         step=jnp.full((), -1, jnp.int32),
@@ -955,7 +937,7 @@ def monitor(
     )
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    _check_monitor_args(params, batch)
+    _validation.check_update_args("monitor", None, params, batch)
     _products.batch_size(batch, targets_fn)
     new_updates, inner_state = inner.update(
         updates, state.inner_state, params, batch=batch, **extra_args)

@@ -113,12 +113,6 @@ class ScaleByHessianFreeState(NamedTuple):
   preconditioner_breakdowns = _info_field("preconditioner_breakdowns")
 
 
-def _state_dtype(params: Params):
-  """The compute dtype: the parameters' dtype, at least float32."""
-  leaves = jax.tree.leaves(params)
-  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-
-
 def _cast(tree: Params, dtype) -> Params:
   return jax.tree.map(lambda x: jnp.asarray(x).astype(dtype), tree)
 
@@ -127,32 +121,6 @@ def _last_examples(batch, num_examples: int):
   """The last ``num_examples`` examples of ``batch`` (scalars kept)."""
   return _products.map_examples(
       lambda x: x[x.shape[0] - num_examples:], batch)
-
-
-def _check_update_args(updates, params, batch):
-  if params is None:
-    raise ValueError(
-        "scale_by_hessian_free needs the parameters: call"
-        " `update(grads, state, params, batch=batch)`."
-    )
-  if batch is None:
-    raise ValueError(
-        "scale_by_hessian_free needs the data to build the curvature: call"
-        " `update(grads, state, params, batch=batch)`."
-    )
-  if jax.tree.structure(updates) != jax.tree.structure(params):
-    raise ValueError(
-        "The gradients do not match the parameter tree: got"
-        f" {jax.tree.structure(updates)} for parameters"
-        f" {jax.tree.structure(params)}. Pass the gradient of the loss with"
-        " respect to exactly the `params` given to `update`."
-    )
-  for g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
-    if g.shape != p.shape:
-      raise ValueError(
-          f"A gradient leaf of shape {g.shape} does not match its parameter"
-          f" of shape {p.shape}."
-      )
 
 
 class _Candidate(NamedTuple):
@@ -834,7 +802,7 @@ def _next_state(state: ScaleByHessianFreeState, step: _Step, model: _Model,
 def _init_state(config: _Config, stage: _Preconditioner, params, damping_at):
   """The state before the first step."""
   _validation.check_params(params, "scale_by_hessian_free")
-  dtype = _state_dtype(params)
+  dtype = _validation.compute_dtype(params)
   zero, int_zero = jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
   return ScaleByHessianFreeState(
       count=int_zero,
@@ -1112,7 +1080,8 @@ def scale_by_hessian_free(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args  # value, grad, value_fn: accepted for chaining.
-    _check_update_args(updates, params, batch)
+    _validation.check_update_args("scale_by_hessian_free", updates, params,
+                                  batch)
     _validation.check_state(params, state.previous_solution)
     dtype = state.damping.dtype  # params' dtype, at least float32.
     key, sample_key = jax.random.split(state.key)

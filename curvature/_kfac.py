@@ -1222,7 +1222,7 @@ def scale_by_kfac(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    _curvature_diagonals.check_update_args("scale_by_kfac", params, batch)
+    _validation.check_update_args("scale_by_kfac", None, params, batch)
     if jax.tree.structure(updates) != jax.tree.structure(params):
       raise ValueError(
           "The gradients do not match the parameter tree: pass the gradient"

@@ -37,25 +37,6 @@ from curvature import _validation
 Array = jax.Array
 Params = Any
 
-GRADIENT_FIX = (
-    "Pass the gradient of the loss with respect to exactly the `params`"
-    " given to `update`.")
-
-
-def check_update_args(name: str, updates, params, batch) -> None:
-  """Raises ``ValueError`` unless ``params`` and ``batch`` are given and the
-  gradient matches the parameters (checked from shapes at trace time)."""
-  if params is None:
-    raise ValueError(
-        f"{name} needs the parameters: call"
-        " `update(grads, state, params, batch=batch)`.")
-  if batch is None:
-    raise ValueError(
-        f"{name} evaluates the objective on the data: call"
-        " `update(grads, state, params, batch=batch)`.")
-  _validation.check_same_tree(params, updates, "The gradient", GRADIENT_FIX)
-
-
 def zoom_linesearch(curv_rtol: float = 0.9,
                     initial_guess_strategy: str = "one"):
   """``optax.scale_by_zoom_linesearch`` with optax's L-BFGS settings.
@@ -185,7 +166,8 @@ def with_objective(
   def update_fn(updates, state, params=None, *, batch=None, value=None,
                 grad=None, **extra_args):
     del extra_args  # value_fn and the rest: the objective is built here.
-    check_update_args("with_objective", updates, params, batch)
+    _validation.check_update_args("with_objective", updates, params, batch,
+                                  data_for="to evaluate the objective")
     _products.batch_size(batch, targets_fn)  # A clear error for bad batches.
     original_params = params
     compute_dtype = state.objective_value.dtype  # At least float32.
@@ -466,7 +448,8 @@ def scale_by_bfgs(
       raise ValueError(
           "scale_by_bfgs needs the parameters: call"
           " `update(grads, state, params)`.")
-    _validation.check_same_tree(params, updates, "The gradient", GRADIENT_FIX)
+    _validation.check_same_tree(params, updates, "The gradient",
+                                _validation.GRADIENT_FIX)
     dtype = state.params.dtype
     flat_params = ravel_pytree(params)[0].astype(dtype)
     flat_grad, unravel = ravel_pytree(updates)

@@ -209,7 +209,7 @@ def scale_by_saddle_free_newton(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args  # value, grad, value_fn: accepted for chaining.
-    _quasi_newton.check_update_args(
+    _validation.check_update_args(
         "scale_by_saddle_free_newton", updates, params, batch)
     _products.batch_size(batch, targets_fn)
     key, start_key, restart_key = jax.random.split(state.key, 3)

@@ -274,3 +274,41 @@ def check_state(params: Any, state_tree: Any) -> None:
       params, state_tree, "The state",
       "It was made by `init` for other parameters: call `opt.init(params)`"
       " with the parameters given to `update`.")
+
+
+def compute_dtype(params: Any):
+  """The dtype curvature state is kept in: the parameters', at least float32.
+
+  bfloat16 and float16 parameters get float32 damping, ratios and solver
+  state; float64 parameters keep float64.
+  """
+  leaves = jax.tree.leaves(params)
+  return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+
+
+GRADIENT_FIX = (
+    "Pass the gradient of the loss with respect to exactly the `params`"
+    " given to `update`.")
+
+
+def check_update_args(name: str, updates: Any, params: Any, batch: Any, *,
+                      data_for: str = "to build the curvature") -> None:
+  """Raises ``ValueError`` unless ``update`` got ``params`` and ``batch=``.
+
+  Also checks (from shapes, at trace time) that the gradient ``updates``
+  matches the parameters, unless ``updates`` is ``None``.
+
+  Args:
+    name: the transform, for the message.
+    updates: the incoming gradient, or ``None`` to skip its check.
+    params: the parameters given to ``update``.
+    batch: the ``batch=`` keyword argument given to ``update``.
+    data_for: why the transform needs the data, for the message.
+  """
+  call = " `update(grads, state, params, batch=batch)`."
+  if params is None:
+    raise ValueError(f"{name} needs the parameters: call" + call)
+  if batch is None:
+    raise ValueError(f"{name} needs the data {data_for}: call" + call)
+  if updates is not None:
+    check_same_tree(params, updates, "The gradient", GRADIENT_FIX)

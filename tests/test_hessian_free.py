@@ -436,7 +436,7 @@ def test_mismatched_gradients_and_missing_batch_raise():
   opt = curvature.hessian_free(predict_fn=mlp_predict, loss=loss)
   state = opt.init(params)
   grads = _grad(loss, params, batch)
-  with pytest.raises(ValueError, match="do not match the parameter tree"):
+  with pytest.raises(ValueError, match="does not match the parameters"):
     opt.update(grads[:1], state, params, batch=batch)
   bad = jax.tree.map(lambda g: g, grads)
   bad[0]["w"] = bad[0]["w"][:, :2]
