@@ -567,13 +567,8 @@ def scale_by_block_diagonal(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    _validation.check_update_args("scale_by_block_diagonal", None, params,
+    _validation.check_update_args("scale_by_block_diagonal", updates, params,
                                   batch)
-    if jax.tree.structure(updates) != jax.tree.structure(params):
-      raise ValueError(
-          "The gradients do not match the parameter tree: pass the gradient"
-          " of the loss with respect to exactly the `params` given to"
-          " `update`.")
     _products.batch_size(batch, targets_fn)  # A clear error on a bad batch.
     plan = _plan(params, max_block_size, grouping)
     dense, diagonal = _core_blocks(plan, params)

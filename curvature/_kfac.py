@@ -1222,12 +1222,7 @@ def scale_by_kfac(
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    _validation.check_update_args("scale_by_kfac", None, params, batch)
-    if jax.tree.structure(updates) != jax.tree.structure(params):
-      raise ValueError(
-          "The gradients do not match the parameter tree: pass the gradient"
-          " of the loss with respect to exactly the `params` given to"
-          " `update`.")
+    _validation.check_update_args("scale_by_kfac", updates, params, batch)
     plan = _plan_step(config, params, batch)
     key, sample_key = jax.random.split(state.key)
     states, statistics_count, finite, rejected = _statistics_stage(
@@ -1450,13 +1445,16 @@ def _damping_update(config, damping, rho, curvature=math.inf):
 def _guard_stage(config, state, params, grad, step, states, key,
                  statistics_count, finite, rejected_refreshes):
   """Stage 4: a non-finite gradient or step never reaches the parameters."""
-  ok = _validation.all_finite(grad) & _validation.all_finite(step.output)
+  output, rejected = _damping.guard_step(_validation.all_finite(grad),
+                                         step.output)
+  ok = ~rejected
   zeros = optax.tree.zeros_like(params)
-  output = optax.tree.cast_like(optax.tree.where(ok, step.output, zeros),
-                                params)
-  damping = jnp.where(ok, step.damping, _damping_update(
-      config, state.damping, -jnp.inf) if config.adapt_damping
-                      else step.damping)
+  output = optax.tree.cast_like(output, params)
+  damping = step.damping
+  if config.adapt_damping:
+    damping = _damping.raise_on_rejection(
+        state.damping, step.damping, rejected, increase=1.0 / config.omega1,
+        bounds=(config.min_damping, config.max_damping))
   gamma = (step.gamma if config.gamma_search
            else jnp.sqrt(damping + config.l2_reg))
   dtype = state.learning_rate.dtype
