@@ -551,7 +551,7 @@ def scale_by_block_diagonal(
   if statistics_batch_size is not None:
     statistics_batch_size = _validation.check_static_int(
         "statistics_batch_size", statistics_batch_size, 1)
-  _curvature_diagonals.check_model(predict_fn, loss)
+  _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
 
   def init_fn(params):

@@ -349,17 +349,6 @@ def _estimate(estimator, predict_fn, loss, params, batch, key, num_samples,
                                      axis_name=axis_name)
 
 
-def check_model(predict_fn, loss):
-  """Raises ``TypeError`` unless ``predict_fn`` is callable, ``loss`` a Loss."""
-  if not callable(predict_fn):
-    raise TypeError(
-        "`predict_fn` must be a function (params, batch) -> outputs.")
-  if not isinstance(loss, _losses.Loss):
-    raise TypeError(
-        "`loss` must be a curvature.losses.Loss, e.g."
-        " curvature.losses.softmax_cross_entropy.")
-
-
 def ema_curvature_diagonal(
     predict_fn: Callable[[Params, Any], Array],
     loss: _losses.Loss,
@@ -440,7 +429,7 @@ def ema_curvature_diagonal(
   if statistics_batch_size is not None:
     statistics_batch_size = _validation.check_static_int(
         "statistics_batch_size", statistics_batch_size, 1)
-  check_model(predict_fn, loss)
+  _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
 
   def init_fn(params):

@@ -578,13 +578,7 @@ def _checked_config(*, diagonal_preconditioner, **settings) -> _Config:
   settings["preconditioner"] = _check_preconditioner(
       settings["preconditioner"], diagonal_preconditioner)
   _check_preconditioner_settings(settings)
-  if not callable(settings["predict_fn"]):
-    raise TypeError(
-        "`predict_fn` must be a function (params, batch) -> outputs.")
-  if not isinstance(settings["loss"], _losses.Loss):
-    raise TypeError(
-        "`loss` must be a curvature.losses.Loss, e.g."
-        " curvature.losses.softmax_cross_entropy.")
+  _losses.check_model(settings["predict_fn"], settings["loss"])
   return _Config(**settings)
 
 

@@ -1155,7 +1155,7 @@ def scale_by_kfac(
                       ("quadratic_batch_size", quadratic_batch_size)):
     if value is not None:
       _validation.check_static_int(name, value, 1)
-  _curvature_diagonals.check_model(predict_fn, loss)
+  _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
   if distribute_inverses and axis_name is None:
     raise ValueError(

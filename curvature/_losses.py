@@ -275,6 +275,17 @@ squared_error = Loss(
 )
 
 
+def check_model(predict_fn: Any, loss: Any) -> None:
+  """Raises ``TypeError`` unless ``predict_fn`` is callable, ``loss`` a Loss."""
+  if not callable(predict_fn):
+    raise TypeError(
+        "`predict_fn` must be a function (params, batch) -> outputs.")
+  if not isinstance(loss, Loss):
+    raise TypeError(
+        "`loss` must be a curvature.losses.Loss, e.g."
+        " curvature.losses.softmax_cross_entropy.")
+
+
 def output_gradients(loss: Loss, outputs: Array, targets: Any) -> Array:
   """Per-example gradients ``∇_z ℓ_i`` of the loss with respect to outputs.
 

@@ -149,7 +149,7 @@ def with_objective(
     Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, ch. 3
     (line searches).
   """
-  _check_model(predict_fn, loss)
+  _losses.check_model(predict_fn, loss)
   _validation.check_nonnegative("l2_reg", l2_reg)
   axis_name = _validation.check_axis_name(axis_name)
 
@@ -223,16 +223,6 @@ def _cast_floating(tree, dtype):
   return jax.tree.map(
       lambda x: x.astype(dtype) if jnp.issubdtype(
           jnp.result_type(x), jnp.floating) else x, tree)
-
-
-def _check_model(predict_fn, loss) -> None:
-  if not callable(predict_fn):
-    raise TypeError(
-        "`predict_fn` must be a function (params, batch) -> outputs.")
-  if not isinstance(loss, _losses.Loss):
-    raise TypeError(
-        "`loss` must be a curvature.losses.Loss, e.g."
-        " curvature.losses.squared_error.")
 
 
 def line_searched(direction, learning_rate, linesearch, predict_fn, loss,

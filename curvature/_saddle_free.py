@@ -19,7 +19,6 @@ import optax
 from curvature import _lanczos
 from curvature import _losses
 from curvature import _products
-from curvature import _quasi_newton
 from curvature import _validation
 
 Array = jax.Array
@@ -182,7 +181,7 @@ def scale_by_saddle_free_newton(
     of linear differential and integral operators", J. Res. Natl. Bur.
     Stand. 45, 1950.
   """
-  _quasi_newton._check_model(predict_fn, loss)
+  _losses.check_model(predict_fn, loss)
   num_iterations = _validation.check_static_int(
       "num_iterations", num_iterations, 1)
   _validation.check_choice("lanczos_start", lanczos_start, STARTS)
