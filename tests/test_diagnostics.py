@@ -173,7 +173,7 @@ def test_partial_reorthogonalization_removes_the_ghosts_like_full():
   assert _orthogonality_loss(runs["full"]) <= 1e-13
   assert 0 < int(runs["partial"].num_reorthogonalizations) < 60
   assert runs["full"].num_reorthogonalizations is None
-  assert runs[False].num_reorthogonalizations is None
+  assert runs["none"].num_reorthogonalizations is None
 
 
 def test_partial_reorthogonalization_is_skipped_on_a_benign_problem():
