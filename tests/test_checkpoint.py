@@ -209,7 +209,8 @@ print(json.dumps(results))
 
 def _run_on_devices(num_devices, mode, path):
   env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                        f"platform_device_count={num_devices}"))
   result = subprocess.run(
       [sys.executable, "-c", RESHARD_SCRIPT, mode, str(path)], env=env,
       capture_output=True, text=True, timeout=600, check=False)

@@ -302,7 +302,8 @@ def test_bfgs_state_is_dense():
 
 SHARD_MAP_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=2")
 import jax
 import numpy as np
 jax.config.update("jax_enable_x64", True)

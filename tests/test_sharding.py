@@ -344,8 +344,9 @@ KNOWN_DEFECTS = {
 
 
 def _results(script, mesh_kind):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_force_host_platform_device_count=4"))
   here = os.path.dirname(os.path.abspath(__file__))
   env["PYTHONPATH"] = os.pathsep.join(
       [here, os.path.dirname(here), env.get("PYTHONPATH", "")])
