@@ -83,6 +83,8 @@ class Config:
   # K-FAC's initial damping: of 1e-3, 0.1 and 1 (each with its best rate of
   # two or three), 0.1 gave the lowest validation loss (benchmarks/README.md).
   kfac_damping: float = 0.1
+  # Examples of each batch K-FAC's factor statistics use (None: all).
+  kfac_statistics_batch: int | None = None
   grids: tuple = (("adamw", (3e-3, 1e-2, 3e-2)),
                   ("kfac_reduce", (3e-3, 1e-2)),
                   ("kfac_expand", (3e-3, 1e-2)),
@@ -250,6 +252,7 @@ def make_optimizer(name, config, example_batch):
   return curvature.kfac(
       lr, predict_fn=predict_fn(config), loss=LOSS, momentum=0.9,
       initial_damping=config.kfac_damping, inverse_every=10,
+      statistics_batch_size=config.kfac_statistics_batch,
       weight_sharing=sharing,
       example_batch=example_batch), True
 
@@ -607,12 +610,17 @@ def main(argv=None):
                       help="learning rates, e.g. adamw=1e-2,3e-3;soap=3e-3")
   parser.add_argument("--kfac-damping", type=float, default=None,
                       help="K-FAC's initial damping (default 0.1)")
+  parser.add_argument("--kfac-statistics-batch", type=int, default=None,
+                      help="examples per batch for K-FAC's statistics")
   args = parser.parse_args(argv)
   config = FAST if args.fast else Config()
   if args.steps:
     config = dataclasses.replace(config, steps=args.steps)
   if args.kfac_damping is not None:
     config = dataclasses.replace(config, kfac_damping=args.kfac_damping)
+  if args.kfac_statistics_batch is not None:
+    config = dataclasses.replace(
+        config, kfac_statistics_batch=args.kfac_statistics_batch)
   if args.grids:
     grids = dict(config.grids)
     for item in args.grids.split(";"):
