@@ -455,7 +455,8 @@ def kfac_memory(config, data):
                   if getattr(x, "ndim", 0) >= 2)
     factors -= sum(x.nbytes for x in jax.tree.leaves(params)
                    if x.ndim >= 2)  # The momentum buffer.
-    rows = config.batch * (1 if sharing == "reduce" else config.seq)
+    examples = config.kfac_statistics_batch or config.batch
+    rows = examples * (1 if sharing == "reduce" else config.seq)
     out[sharing] = {"step_temp": int(memory.temp_size_in_bytes),
                     "statistics_rows": rows, "factor_bytes": int(factors)}
   return out
