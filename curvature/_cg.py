@@ -119,6 +119,7 @@ class _Recorder(NamedTuple):
     """Stores ``x`` if ``accept`` and ``iteration`` is the next scheduled."""
     if records is None:
       return None
+    assert self.schedule is not None  # records exist only with a schedule
     num_slots = len(self.schedule)
     due = jnp.asarray(self.schedule)[jnp.minimum(records.count,
                                                  num_slots - 1)]
@@ -134,6 +135,7 @@ class _Recorder(NamedTuple):
     """The ``recorded*`` fields of :class:`CGResult` (none if not recording)."""
     if records is None:
       return {}
+    assert self.schedule is not None  # records exist only with a schedule
     num_slots = len(self.schedule)
     return dict(
         recorded=jax.tree.map(lambda buf: buf[:num_slots], records.iterates),

@@ -47,9 +47,15 @@ def _linear_per_example(outputs, cotangents):
   return jnp.sum(outputs * cotangents, axis=tuple(range(1, outputs.ndim)))
 
 
+def _no_output_curvature(*args):
+  """``_LINEAR``'s curvature and sampler: it has none, and none is used."""
+  del args
+  raise NotImplementedError("the linear pairing has no output curvature")
+
+
 _LINEAR = _losses.Loss(
-    name="linear", per_example=_linear_per_example, hvp=None,
-    fisher_vp=None, sample=None)
+    name="linear", per_example=_linear_per_example, hvp=_no_output_curvature,
+    fisher_vp=_no_output_curvature, sample=_no_output_curvature)
 
 
 def squared_vjp_mean(

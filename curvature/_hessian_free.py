@@ -136,6 +136,8 @@ def _backtrack(cg: _cg.CGResult, evaluate: Callable[[Params], Array]):
   Martens (2010) §4.6: the stored iterates ``x_{⌈1.3ʲ⌉}`` are tried from the
   last one backwards; the walk stops at the first that is no better.
   """
+  # Backtracking solves with record_iterates=True, which fills these.
+  assert cg.num_recorded is not None and cg.recorded_iterations is not None
   last = cg.num_recorded - 1
   last = jnp.where(
       (last >= 0) & (cg.recorded_iterations[jnp.maximum(last, 0)]
@@ -769,6 +771,8 @@ def _next_state(state: ScaleByHessianFreeState, step: _Step, model: _Model,
   """Stage 7: the new state; a rejected step resets the warm start."""
   dtype = state.info.objective_value.dtype
   rejected = step.rejected
+  breakdown = step.cg.preconditioner_breakdown
+  assert breakdown is not None  # conjugate_gradient always sets it
   info = HessianFreeInfo(
       rejected_steps=state.info.rejected_steps + rejected.astype(jnp.int32),
       objective_value=model.value.astype(dtype),
@@ -780,7 +784,7 @@ def _next_state(state: ScaleByHessianFreeState, step: _Step, model: _Model,
                         + step.line_search_evaluations
                         + model.extra_evaluations).astype(jnp.int32),
       preconditioner_breakdowns=state.info.preconditioner_breakdowns
-      + step.cg.preconditioner_breakdown.astype(jnp.int32),
+      + breakdown.astype(jnp.int32),
   )
   zeros = optax.tree.zeros_like(state.previous_solution)
   return ScaleByHessianFreeState(

@@ -296,7 +296,8 @@ def kfac_blocks(
                           dict(layer_overrides or {}), max_factor_dim,
                           example_batch)
   paths = leaf_paths(params)
-  rows = {}
+  # leaf index -> (block, factors, reason, members), as in BlockRow.
+  rows: dict[int, tuple[str, Optional[tuple], str, tuple]] = {}
   for layer in layers:
     members = (paths[layer.kernel],) + (
         () if layer.bias is None else (paths[layer.bias],))
@@ -444,7 +445,9 @@ class LayerEvidence(NamedTuple):
   num_examples: int
 
 
-STACKED_EVIDENCE = LayerEvidence(0, 0, None)
+# An axes prefix, not evidence: its fields are axis specs, whatever the
+# field annotations say, so it is built from a plain tuple.
+STACKED_EVIDENCE = LayerEvidence._make((0, 0, None))
 """``jax.vmap`` axes of a stacked layer's evidence."""
 
 

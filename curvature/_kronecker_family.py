@@ -25,6 +25,7 @@ optimizer would have taken without it.
 """
 
 import inspect
+import typing
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -691,6 +692,8 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 1e-3, **kfac_args
   return _kfac.kfac(learning_rate, structure="eigen_kronecker", **kfac_args)
 
 
-ekfac.__signature__ = inspect.signature(_kfac.kfac).replace(parameters=[
-    p for p in inspect.signature(_kfac.kfac).parameters.values()
-    if p.name != "structure"])
+# inspect.signature reads __signature__, which typeshed's FunctionType lacks.
+typing.cast(Any, ekfac).__signature__ = inspect.signature(_kfac.kfac).replace(
+    parameters=[
+        p for p in inspect.signature(_kfac.kfac).parameters.values()
+        if p.name != "structure"])

@@ -529,9 +529,11 @@ def lanczos(
     residual = product - alpha * carry.current - carry.beta * carry.previous
     new_omega, estimate = carry.omega, None
     if mode == "full":
+      assert carry.basis is not None  # Kept whenever mode is not None.
       residual = _reorthogonalize(residual, carry.basis)
       beta = jnp.linalg.norm(residual)
     elif mode == "partial":
+      assert carry.basis is not None and carry.omega is not None
       residual, beta, new_omega, estimate = _partial_step(
           carry.omega, j, alpha, carry.beta, residual, carry.basis, eps)
     else:
@@ -546,10 +548,12 @@ def lanczos(
     off_diagonal = jnp.where(exhausted, 0.0, beta).astype(flat.dtype)
     new_basis = carry.basis
     if mode is not None:
+      assert carry.basis is not None
       row = jnp.minimum(j + 1, num_iterations - 1)
       kept = jnp.where(has_next, following, carry.basis[row])
       new_basis = carry.basis.at[row].set(kept)
     if mode == "partial":
+      assert new_omega is not None  # Set by _partial_step above.
       new_omega = _shift_omega(
           new_omega, estimate, j, off_diagonal, exhausted, eps)
     new_carry = _Carry(carry.current, following, off_diagonal, new_basis,
@@ -562,7 +566,10 @@ def lanczos(
       step, init, jnp.arange(num_iterations)
   )
   finite = jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas))
-  count = final.omega.count if mode == "partial" else None
+  count = None
+  if mode == "partial":
+    assert final.omega is not None  # Carried in "partial" mode.
+    count = final.omega.count
   return LanczosResult(alphas, betas, final.basis, finite, count,
                        valid_start)
 
@@ -625,11 +632,13 @@ def lanczos_probes(
     residual = (product - alpha[:, None] * carry.current
                 - carry.beta[:, None] * carry.previous)
     if mode == "full":
-      once = _batch_project(carry.basis, residual)
+      assert carry.basis is not None  # Kept whenever mode is not None.
+      full_basis = carry.basis
+      once = _batch_project(full_basis, residual)
       again = jnp.any(jnp.linalg.norm(once, axis=1)
                       < jnp.sqrt(0.5) * jnp.linalg.norm(residual, axis=1))
       residual = jax.lax.cond(
-          again, lambda: _batch_project(carry.basis, once), lambda: once)
+          again, lambda: _batch_project(full_basis, once), lambda: once)
     beta = jnp.linalg.norm(residual, axis=1)
     has_next = j + 1 < num_iterations
     exhausted = has_next & (
@@ -643,6 +652,7 @@ def lanczos_probes(
     off_diagonal = jnp.where(exhausted, 0.0, beta).astype(dtype)
     new_basis = carry.basis
     if mode is not None:
+      assert carry.basis is not None
       row = jnp.minimum(j + 1, num_iterations - 1)
       kept = jnp.where(has_next, following, carry.basis[:, row])
       new_basis = carry.basis.at[:, row].set(kept)
@@ -718,7 +728,9 @@ def select_pairs(
   """The Ritz pairs at positions ``order`` of the ascending Ritz values."""
   chosen = ritz.vectors[:, order]  # [m, k]
   flat, unravel = ravel_pytree(params)
-  vectors = (chosen.T @ ritz.lanczos.basis).astype(flat.dtype)
+  basis = ritz.lanczos.basis
+  assert basis is not None  # ritz_decomposition always keeps it.
+  vectors = (chosen.T @ basis).astype(flat.dtype)
   return Eigenpairs(
       eigenvalues=ritz.values[order],
       eigenvectors=jax.vmap(unravel)(vectors),

@@ -788,8 +788,10 @@ def discover_layers(
     >>> [layer.kind for layer in found.layers]
     ['dense', 'dense']
   """
-  key = (predict_fn, _signature(params), _signature(batch),
-         bool(jax.config.jax_enable_x64))
+  # jax sets its flags on Config with setattr, which pyrefly cannot see.
+  # pyrefly: ignore[missing-attribute]
+  x64 = bool(jax.config.jax_enable_x64)
+  key = (predict_fn, _signature(params), _signature(batch), x64)
   try:
     hash(key)
   except TypeError:  # An unhashable callable (or pytree metadata).
@@ -892,7 +894,7 @@ def tapped_forward(
     layers: tuple,
     params: Any,
     batch: Any,
-) -> Callable[[tuple], tuple]:
+) -> tuple[Callable[[tuple], tuple], tuple]:
   """``perturbations ↦ (outputs, use inputs)`` for the given layers.
 
   The returned function evaluates ``predict_fn(params, batch)`` with

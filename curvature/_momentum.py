@@ -129,7 +129,8 @@ def scale_by_momentum(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _nesterov_flag_and_form(nesterov: Any, form: Any) -> tuple[bool, str]:
+def _nesterov_flag_and_form(nesterov: Any,
+                            form: Any) -> tuple[bool, NesterovForm]:
   """``(nesterov, form)`` checked; the old string ``nesterov`` values mapped."""
   if isinstance(nesterov, str) and nesterov in NESTEROV_FORMS:
     warnings.warn(

@@ -25,7 +25,7 @@ used this L2 term, 1e-5 in his autoencoder experiments).
 """
 
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, overload
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +266,14 @@ def as_varying(tree: Any, axis_name) -> Any:
   return jax.tree.map(one, tree)
 
 
+@overload
+def shard_key(key: Array, axis_name) -> Array: ...
+
+
+@overload
+def shard_key(key: None, axis_name) -> None: ...
+
+
 def shard_key(key: Optional[Array], axis_name) -> Optional[Array]:
   """``key`` folded with the device's index along ``axis_name``.
 
@@ -316,6 +324,7 @@ def _output_curvature(
     grads = _losses.output_gradients(loss, outputs, targets)
     return _outer_product_factor(grads[None], 1)
   # sampled_fisher
+  assert key is not None  # _check_curvature_args requires it
   keys = jax.random.split(key, num_samples)
   outputs = jax.lax.stop_gradient(outputs)
   sampled = jax.vmap(lambda k: loss.sample(k, outputs))(keys)
