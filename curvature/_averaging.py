@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from curvature import _moments
+from curvature import _optax_typed
 
 
 class PolyakAveragingState(NamedTuple):
@@ -91,7 +92,7 @@ def polyak_averaging(
           "polyak_averaging needs `params`: call update(grads, state, params)."
       )
     new_params = optax.apply_updates(params, updates)
-    count = optax.safe_increment(state.count)
+    count = _optax_typed.safe_increment(state.count)
     if decay is None:
       average = jax.tree.map(
           lambda a, p: a + (p.astype(a.dtype) - a) / count.astype(a.dtype),

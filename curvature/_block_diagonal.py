@@ -33,6 +33,7 @@ from curvature import _blocks
 from curvature import _curvature_diagonals
 from curvature import _losses
 from curvature import _momentum
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _validation
 
@@ -569,6 +570,7 @@ def scale_by_block_diagonal(
     del extra_args
     _validation.check_update_args("scale_by_block_diagonal", updates, params,
                                   batch)
+    assert params is not None  # check_update_args raised otherwise.
     _products.batch_size(batch, targets_fn)  # A clear error on a bad batch.
     plan = _plan(params, max_block_size, grouping)
     dense, diagonal = _core_blocks(plan, params)
@@ -604,7 +606,7 @@ def scale_by_block_diagonal(
         optax.tree.where(ok, direction, optax.tree.zeros_like(params)),
         params)
     return output, ScaleByBlockDiagonalState(
-        count=optax.safe_increment(state.count),
+        count=_optax_typed.safe_increment(state.count),
         statistics_count=statistics_count, key=key,
         blocks=tuple(states[i] for i in dense), diagonal=states["diagonal"],
         rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
@@ -706,7 +708,7 @@ def block_diagonal_natural_gradient(
     Computation, 1998.
   """
   _validation.check_learning_rate(learning_rate)
-  parts = [scale_by_block_diagonal(
+  parts: list[optax.GradientTransformation] = [scale_by_block_diagonal(
       predict_fn, loss, curvature=curvature, max_block_size=max_block_size,
       grouping=grouping, damping=damping, decay=decay,
       inverse_every=inverse_every, num_samples=num_samples,

@@ -705,13 +705,15 @@ def stacked_block(block: Block, size: int, evidence_axes=0) -> Block:
 
   refresh = None
   if block.refresh is not None:
+    slice_refresh = block.refresh
+
     def refresh(estimate, damping):
       # One slice at a time (lax.map), not vmap: a vmap-ed Cholesky or eigh
       # is one batched LAPACK call, which XLA:CPU (jax 0.10) splits over its
       # thread pool; two of them running at once deadlock that pool (the
       # K-FAC step of a scan-stacked transformer never returned). Refreshes
       # are rare, and each factorization is parallel inside LAPACK anyway.
-      return jax.lax.map(lambda e: block.refresh(e, damping), estimate)
+      return jax.lax.map(lambda e: slice_refresh(e, damping), estimate)
 
   def apply(state, vectors, damping):
     return jax.vmap(block.apply, in_axes=(0, 0, None))(state, vectors,

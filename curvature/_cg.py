@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from curvature import _optax_typed
 from curvature import _validation
 
 Array = jax.Array
@@ -173,7 +174,7 @@ class _Solve(NamedTuple):
 
 def _quadratic_value(x: Params, b: Params, r: Params) -> Array:
   # φ(x) = ½xᵀAx − bᵀx and Ax = b − r, so φ(x) = −½ xᵀ(b + r).
-  return -0.5 * optax.tree.vdot(x, optax.tree.add(b, r))
+  return -0.5 * _optax_typed.vdot(x, optax.tree.add(b, r))
 
 
 # How this differs from jax.scipy.sparse.linalg.cg (same PCG recurrence,
@@ -226,7 +227,7 @@ def _stop_status(solve: _Solve, state: _LoopState, iteration, pap, r,
 def _iterate(solve: _Solve, state: _LoopState) -> _LoopState:
   """One PCG iteration; a rejected step keeps the last iterate."""
   ap = solve.matvec(state.p)
-  pap = optax.tree.vdot(state.p, ap)
+  pap = _optax_typed.vdot(state.p, ap)
   alpha = state.rz / pap
   x = optax.tree.add_scale(state.x, alpha, state.p)
   r = optax.tree.add_scale(state.r, -alpha, ap)
@@ -381,9 +382,9 @@ def _preconditioned(precondition, r, use):
   A non-finite or non-positive ``rᵀM⁻¹r`` for a nonzero ``r`` is a
   breakdown: ``z = r`` is returned instead.
   """
-  rr = optax.tree.vdot(r, r)
+  rr = _optax_typed.vdot(r, r)
   z = precondition(r)
-  rz = optax.tree.vdot(r, z)
+  rz = _optax_typed.vdot(r, z)
   breakdown = use & (rr > 0) & ~(jnp.isfinite(rz) & (rz > 0))
   keep = use & ~breakdown
   return optax.tree.where(keep, z, r), jnp.where(keep, rz, rr), breakdown

@@ -18,7 +18,7 @@ chunk by chunk by :func:`curvature.empirical_fisher_diagonal` applied to a
 *linear* loss whose output gradient is ``c_i``.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -589,6 +589,8 @@ def scale_by_curvature_diagonal(
     updates = _products.batch_mean(updates, axis_name)
     new_updates, new_state = transform.update(updates, state, params,
                                               **extra_args)
+    # optax types states as any pytree; scale_by_diagonal's is this one.
+    new_state = cast(_diagonal.ScaleByDiagonalState, new_state)
     finite = _validation.all_finite(new_updates)
     new_updates = optax.tree.where(
         finite, new_updates, optax.tree.zeros_like(new_updates))

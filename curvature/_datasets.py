@@ -199,7 +199,8 @@ def load_digits(num_test: int = 297, *, seed: int = 0) -> LabeledData:
     Machine Learning Repository, 1998.
   """
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
+  # A Bunch; sklearn has no annotations, and pyrefly infers ``Bunch | tuple``.
+  digits: Any = sk_datasets.load_digits()
   inputs = (digits.data / 16.0).astype(np.float32)
   labels = digits.target.astype(np.int32)
   order = np.random.default_rng(seed).permutation(len(labels))
@@ -229,7 +230,8 @@ def make_mnist1d(num_samples: int = 5000, *, seed: int = 42,
     Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024.
   """
   from mnist1d import data as mnist1d_data  # pylint: disable=g-import-not-at-top
-  args = mnist1d_data.get_dataset_args()
+  # An ObjectView, whose attributes are its __dict__'s keys: untyped.
+  args: Any = mnist1d_data.get_dataset_args()
   args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
   numpy_state, python_state = np.random.get_state(), random.getstate()
   try:

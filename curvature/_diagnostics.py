@@ -22,6 +22,7 @@ import optax
 
 from curvature import _lanczos
 from curvature import _losses
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _validation
 
@@ -73,7 +74,7 @@ def _trace_samples(matvec, params, key, num_samples) -> Array:
 
   def quadratic_form(carry, probe_key):
     probe = unravel(_rademacher_like(flat, probe_key))
-    return carry, optax.tree.vdot(probe, matvec(probe))
+    return carry, _optax_typed.vdot(probe, matvec(probe))
 
   _, samples = jax.lax.scan(
       quadratic_form, None, jax.random.split(key, num_samples))
@@ -950,8 +951,8 @@ def monitor(
           l2_reg=l2_reg, targets_fn=targets_fn, key=sample_key,
           num_samples=num_samples, axis_name=axis_name)
       grads = _products.batch_mean(updates, axis_name)
-      squared = optax.tree.vdot(grads, grads)
-      along = optax.tree.vdot(grads, lin.matvec(grads))
+      squared = _optax_typed.vdot(grads, grads)
+      along = _optax_typed.vdot(grads, lin.matvec(grads))
       ratio = jnp.where(squared > 0, along / jnp.where(squared > 0, squared, 1),
                         0.0)
       finite = jnp.isfinite(lin.value) & jnp.isfinite(squared) & (
@@ -969,11 +970,14 @@ def monitor(
     logged = state.count % every == 0
     metrics = jax.lax.cond(logged, record, lambda: state.metrics)
     new_state = MonitorState(
-        count=optax.safe_increment(state.count),
+        count=_optax_typed.safe_increment(state.count),
         key=key,
         metrics=metrics,
         inner_state=inner_state,
     )
     return new_updates, new_state
 
+  # optax's OptState (ArrayTree) leaves out None, a valid (empty) pytree that
+  # MonitorMetrics' optional fields hold.
+  # pyrefly: ignore[bad-argument-type]
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -33,6 +33,7 @@ from curvature import _damping
 from curvature import _diagonal
 from curvature import _kfac
 from curvature import _losses
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _taylor
 from curvature import _validation
@@ -137,7 +138,9 @@ def _backtrack(cg: _cg.CGResult, evaluate: Callable[[Params], Array]):
   last one backwards; the walk stops at the first that is no better.
   """
   # Backtracking solves with record_iterates=True, which fills these.
-  assert cg.num_recorded is not None and cg.recorded_iterations is not None
+  assert (cg.num_recorded is not None and cg.recorded_iterations is not None
+          and cg.recorded_values is not None)
+  recorded_values = cg.recorded_values
   last = cg.num_recorded - 1
   last = jnp.where(
       (last >= 0) & (cg.recorded_iterations[jnp.maximum(last, 0)]
@@ -157,7 +160,7 @@ def _backtrack(cg: _cg.CGResult, evaluate: Callable[[Params], Array]):
   def body(carry):
     index, best, _ = carry
     candidate = _Candidate(
-        stored(index), evaluate(stored(index)), cg.recorded_values[index],
+        stored(index), evaluate(stored(index)), recorded_values[index],
         best.evaluations + 1)
     better = candidate.value < best.value
     best = jax.tree.map(
@@ -324,7 +327,7 @@ def _dense_blocks(predict_fn, loss, l2_reg, every, decay, max_block_size,
           blocks, hats, jax.tree.leaves(vectors), damping + l2_reg))
 
     new = _BlockDiagonalState(
-        optax.safe_increment(state.count), count,
+        _optax_typed.safe_increment(state.count), count,
         tuple(states[str(i)] for i in range(len(state.blocks))),
         states["diagonal"])
     return new, precondition
@@ -736,7 +739,7 @@ def _line_search(config: _Config, model: _Model, chosen: _Candidate,
     return jnp.ones((), model.value.dtype), 0
   return _armijo(
       model.evaluate, chosen.step, value_at_step, model.value,
-      optax.tree.vdot(model.grad, chosen.step), decay=decay, c=c,
+      _optax_typed.vdot(model.grad, chosen.step), decay=decay, c=c,
       max_steps=max_steps)
 
 
@@ -788,7 +791,7 @@ def _next_state(state: ScaleByHessianFreeState, step: _Step, model: _Model,
   )
   zeros = optax.tree.zeros_like(state.previous_solution)
   return ScaleByHessianFreeState(
-      count=optax.safe_increment(state.count),
+      count=_optax_typed.safe_increment(state.count),
       damping=step.damping,
       previous_solution=optax.tree.where(rejected, zeros, step.cg.x),
       key=key,
@@ -1080,6 +1083,7 @@ def scale_by_hessian_free(
     del extra_args  # value, grad, value_fn: accepted for chaining.
     _validation.check_update_args("scale_by_hessian_free", updates, params,
                                   batch)
+    assert params is not None  # check_update_args raised otherwise.
     _validation.check_state(params, state.previous_solution)
     dtype = state.damping.dtype  # params' dtype, at least float32.
     key, sample_key = jax.random.split(state.key)

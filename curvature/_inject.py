@@ -5,6 +5,7 @@ import inspect
 import typing
 from typing import Callable, Iterable, Optional, Union
 
+import numpy as np
 import optax
 
 
@@ -50,7 +51,7 @@ def structural_args(factory: Callable[..., optax.GradientTransformation]):
 def inject_hyperparams(
     factory: Callable[..., optax.GradientTransformation],
     static_args: Union[str, Iterable[str]] = (),
-    hyperparam_dtype: Optional[object] = None,
+    hyperparam_dtype: Optional[np.dtype] = None,
 ):
   """``optax.inject_hyperparams`` that knows which arguments are structural.
 

@@ -40,7 +40,7 @@ dtype.
 """
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from curvature import _damping
 from curvature import _layers
 from curvature import _losses
 from curvature import _momentum
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _taylor
 from curvature import _validation
@@ -408,12 +409,12 @@ def _layer_view(layer):
     if layer.kernel_axes:
       order = layer.kernel_axes[0] + layer.kernel_axes[1]
       moved = kernel.reshape(tuple(shape[d] for d in order))
-      kernel = jnp.transpose(moved, np.argsort(order))
+      kernel = jnp.transpose(moved, np.argsort(order).tolist())
     elif layer.kind == "conv":
       rhs_spec = layer.conv[5]
       order = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
       moved = kernel.reshape(tuple(shape[d] for d in order))
-      kernel = jnp.transpose(moved, np.argsort(order))
+      kernel = jnp.transpose(moved, np.argsort(order).tolist())
     elif layer.in_axis != 0:
       kernel = kernel.T
     if layer.bias is None:
@@ -512,7 +513,7 @@ def _moments(activations, grads, num_examples, mode, diagonal=(False, False)):
   return a / num_examples, g / grads.shape[0]
 
 
-def _balanced_sum(pairs):
+def _balanced_sum(pairs: list[tuple[Array, Array]]) -> tuple[Array, Array]:
   r"""One Kronecker product for ``Σ_k L_k ⊗ R_k`` (uses in two orientations).
 
   Each term is first balanced, ``L_k ⊗ R_k = (s_k L_k) ⊗ (R_k / s_k)`` with
@@ -531,7 +532,8 @@ def _balanced_sum(pairs):
     s = jnp.where(ok, jnp.sqrt(jnp.where(ok, tr / tl, 1.0)), 1.0)
     lefts.append(s * left)
     rights.append(right / s)
-  return sum(lefts), sum(rights) / len(pairs)
+  # sum() of a nonempty list of arrays is an array (typeshed allows its 0).
+  return cast(Array, sum(lefts)), cast(Array, sum(rights)) / len(pairs)
 
 
 def _evidence_dtype(evidence):
@@ -733,6 +735,7 @@ def _blocks_for(layers, params, max_factor_dim, structure, axis_name,
   out = {}
   for layer in layers:
     reserved = _reserved(_layer_dims(layer), max_factor_dim)
+    assert reserved is not None  # _plan keeps only layers that fit.
     dtype = _blocks.accumulation_dtype(leaves[layer.kernel].dtype)
     out[paths[layer.kernel]] = _layer_block(
         layer, reserved[1], reserved[2], dtype, structure, axis_name,
@@ -796,7 +799,7 @@ def _quadratic_model(predict_fn, loss, params, batch, l2_reg, targets_fn,
 
 
 def _gram(vectors):
-  return jnp.asarray([[optax.tree.vdot(x, y) for y in vectors]
+  return jnp.asarray([[_optax_typed.vdot(x, y) for y in vectors]
                       for x in vectors])
 
 
@@ -830,7 +833,8 @@ def _adaptive_step(forms, grad, direction, velocity, damping):
   vectors = [step_dir, velocity]
   curvature, gram = forms(vectors), _gram(vectors)
   quad = curvature + damping * gram
-  linear = (optax.tree.vdot(grad, step_dir), optax.tree.vdot(grad, velocity))
+  linear = (_optax_typed.vdot(grad, step_dir),
+            _optax_typed.vdot(grad, velocity))
   alpha, mu, model = _solve_step(quad, linear)
   step = optax.tree.add_scale(optax.tree.scale(alpha, step_dir), mu, velocity)
   x = jnp.stack([alpha, mu]).astype(curvature.dtype)
@@ -1339,8 +1343,9 @@ def _statistics_stage(config, plan, state, params, key):
       plan.statistics_batch, key, config.statistics, config.num_samples,
       config.targets_fn, config.axis_name)
   paths = leaf_paths(params)
-  evidence = {paths[layer.kernel]: e
-              for layer, e in zip(plan.layers, layer_evidence)}
+  # Each block's evidence: LayerEvidence, or the diagonal block's estimates.
+  evidence: dict[str, Any] = {
+      paths[layer.kernel]: e for layer, e in zip(plan.layers, layer_evidence)}
   evidence["diagonal"] = diagonal
   states = dict(state.blocks, diagonal=state.diagonal)
   states, count, finite = _blocks.accumulate(
@@ -1463,7 +1468,7 @@ def _guard_stage(config, state, params, grad, step, states, key,
   dtype = state.learning_rate.dtype
   diagonal = states.pop("diagonal")
   return output, ScaleByKfacState(
-      count=optax.safe_increment(state.count),
+      count=_optax_typed.safe_increment(state.count),
       statistics_count=statistics_count, key=key,
       blocks={**state.blocks, **states}, diagonal=diagonal,
       damping=damping.astype(state.damping.dtype),
@@ -1611,7 +1616,7 @@ def kfac(
   _validation.check_learning_rate(learning_rate)
   if initial_damping is None:
     initial_damping = 150.0 if adaptive else 1e-3
-  parts = [scale_by_kfac(
+  parts: list[optax.GradientTransformation] = [scale_by_kfac(
       predict_fn, loss, statistics=statistics, structure=structure,
       num_samples=num_samples, statistics_batch_size=statistics_batch_size,
       decay=decay, averaging=averaging, initial_damping=initial_damping,
@@ -1645,7 +1650,7 @@ class KfacPreconditioner(NamedTuple):
       ``(F̂ + (λ + η) I)⁻¹`` at ``γ = √(damping + η)``.
   """
 
-  init: Callable[[Params], ScaleByKfacState]
+  init: optax.TransformInitFn  # Returns a ScaleByKfacState.
   update: Callable[..., Any]
 
 
@@ -1699,7 +1704,7 @@ def kfac_preconditioner(
     gamma = jnp.sqrt(state.damping + l2_reg)
     diagonal = states.pop("diagonal")
     state = state._replace(
-        count=optax.safe_increment(state.count), statistics_count=count,
+        count=_optax_typed.safe_increment(state.count), statistics_count=count,
         key=key, blocks={**state.blocks, **states}, diagonal=diagonal,
         gamma=gamma.astype(state.gamma.dtype),
         rejected_statistics=state.rejected_statistics

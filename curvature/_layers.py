@@ -936,14 +936,14 @@ _USE_PRIMITIVES = {"dense": "dot_general", "conv": "conv_general_dilated",
                    "lookup": "gather"}
 
 
-def _raw_output_shapes(jaxpr, taps):
+def _raw_output_shapes(jaxpr, taps) -> list[tuple[tuple, Any]]:
   """``(shape, dtype)`` of each tap's raw output (stacked in a ``scan``).
 
   Raises:
     ValueError: a tap is not at an equation of its kind: ``predict_fn``
       traced to another program than at discovery.
   """
-  shapes = [None] * len(taps)
+  shapes: list[Optional[tuple[tuple, Any]]] = [None] * len(taps)
 
   def visit(jaxpr, path, lead):
     for i, eqn in enumerate(jaxpr.eqns):
@@ -959,9 +959,10 @@ def _raw_output_shapes(jaxpr, taps):
         visit(_scan_parts(eqn)[0], here, lead + (eqn.params["length"],))
 
   visit(jaxpr, (), ())
-  if any(shape is None for shape in shapes):
-    _check_tap(None, None)
-  return shapes
+  found = [shape for shape in shapes if shape is not None]
+  if len(found) < len(shapes):
+    _check_tap(None, None)  # Raises.
+  return found
 
 
 def _check_tap(eqn, use):

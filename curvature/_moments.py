@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvature import _optax_typed
 from curvature import _validation
 
 Statistic = Optional[Union[str, Callable[[jax.Array], jax.Array]]]
@@ -187,7 +188,7 @@ def scale_by_ema(
   def update_fn(updates, state, params=None):
     del params
     new_ema = ema_update(state.ema, _apply_statistic(statistic, updates), decay)
-    count = optax.safe_increment(state.count)
+    count = _optax_typed.safe_increment(state.count)
     out = debias(new_ema, decay, count) if bias_correction else new_ema
     if accumulator_dtype is not None:
       new_ema = optax.tree.cast(new_ema, accumulator_dtype)

@@ -18,6 +18,7 @@ import optax
 
 from curvature import _lanczos
 from curvature import _losses
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _quasi_newton
 from curvature import _validation
@@ -64,14 +65,14 @@ def conjugacy_coefficient(beta: str, grad, previous_grad, previous_direction):
   A zero denominator gives ``β = 0`` (a restart).
   """
   y = optax.tree.sub(grad, previous_grad)
-  previous_norm = optax.tree.vdot(previous_grad, previous_grad)
+  previous_norm = _optax_typed.vdot(previous_grad, previous_grad)
   if beta == "fletcher_reeves":
-    return _safe_divide(optax.tree.vdot(grad, grad), previous_norm)
+    return _safe_divide(_optax_typed.vdot(grad, grad), previous_norm)
   if beta == "polak_ribiere":
     return jnp.maximum(
-        0.0, _safe_divide(optax.tree.vdot(grad, y), previous_norm))
-  return _safe_divide(optax.tree.vdot(grad, y),
-                      -optax.tree.vdot(previous_direction, y))
+        0.0, _safe_divide(_optax_typed.vdot(grad, y), previous_norm))
+  return _safe_divide(_optax_typed.vdot(grad, y),
+                      -_optax_typed.vdot(previous_direction, y))
 
 
 def scale_by_nonlinear_cg(
@@ -153,11 +154,11 @@ def scale_by_nonlinear_cg(
         beta, updates, state.previous_grad, state.previous_direction)
     direction = optax.tree.add_scale(
         updates, coefficient, state.previous_direction)
-    descent = optax.tree.vdot(updates, direction) > 0
+    descent = _optax_typed.vdot(updates, direction) > 0
     restart = (state.count % period == 0) | ~descent
     direction = optax.tree.where(restart, updates, direction)
     return direction, ScaleByNonlinearCGState(
-        count=optax.safe_increment(state.count),
+        count=_optax_typed.safe_increment(state.count),
         previous_grad=updates,
         previous_direction=direction,
         restarts=state.restarts + restart.astype(jnp.int32))

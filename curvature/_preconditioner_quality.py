@@ -29,6 +29,7 @@ from curvature import _diagnostics
 from curvature import _kfac
 from curvature import _kronecker_family
 from curvature import _lanczos
+from curvature import _optax_typed
 from curvature import _validation
 
 Array = jax.Array
@@ -196,7 +197,7 @@ def _cosine(matvec, precondition, grad, damping, max_iterations, tol):
                                   tol=tol, progress_tol=None)
   step = precondition(grad)
   norms = optax.tree.norm(step) * optax.tree.norm(solved.x)
-  cosine = optax.tree.vdot(step, solved.x) / jnp.where(norms > 0, norms, 1.0)
+  cosine = _optax_typed.vdot(step, solved.x) / jnp.where(norms > 0, norms, 1.0)
   gnorm = optax.tree.norm(grad)
   residual = optax.tree.norm(optax.tree.sub(grad, damped(solved.x))) / (
       jnp.where(gnorm > 0, gnorm, 1.0))

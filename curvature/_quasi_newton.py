@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from curvature import _losses
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _validation
 
@@ -80,7 +81,7 @@ def _line_search_finite(inner_state) -> Array:
 
 
 def with_objective(
-    inner: optax.GradientTransformation,
+    inner: optax.GradientTransformationExtraArgs,
     predict_fn: _products.PredictFn,
     loss: _losses.Loss,
     *,
@@ -168,6 +169,7 @@ def with_objective(
     del extra_args  # value_fn and the rest: the objective is built here.
     _validation.check_update_args("with_objective", updates, params, batch,
                                   data_for="to evaluate the objective")
+    assert params is not None  # check_update_args raised otherwise.
     _products.batch_size(batch, targets_fn)  # A clear error for bad batches.
     original_params = params
     compute_dtype = state.objective_value.dtype  # At least float32.
@@ -467,7 +469,7 @@ def scale_by_bfgs(
     first = grad * jnp.minimum(1.0, 1.0 / jnp.linalg.norm(grad))
     direction = jnp.where(state.count == 0, first, inverse_hessian @ grad)
     new_state = ScaleByBfgsState(
-        count=optax.safe_increment(state.count),
+        count=_optax_typed.safe_increment(state.count),
         params=flat_params,
         updates=grad,
         inverse_hessian=inverse_hessian,

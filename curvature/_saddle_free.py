@@ -18,6 +18,7 @@ import optax
 
 from curvature import _lanczos
 from curvature import _losses
+from curvature import _optax_typed
 from curvature import _products
 from curvature import _validation
 
@@ -222,6 +223,7 @@ def scale_by_saddle_free_newton(
         lin.matvec, start, _num_iterations(num_iterations, params),
         reorthogonalize="full", key=restart_key)
     ritz_values, ritz_vectors = _lanczos.eigh_tridiagonal(result)
+    assert result.basis is not None  # "full" reorthogonalization keeps it.
     flat_grad, unravel = ravel_pytree(grad)
     dtype = ritz_values.dtype
     direction = saddle_free_direction(
@@ -231,7 +233,7 @@ def scale_by_saddle_free_newton(
               & result.finite & jnp.all(jnp.isfinite(direction)))
     direction = jnp.where(finite, direction, 0.0)
     new_state = ScaleBySaddleFreeNewtonState(
-        count=optax.safe_increment(state.count),
+        count=_optax_typed.safe_increment(state.count),
         key=key,
         rejected_steps=state.rejected_steps + (~finite).astype(jnp.int32),
         objective_value=lin.value.astype(state.objective_value.dtype),

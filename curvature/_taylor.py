@@ -8,8 +8,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from curvature import _optax_typed
 from curvature import _validation
 
 Array = jax.Array
@@ -34,7 +34,7 @@ def first_order_change(grad: Params, step: Params) -> Array:
     >>> print(round(float(change), 4))
     -2.0
   """
-  return optax.tree.vdot(grad, step)
+  return _optax_typed.vdot(grad, step)
 
 
 def second_order_change(
@@ -179,6 +179,6 @@ def taylor_models(
   product = matvec(step)
   _validation.check_same_tree(grad, product, "matvec(step)", fix)
   first = first_order_change(grad, step)
-  along = optax.tree.vdot(step, product)
+  along = _optax_typed.vdot(step, product)
   return TaylorModels(first, first + 0.5 * along, along,
                       jnp.isfinite(first) & jnp.isfinite(along))
