@@ -7,6 +7,7 @@ and empirical Fisher), a conjugate-gradient solver that runs inside
 """
 
 from curvature import datasets
+from curvature import diagnostics
 from curvature import losses
 from curvature._adadelta import ScaleByAdaDeltaState
 from curvature._adadelta import ScaleByDeltaBarDeltaState
@@ -179,6 +180,7 @@ __all__ = (
     "density_on_grid",
     "DensityOnGrid",
     "diagnostic_blocks",
+    "diagnostics",
     "diagonal_preconditioner",
     "discover_layers",
     "Eigenpairs",

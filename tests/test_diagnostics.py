@@ -69,6 +69,21 @@ def _nan_matvec(v):
 # Lanczos and Ritz pairs ------------------------------------------------------
 
 
+def test_diagnostics_namespace_holds_the_top_level_objects():
+  """``curvature.diagnostics.X`` is ``curvature.X`` for every diagnostic,
+  and the namespace lists exactly what it defines."""
+  from curvature import diagnostics  # pylint: disable=import-outside-toplevel
+  assert curvature.diagnostics is diagnostics
+  assert "diagnostics" in curvature.__all__
+  public = {n for n in vars(diagnostics) if not n.startswith("_")}
+  assert public == set(diagnostics.__all__)
+  assert len(diagnostics.__all__) == len(set(diagnostics.__all__))
+  for name in diagnostics.__all__:
+    assert name in curvature.__all__, name
+    assert getattr(diagnostics, name) is getattr(curvature, name), name
+  assert not {"adam", "kfac", "hessian_free", "losses"} & public
+
+
 def test_lanczos_matches_the_dense_hessian_built_by_jax_hessian():
   params, batch, lin = _linearization("hessian")
   hessian = _dense_hessian()
