@@ -292,8 +292,12 @@ def row(name, config, tokens):
 
   step = jax.jit(step)
   params = init_params(config)
-  args = (params, opt.init(params), tokens, jax.random.key(0), 1.0)
-  compiled = step.lower(*args).compile()  # jit's cache keeps it.
+  # The arguments' types exactly as the callers pass them (a float32 array
+  # learning rate, not a weakly typed Python float), so that jit's cache
+  # serves their calls with this compilation instead of compiling again.
+  args = (params, opt.init(params), tokens, jax.random.key(0),
+          jnp.float32(1.0))
+  compiled = step.lower(*args).compile()
   _ROWS[name, config] = Row(opt, step, compiled.memory_analysis())
   return _ROWS[name, config]
 

@@ -244,8 +244,8 @@ FIRST_ORDER = {
     "SGD + momentum": lambda lr: optax.sgd(lr, momentum=0.9),
     "Adam": optax.adam,
 }
-LR_GRID = {"SGD + momentum": (0.03, 0.1, 0.3, 1.0),
-           "Adam": (1e-3, 3e-3, 1e-2, 3e-2)}
+LR_GRID = {"SGD + momentum": (0.1, 0.3) if FAST else (0.03, 0.1, 0.3, 1.0),
+           "Adam": (3e-3, 1e-2) if FAST else (1e-3, 3e-3, 1e-2, 3e-2)}
 EPOCHS = {32: 2 if FAST else 8, NUM_EXAMPLES: 15 if FAST else 100}
 
 

@@ -67,10 +67,19 @@ def test_kfac_row_decreases(bench, setup, capsys):
   data, evaluate = setup
   _check(bench.train_kfac(data, 10, batch_size=100, eval_every=5,
                           evaluate=evaluate))
-  # Warmed up past the first inverse (every 20) and damping (every 5) updates.
+  # Warmed up on as many throwaway calls as the run times (fewer than
+  # 2 * 20 + 1, past the first of every periodic update), and past the
+  # first damping update (every 5) and refreshes (steps 0, 1, 2, 4, 8).
   out = capsys.readouterr().out
-  assert "kfac: warm-up of 41 calls" in out, out
+  assert "kfac: warm-up of 10 calls" in out, out
   assert "no compilation in 10 timed calls" in out, out
+
+
+def test_kfac_warm_up_covers_every_period_or_the_whole_run(bench):
+  assert bench._kfac_warm_up_steps({}, 2000) == 41  # inverse_every=20
+  assert bench._kfac_warm_up_steps({"inverse_every": 50}, 2000) == 101
+  assert bench._kfac_warm_up_steps({}, 10) == 10
+  assert bench._kfac_warm_up_steps({}, 1) == 2
 
 
 def test_ekfac_row_decreases(bench, setup):
