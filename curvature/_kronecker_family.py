@@ -379,7 +379,7 @@ def shampoo(
     learning_rate: a scalar or schedule.
     b1: heavy-ball momentum on the grafted direction (0 disables it).
     b2: the Adam graft's second-moment decay.
-    eps: the Adam graft's epsilon.
+    eps: the Adam graft's epsilon, > 0.
     power: exponent of each factor.
     damping: ``ε`` of the factors.
     statistics_decay: EMA decay of the statistics (``None``: running sums).
@@ -403,7 +403,10 @@ def shampoo(
   _validation.check_learning_rate(learning_rate)
   if graft is None:
     _validation.check_in_interval("b2", b2, 0.0, 1.0)
-    _validation.check_nonnegative("eps", eps)
+    # Adam's update m / (√v + ε) is 0/0 where a gradient is exactly zero.
+    _validation.check_positive(
+        "eps", eps, "The Adam graft divides by √v + eps, 0/0 at a zero "
+        "gradient: pass eps > 0 (default 1e-8), or a `graft=` of your own.")
     graft = optax.scale_by_adam(b1=0.0, b2=b2, eps=eps)
   parts = [scale_by_shampoo(
       power=power, damping=damping, statistics_decay=statistics_decay,

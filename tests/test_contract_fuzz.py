@@ -293,11 +293,7 @@ def hyperparameters(draw, name: str) -> Draw:
 # (transform, predicate(model description, overrides)) -> reason: defects in
 # the library still to be fixed. Only examples the predicate matches may fail
 # (they xfail); every other example of the transform must pass.
-KNOWN_DEFECTS = {
-    ("shampoo", lambda d, o: o.get("eps") == 0): (
-        "_kronecker_family.py: shampoo(eps=0) divides 0/0 in the grafted "
-        "Adam at a zero-gradient coordinate"),
-}
+KNOWN_DEFECTS = {}
 
 
 def _build(name: str, model: Model, overrides: dict):

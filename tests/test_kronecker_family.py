@@ -796,6 +796,22 @@ def test_soap_bad_input(kwargs, match):
     curvature.scale_by_soap(**kwargs)
 
 
+def test_shampoo_alias_rejects_eps_zero_for_its_adam_graft():
+  """eps=0 made the default Adam graft 0/0 at a zero gradient (NaN
+  parameters, found by the fuzz suite): refused, and the message names the
+  fix. With a graft of one's own, eps is not used and not checked."""
+  for eps in (0.0, -1e-8):
+    with pytest.raises(ValueError, match=r"eps > 0 .*graft="):
+      curvature.shampoo(1e-2, eps=eps)
+  curvature.shampoo(1e-2, eps=0.0, graft=optax.scale_by_rss())
+  params = {"w": jnp.ones((3, 2), jnp.float64)}
+  grads = {"w": jnp.zeros((3, 2), jnp.float64).at[0, 0].set(1.0)}
+  opt = curvature.shampoo(1e-2)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  assert np.all(np.isfinite(updates["w"]))
+  assert np.all(updates["w"][1:] == 0)
+
+
 def test_bad_graft_and_aliases():
   with pytest.raises(TypeError, match="graft"):
     curvature.scale_by_shampoo(graft="adam")
