@@ -246,23 +246,11 @@ def _dense_block(matvec, leaves, treedef, group, chunk_size):
   return 0.5 * (columns + columns.T)
 
 
-def _restrict(predict_fn, params, indices):
-  """``predict_fn`` as a function of the leaves ``indices`` only."""
-  leaves, treedef = jax.tree.flatten(params)
-
-  def sub_predict(sub, batch):
-    full = list(leaves)
-    for i, x in zip(indices, sub):
-      full[i] = x
-    return predict_fn(treedef.unflatten(full), batch)
-
-  return sub_predict, [leaves[i] for i in indices]
-
-
 def _fallback_diagonal(curvature, predict_fn, loss, params, batch, indices,
                        key, num_samples, targets_fn, axis_name):
   """The curvature diagonal of the leaves ``indices`` (shared estimators)."""
-  sub_predict, sub = _restrict(predict_fn, params, indices)
+  sub_predict, sub = _products.restrict_to_leaves(predict_fn, params,
+                                                   indices)
   if curvature == "empirical_fisher":
     return _products.empirical_fisher_diagonal(
         sub_predict, loss, sub, batch, targets_fn=targets_fn,

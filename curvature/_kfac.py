@@ -701,15 +701,8 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   evidence = _layer_evidence(layers, inputs, output_grads, num_examples)
   diagonal = ()
   if diag_leaves:
-    leaves, treedef = jax.tree.flatten(params)
-
-    def sub_predict(sub, b):
-      full = list(leaves)
-      for i, x in zip(diag_leaves, sub):
-        full[i] = x
-      return predict_fn(treedef.unflatten(full), b)
-
-    sub = [leaves[i] for i in diag_leaves]
+    sub_predict, sub = _products.restrict_to_leaves(predict_fn, params,
+                                                    diag_leaves)
     per_sample = jax.lax.map(
         lambda c: _curvature_diagonals.squared_vjp_mean(
             sub_predict, sub, batch, c), cots)

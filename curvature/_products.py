@@ -184,6 +184,27 @@ def batch_size(
   return num_examples
 
 
+def restrict_to_leaves(predict_fn: PredictFn, params: Params,
+                       indices) -> tuple[PredictFn, list]:
+  """``predict_fn`` as a function of the leaves ``indices`` of ``params``.
+
+  Returns ``(sub_predict, sub_leaves)``: ``sub_predict(sub, batch)`` is
+  ``predict_fn`` with those leaves (in ``jax.tree.leaves`` order) replaced
+  by ``sub`` and every other leaf held at its value in ``params``; a
+  curvature of ``sub_predict`` at ``sub_leaves`` is the diagonal block of
+  those leaves.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+
+  def sub_predict(sub, batch):
+    full = list(leaves)
+    for i, x in zip(indices, sub):
+      full[i] = x
+    return predict_fn(treedef.unflatten(full), batch)
+
+  return sub_predict, [leaves[i] for i in indices]
+
+
 def take_examples(batch: Batch, num_examples: int) -> Batch:
   """The first ``num_examples`` examples of ``batch``.
 

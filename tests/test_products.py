@@ -212,6 +212,27 @@ def test_bad_curvature_arguments_raise():
                         num_samples=0)
 
 
+def test_restrict_to_leaves_gives_the_diagonal_block():
+  """The GGN of the restricted model at its leaves is the dense GGN's
+  diagonal block of those leaves (float64, ``jax.jacfwd`` oracle)."""
+  from curvature import _products  # pylint: disable=import-outside-toplevel
+  loss, make = PROBLEMS[sorted(PROBLEMS)[0]]
+  params, batch = make()
+  leaves = jax.tree.leaves(params)
+  indices = (0, len(leaves) - 1)
+  sub_predict, sub = _products.restrict_to_leaves(mlp_predict, params, indices)
+  assert all(a is leaves[i] for a, i in zip(sub, indices))
+  np.testing.assert_array_equal(sub_predict(sub, batch),
+                                mlp_predict(params, batch))
+  sizes = [x.size for x in leaves]
+  starts = np.cumsum([0] + sizes)
+  rows = np.concatenate([np.arange(starts[i], starts[i] + sizes[i])
+                         for i in indices])
+  full = dense_ggn(mlp_predict, loss, params, batch)
+  np.testing.assert_allclose(dense_ggn(sub_predict, loss, sub, batch),
+                             full[np.ix_(rows, rows)], rtol=1e-12, atol=1e-14)
+
+
 def test_take_examples():
   batch = {"inputs": jnp.arange(10).reshape(5, 2), "targets": jnp.arange(5)}
   head = curvature.take_examples(batch, 2)
