@@ -16,7 +16,6 @@ Lanczos and power-iteration primitives live in :mod:`curvature._lanczos`.
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
 
@@ -24,6 +23,7 @@ from curvature import _lanczos
 from curvature import _losses
 from curvature import _optax_typed
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -69,7 +69,7 @@ def _trace_estimate(samples: Array, num_samples: int) -> TraceEstimate:
 
 def _trace_samples(matvec, params, key, num_samples) -> Array:
   """``zᵀAz`` for ``num_samples`` Rademacher probes, in ``lax.scan``."""
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   matvec = _lanczos.checked_matvec(matvec, params)
 
   def quadratic_form(carry, probe_key):
@@ -223,7 +223,7 @@ def _density(matvec, params, key, *, num_iterations, num_probes,
   (:func:`curvature._lanczos.lanczos_probes`); the groups, and the probes of
   ``"partial"`` reorthogonalization, run one after another in ``lax.map``.
   """
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   mode = _lanczos.reorthogonalization_mode(reorthogonalize)
   dtype = _lanczos.compute_dtype(flat.dtype)
   batch_size = 1 if mode == "partial" else _probe_batch_size(

@@ -55,6 +55,7 @@ from curvature import _losses
 from curvature import _momentum
 from curvature import _optax_typed
 from curvature import _products
+from curvature import _sharding
 from curvature import _taylor
 from curvature import _validation
 
@@ -508,24 +509,9 @@ def _moments(activations, grads, num_examples, mode, diagonal=(False, False)):
   rows = activations.reshape(-1, activations.shape[-1])
   grads = grads.reshape(-1, grads.shape[-1])
   # A side kept diagonal (``diagonal``) is never formed as a matrix.
-  a = jnp.sum(rows ** 2, axis=0) if diagonal[0] else _batch_gram(rows)
-  g = jnp.sum(grads ** 2, axis=0) if diagonal[1] else _batch_gram(grads)
+  a = jnp.sum(rows ** 2, axis=0) if diagonal[0] else _sharding.gram(rows)
+  g = jnp.sum(grads ** 2, axis=0) if diagonal[1] else _sharding.gram(grads)
   return a / num_examples, g / grads.shape[0]
-
-
-def _batch_gram(rows: Array) -> Array:
-  """``rowsᵀ rows``, replicated when ``rows`` is sharded over a mesh.
-
-  On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) a product
-  that contracts the sharded batch axis must name its output sharding:
-  the factor is a sum over the whole batch, the same on every device.
-  """
-  mesh = getattr(jax.typeof(rows).sharding, "mesh", None)
-  explicit = mesh is not None and any(
-      kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types)
-  out_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                  if mesh is not None and explicit else None)
-  return jnp.einsum("bi,bj->ij", rows, rows, out_sharding=out_sharding)
 
 
 def _balanced_sum(pairs: list[tuple[Array, Array]]) -> tuple[Array, Array]:

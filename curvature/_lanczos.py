@@ -4,7 +4,9 @@ Every routine takes a symmetric linear operator as a ``matvec`` closure on
 parameter pytrees, e.g. ``curvature.linearize(...).matvec`` for the Hessian,
 the GGN or a Fisher, and runs in a ``lax.scan`` / ``lax.while_loop``: it jits,
 and the operator is applied exactly once per iteration. Vectors are raveled
-with ``jax.flatten_util.ravel_pytree`` inside; results come back as pytrees.
+with ``jax.flatten_util.ravel_pytree`` inside (``_sharding.ravel``, which
+also takes leaves sharded over Explicit mesh axes); results come back as
+pytrees.
 """
 
 import collections
@@ -14,12 +16,12 @@ from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union
 import warnings
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
 from curvature import _blocks
 from curvature import _layers
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -179,7 +181,7 @@ def _flat_operator(matvec: Matvec, params: Params):
     function (which casts back to the parameters' dtype) and the operator on
     raveled vectors.
   """
-  flat, unravel_params = ravel_pytree(params)
+  flat, unravel_params = _sharding.ravel(params)
   dtype = compute_dtype(flat.dtype)
   matvec = checked_matvec(matvec, params)
 
@@ -187,7 +189,7 @@ def _flat_operator(matvec: Matvec, params: Params):
     return unravel_params(vector.astype(flat.dtype))
 
   def apply(vector):
-    product, _ = ravel_pytree(matvec(unravel(vector)))
+    product, _ = _sharding.ravel(matvec(unravel(vector)))
     return product.astype(dtype)
 
   return flat.astype(dtype), unravel, apply
@@ -687,7 +689,7 @@ def eigh_tridiagonal(result: LanczosResult) -> tuple[Array, Array]:
 
 
 def _random_start(params: Params, key: Array) -> Params:
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
@@ -727,7 +729,7 @@ def select_pairs(
 ) -> Eigenpairs:
   """The Ritz pairs at positions ``order`` of the ascending Ritz values."""
   chosen = ritz.vectors[:, order]  # [m, k]
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   basis = ritz.lanczos.basis
   assert basis is not None  # ritz_decomposition always keeps it.
   vectors = (chosen.T @ basis).astype(flat.dtype)
@@ -899,13 +901,13 @@ def block_operator(matvec: Matvec, params: Params, indices: Array) -> Matvec:
   The tangent is ``v_b`` at ``indices`` and zero elsewhere; the cotangent
   keeps the same positions of the product. The model is not rebuilt.
   """
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   matvec = checked_matvec(matvec, params)
 
   def apply(vector):
     full = jnp.zeros(flat.shape, flat.dtype).at[indices].set(
         vector.astype(flat.dtype))
-    product, _ = ravel_pytree(matvec(unravel(full)))
+    product, _ = _sharding.ravel(matvec(unravel(full)))
     return product[indices].astype(vector.dtype)
 
   return apply
@@ -922,7 +924,7 @@ def map_blocks(core: Callable, matvec: Matvec, params: Params,
   Returns:
     ``[(flat indices, core's output), ...]`` in block order.
   """
-  flat, _ = ravel_pytree(params)
+  flat, _ = _sharding.ravel(params)
   indices = _flat_indices(named, params)
   keys = jax.random.split(key, len(named))
   groups = collections.defaultdict(list)
@@ -972,7 +974,7 @@ def on_blocks(core: Callable, matvec: Matvec, params: Params, key: Array,
 
 def embed_vectors(vectors: Array, indices: np.ndarray, params: Params):
   """Block coordinates ``[k, n_b]`` as ``k`` parameter pytrees (0 elsewhere)."""
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   full = jnp.zeros((vectors.shape[0], flat.size), flat.dtype).at[
       :, indices].set(vectors.astype(flat.dtype))
   return jax.vmap(unravel)(full)

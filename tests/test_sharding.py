@@ -335,20 +335,83 @@ print("RESULT " + json.dumps({"equal": by_hand == auto,
 # pinned as strict expectations (the test fails once they are fixed: drop
 # the row). "jit" is SCRIPT, "shard_map" SHARD_MAP_SCRIPT.
 KNOWN_DEFECTS = {
-    # FSDP-style parameters on a mesh with Explicit axes: the library's
-    # pytree inner products and factor statistics contract sharded axes
-    # without an `out_sharding`, which Explicit mode rejects.
-    ("fsdp", "Explicit", "hessian_free"):
-        "ShardingTypeError: contracting dimensions sharded over 'model'",
+    # FSDP-style parameters on a mesh with Explicit axes: K-FAC's layer
+    # evidence slices the bias column out of a 'model'-sharded output
+    # gradient, and block-diagonal adds a block to its transpose, both of
+    # which Explicit mode rejects.
     ("fsdp", "Explicit", "kfac"):
-        "ShardingTypeError: contracting dimensions sharded over 'data'",
+        "ShardingTypeError: slicing a 'model'-sharded axis to width 1",
     ("fsdp", "Explicit", "block_diagonal"):
         "ShardingTypeError: illegally sharded add in the block statistics",
-    ("fsdp", "Explicit", "hutchinson_trace"):
-        "ShardingTypeError: ravel of a 'model'-sharded kernel",
-    ("fsdp", "Explicit", "top_eigenpairs"):
-        "ShardingTypeError: ravel of a 'model'-sharded kernel",
 }
+
+
+# The helpers of ``curvature._sharding`` on a 2 x 2 mesh with Explicit axes,
+# against the same arrays on one device.
+HELPERS_SCRIPT = r'''
+import json
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec as P
+from curvature import _optax_typed, _sharding
+
+mesh = jax.make_mesh((2, 2), ("data", "model"))
+tree = {"w": jnp.arange(24.0).reshape(4, 6) / 7, "b": jnp.linspace(-1, 1, 6)}
+other = jax.tree.map(lambda x: jnp.cos(x), tree)
+put = lambda t: jax.tree.map(lambda x: jax.device_put(
+    x, NamedSharding(mesh, P(*([None] * (x.ndim - 1)), "model"))), t)
+rows = jax.device_put(jnp.arange(32.0).reshape(8, 4) / 5,
+                      NamedSharding(mesh, P("data")))
+out = {}
+flat = jax.jit(lambda t: _sharding.ravel(t)[0])(put(tree))
+out["ravel"] = bool(np.array_equal(flat, ravel_pytree(tree)[0]))
+back = jax.jit(lambda t: _sharding.ravel(t)[1](_sharding.ravel(t)[0]))(put(tree))
+spec = lambda x: str(jax.typeof(x).sharding.spec)
+out["unravel_keeps_sharding"] = all(spec(back[k]) == spec(put(tree)[k])
+                                    for k in tree)
+out["unravel"] = all(bool(np.array_equal(back[k], tree[k])) for k in tree)
+out["vdot"] = float(abs(jax.jit(_optax_typed.vdot)(put(tree), put(other))
+                        - optax.tree.vdot(tree, other)))
+out["gram"] = float(np.max(np.abs(jax.jit(_sharding.gram)(rows)
+                                  - np.asarray(rows).T @ np.asarray(rows))))
+out["explicit_mesh"] = [_sharding.explicit_mesh(rows) is not None,
+                        _sharding.explicit_mesh(jnp.ones(3)) is None]
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_sharding_helpers_on_an_explicit_mesh():
+  """``_sharding.ravel``, ``gram`` and the typed ``vdot`` on Explicit-sharded
+  arrays equal ``ravel_pytree``, ``rowsᵀ rows`` and ``optax.tree.vdot`` on
+  one device, and ``unravel`` gives each leaf its sharding back."""
+  out = _results(HELPERS_SCRIPT, "")
+  assert out["ravel"] and out["unravel"] and out["unravel_keeps_sharding"]
+  assert out["vdot"] < 1e-12 and out["gram"] < 1e-12
+  assert out["explicit_mesh"] == [True, True]
+
+
+def test_sharding_helpers_are_the_plain_operations_on_one_device():
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.flatten_util import ravel_pytree  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from curvature import _optax_typed  # pylint: disable=import-outside-toplevel
+  from curvature import _sharding  # pylint: disable=import-outside-toplevel
+  tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  flat, unravel = _sharding.ravel(tree)
+  np.testing.assert_array_equal(flat, ravel_pytree(tree)[0])
+  jax.tree.map(np.testing.assert_array_equal, unravel(flat), tree)
+  assert _sharding.explicit_mesh(flat) is None
+  assert _sharding.replicated_like(flat) is None
+  np.testing.assert_allclose(_optax_typed.vdot(tree, tree),
+                             optax.tree.vdot(tree, tree))
+  rows = jnp.arange(12.0).reshape(4, 3)
+  np.testing.assert_allclose(_sharding.gram(rows), rows.T @ rows)
 
 
 def _results(script, mesh_kind):
