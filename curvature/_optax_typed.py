@@ -37,5 +37,6 @@ def vdot(tree_x: Any, tree_y: Any) -> Array:
   if not any(_sharding.explicit_mesh(x) is not None
              for x in leaves_x + leaves_y):
     return cast(Array, optax.tree.vdot(tree_x, tree_y))
-  products = [jnp.sum(jnp.conj(x) * y) for x, y in zip(leaves_x, leaves_y)]
+  products = [jnp.sum(jnp.conj(x) * y)
+              for x, y in zip(leaves_x, leaves_y, strict=True)]
   return functools.reduce(jnp.add, products)
