@@ -109,8 +109,8 @@ STEPS = 1_500 if FAST else 6_000
 BATCH = 16
 ETA = 1.0
 BURN_IN = STEPS // 3
-GROW_EVERY = STEPS // 8
 RECORD_EVERY = 10
+GROW_EVERY = STEPS // 8 // RECORD_EVERY * RECORD_EVERY
 
 
 def sample(key, batch_size):
@@ -118,11 +118,16 @@ def sample(key, batch_size):
   return jax.tree.map(lambda x: x[index], data)
 
 
+full_objective = jax.jit(objective)
+
+
 def sgd_run(learning_rate, *, average=None, grow=False, seed=0):
   """SGD on the linear model; suboptimality every RECORD_EVERY steps.
 
   ``average``: None, ``"tail"`` (uniform mean of the iterates after
   BURN_IN) or an EMA decay; ``grow``: double the batch every GROW_EVERY.
+  The RECORD_EVERY steps between two records run in one jitted
+  ``lax.scan`` (one program per batch size).
   """
   decay = None if average in (None, "tail") else average
   tx = optax.chain(optax.sgd(learning_rate), curvature.polyak_averaging(decay))
@@ -130,27 +135,31 @@ def sgd_run(learning_rate, *, average=None, grow=False, seed=0):
   state = tx.init(params)
   compiled = {}
   gaps = []
-  for t in tqdm(range(STEPS), leave=False):
-    batch_size = (min(BATCH * 2 ** (t // GROW_EVERY), NUM_EXAMPLES) if grow
-                  else BATCH)
+  for start in tqdm(range(0, STEPS, RECORD_EVERY), leave=False):
+    batch_size = (min(BATCH * 2 ** (start // GROW_EVERY), NUM_EXAMPLES)
+                  if grow else BATCH)
     if batch_size not in compiled:
-      compiled[batch_size] = jax.jit(functools.partial(_step, tx, batch_size))
+      compiled[batch_size] = jax.jit(functools.partial(_steps, tx, batch_size))
     params, state, key = compiled[batch_size](params, state, key)
-    if average == "tail" and t + 1 == BURN_IN:
+    t = start + RECORD_EVERY  # steps taken so far
+    if average == "tail" and t == BURN_IN:
       state = tx.init(params)  # The uniform mean starts after the burn-in.
-    if (t + 1) % RECORD_EVERY == 0:
-      averaged = average is not None and (average != "tail" or t >= BURN_IN)
-      at = curvature.averaged_params(state[1], decay) if averaged else params
-      gaps.append(float(objective(at)) - f_star)
+    averaged = average is not None and (average != "tail" or t > BURN_IN)
+    at = curvature.averaged_params(state[1], decay) if averaged else params
+    gaps.append(float(full_objective(at)) - f_star)
   return np.asarray(gaps)
 
 
-def _step(tx, batch_size, params, state, key):
-  key, sub = jax.random.split(key)
-  batch = sample(sub, batch_size)
-  grads = jax.grad(objective)(params, batch)
-  updates, state = tx.update(grads, state, params)
-  return optax.apply_updates(params, updates), state, key
+def _steps(tx, batch_size, params, state, key):
+  """RECORD_EVERY SGD steps on fresh batches of ``batch_size``."""
+  def step(carry, _):
+    params, state, key = carry
+    key, sub = jax.random.split(key)
+    grads = jax.grad(objective)(params, sample(sub, batch_size))
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state, key), None
+  carry, _ = jax.lax.scan(step, (params, state, key), length=RECORD_EVERY)
+  return carry
 
 
 runs = {
