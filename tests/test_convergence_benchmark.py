@@ -196,3 +196,57 @@ def test_main_job_rejects_unknown_optimizers():
   example = _load("examples/curves_autoencoder.py", "curves_autoencoder")
   with pytest.raises(SystemExit):
     example.parse_args(["--optimizers", "adam,lbfgs"])
+
+
+
+def test_batch_growth_doubles_the_gradient_batch_up_to_its_cap(bench, setup):
+  # An "optimizer" whose state is the size of the batch it was given: the
+  # tally sums the sizes of the timed steps (×2 every step, capped at 300).
+  def init(params):
+    return jnp.zeros((), jnp.int32)
+
+  def update(updates, state, params=None, *, batch):
+    del state, params
+    return (optax.tree.scale(-1e-3, updates),
+            jnp.asarray(batch["inputs"].shape[0], jnp.int32))
+
+  opt = optax.GradientTransformationExtraArgs(init, update)
+  trace = bench._train_curvature(
+      opt, setup[0], 4, desc="sizes", batch_size=100, eval_every=1, seed=0,
+      target=None, evaluate=lambda params: 1.0, tally=lambda state: state,
+      batch_growth=(2, 1, 300))
+  assert trace.cg.tolist() == [0, 100, 300, 600, 900]
+
+
+def test_hessian_free_lever_table(monkeypatch, capsys):
+  levers = _load("benchmarks/hf_levers.py", "hf_levers")
+  bench = levers.convergence
+  calls = []
+
+  def fake_hessian_free(data, steps, **kwargs):
+    calls.append(kwargs)
+    return bench.Trace(np.array([0, 1, 2]), np.array([0.0, 1.0, 2.0]),
+                       np.array([9.0, 5.0, 4.0]), np.array([0, 25, 50]))
+
+  def fake_adam(opt, data, steps, **kwargs):
+    return bench.Trace(np.array([0, 10]), np.array([0.0, 4.0]),
+                       np.array([9.0, 4.5]))
+
+  monkeypatch.setattr(bench, "train_hessian_free", fake_hessian_free)
+  monkeypatch.setattr(bench, "train_first_order", fake_adam)
+  monkeypatch.setattr(bench, "load_data", lambda size: {})
+  monkeypatch.setattr(bench, "_evaluator", lambda data: None)
+  target, adam_seconds, results = levers.main(
+      ["--train-size", "1500", "--rows", "plain,kfac_growing_batch"])
+  assert (target, adam_seconds) == (4.5, 4.0)
+  # The gradient batch never grows past the training set.
+  assert calls[1]["batch_growth"] == (2, 20, 1500)
+  assert calls[1]["preconditioner"] == "kfac" and "preconditioner" not in (
+      calls[0])
+  assert [r["steps_to_target"] for r in results] == [2, 2]
+  assert results[0]["cg_per_iteration"] == 25.0
+  assert results[0]["seconds_ratio"] == 0.5
+  assert "| kfac_growing_batch | 2 | 4.00 | 25.0 | 1.000 | 0.50 |" in (
+      capsys.readouterr().out)
+  with pytest.raises(SystemExit):
+    levers.main(["--rows", "plain,newton"])
