@@ -12,7 +12,7 @@ runs in its own virtual environment pinned to jax 0.9.0:
 
     python -m venv benchmarks/.venv-kfac-jax
     benchmarks/.venv-kfac-jax/bin/pip install "jax[cpu]==0.9.0" \
-        kfac-jax==0.0.8 optax numpy
+        kfac-jax==0.0.8 optax numpy tqdm
 
 This script re-runs itself there with ``--peer`` when that venv exists.
 

@@ -873,6 +873,7 @@ def scale_by_kfac(
     adaptive: bool = False,
     adapt_damping: Optional[bool] = None,
     damping_every: int = 5,
+    damping_adaptation_decay: float = 19.0 / 20.0,
     gamma_search: Optional[bool] = None,
     gamma_every: int = 20,
     min_damping: float = 1e-8,
@@ -933,7 +934,8 @@ def scale_by_kfac(
     ``scale_by_learning_rate(1.0)``. ``λ`` is adapted every
     ``damping_every`` steps (``T₁``) by Levenberg-Marquardt on
     ``ρ = (h(θ+δ) − h(θ)) / M(δ)``: ``ρ > ¾ → λ ← ω₁ min(λ, q)``,
-    ``ρ < ¼ → λ ← λ/ω₁``, ``ω₁ = (19/20)^T₁``, where
+    ``ρ < ¼ → λ ← λ/ω₁``, ``ω₁ = d^T₁`` (``d`` is
+    ``damping_adaptation_decay``, 19/20 in M&G), where
     ``q = δᵀCδ / δᵀδ`` is the exact curvature along the step just taken
     (from the same two products). The cap ``min(λ, q)`` is ours; without
     it this is M&G's rule (§6.5). Why: with the optimal ``(α, μ)``,
@@ -1062,6 +1064,9 @@ def scale_by_kfac(
     adapt_damping: Levenberg-Marquardt ``λ``; defaults to ``adaptive`` and
       needs it (the transform must know the step it takes).
     damping_every: ``T₁`` (5).
+    damping_adaptation_decay: the per-step factor ``d`` of ``ω₁ = d^T₁``:
+      19/20 as in M&G (``ω₁ = 0.77`` at ``T₁ = 5``); kfac-jax's default is
+      0.9 (``ω₁ = 0.59``).
     gamma_search: the γ search of M&G §6.6 (off by default; see above);
       needs ``adaptive``.
     gamma_every: ``T₂`` (20).
@@ -1149,6 +1154,13 @@ def scale_by_kfac(
       "inverse_every", inverse_every, 1)
   damping_every = _validation.check_static_int(
       "damping_every", damping_every, 1)
+  decay_fix = ("The damping is multiplied by its T₁-th power on a good step"
+               " and divided by it on a bad one: use 19/20 (M&G) or 0.9"
+               " (kfac-jax).")
+  _validation.check_positive("damping_adaptation_decay",
+                             damping_adaptation_decay, decay_fix)
+  _validation.check_in_interval("damping_adaptation_decay",
+                                damping_adaptation_decay, 0, 1, fix=decay_fix)
   gamma_every = _validation.check_static_int("gamma_every", gamma_every, 1)
   max_factor_dim = _validation.check_static_int(
       "max_factor_dim", max_factor_dim, 1)
@@ -1218,7 +1230,8 @@ def scale_by_kfac(
       gamma_every, initial_damping, min_damping, max_damping,
       quadratic_batch_size, overrides,
       max_factor_dim, targets_fn, axis_name,
-      (19.0 / 20.0) ** damping_every, math.sqrt(19.0 / 20.0) ** gamma_every,
+      damping_adaptation_decay ** damping_every,
+      math.sqrt(19.0 / 20.0) ** gamma_every,
       weight_sharing, example_batch, bool(distribute_inverses))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
@@ -1528,6 +1541,7 @@ def kfac(
     inverse_every: int = 20,
     inverse_warmup: bool = True,
     damping_every: int = 5,
+    damping_adaptation_decay: float = 19.0 / 20.0,
     gamma_search: Optional[bool] = None,
     gamma_every: int = 20,
     quadratic_batch_size: Optional[int] = None,
@@ -1572,6 +1586,7 @@ def kfac(
     inverse_every: steps between inverse refreshes.
     inverse_warmup: geometric extra refreshes before the first period ends.
     damping_every: steps between damping adaptations.
+    damping_adaptation_decay: per-step factor of the damping's decrease.
     gamma_search: the γ search (off by default; see
       :func:`scale_by_kfac`).
     gamma_every: steps between γ searches.
@@ -1616,7 +1631,9 @@ def kfac(
       decay=decay, averaging=averaging, initial_damping=initial_damping,
       l2_reg=l2_reg, inverse_every=inverse_every,
       inverse_warmup=inverse_warmup, adaptive=adaptive,
-      damping_every=damping_every, gamma_search=gamma_search,
+      damping_every=damping_every,
+      damping_adaptation_decay=damping_adaptation_decay,
+      gamma_search=gamma_search,
       gamma_every=gamma_every, quadratic_batch_size=quadratic_batch_size,
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,
       targets_fn=targets_fn, seed=seed, axis_name=axis_name,

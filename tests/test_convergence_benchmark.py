@@ -250,3 +250,27 @@ def test_hessian_free_lever_table(monkeypatch, capsys):
       capsys.readouterr().out)
   with pytest.raises(SystemExit):
     levers.main(["--rows", "plain,newton"])
+
+
+def test_kfac_seed_table(monkeypatch, capsys):
+  seeds_script = _load("benchmarks/kfac_seeds.py", "kfac_seeds")
+  bench = seeds_script.convergence
+  decays = []
+
+  def fake_kfac(data, steps, *, seed, damping_adaptation_decay, **kwargs):
+    decays.append(damping_adaptation_decay)
+    hit = 10 * (seed + 1)
+    return bench.Trace(np.array([0, hit]), np.array([0.0, hit / 10]),
+                       np.array([9.0, 1.0]))
+
+  monkeypatch.setattr(bench, "train_kfac", fake_kfac)
+  monkeypatch.setattr(bench, "train_kfac_jax", lambda *a, **k: None)
+  monkeypatch.setattr(bench, "load_data", lambda size: {})
+  monkeypatch.setattr(bench, "_evaluator", lambda data: None)
+  results = seeds_script.main(["--seeds", "0,1", "--target", "2.0"])
+  assert decays == [19 / 20, 0.9, 19 / 20, 0.9]
+  assert list(results) == ["curvature.kfac, d = 19/20",
+                           "curvature.kfac, d = 0.9"]  # No venv: no peer.
+  assert results["curvature.kfac, d = 0.9"] == [(10, 1.0), (20, 2.0)]
+  assert "| curvature.kfac, d = 0.9 | 10 | 20 | 15 | 1.5 |" in (
+      capsys.readouterr().out)
