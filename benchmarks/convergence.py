@@ -214,7 +214,7 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
   iteration compiles. ``tally(state)`` (e.g. the CG iterations of the
   step) is summed into the trace's ``cg``. ``batch_growth = (factor,
   every, cap)`` multiplies the gradient batch by ``factor`` every ``every``
-  iterations up to ``cap`` (Martens 2010).
+  iterations up to ``cap`` or the whole training set (Martens 2010).
   """
   evaluate = evaluate or _evaluator(data)
   params = init_params(seed)
@@ -222,6 +222,7 @@ def _train_curvature(opt, data, steps, *, desc, batch_size, eval_every, seed,
   sizes = [batch_size]
   if batch_growth is not None:
     factor, _, cap = batch_growth
+    cap = min(cap, data["inputs"].shape[0])  # Never more than the data.
     while sizes[-1] < cap:
       sizes.append(min(int(sizes[-1] * factor), cap))
 

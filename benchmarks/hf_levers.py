@@ -17,7 +17,8 @@ configuration of ``curvature.hessian_free``; each is capped at
 * ``kfac_curvature_100`` and ``kfac_curvature_500``: other curvature
   mini-batch fractions of the 1000-example gradient batch;
 * ``kfac_growing_batch`` and ``plain_growing_batch``: the gradient batch
-  doubled every 20 iterations up to 8000 (Martens 2010).
+  doubled every 20 iterations up to 8000 or the training set (Martens
+  2010).
 
 Adam 3e-3 (the best rate of {3e-4, 1e-3, 3e-3} in every earlier
 ``convergence.py`` run) runs first for ``--adam-steps`` steps; its best loss
@@ -45,12 +46,11 @@ ROWS = {
     "plain": dict(),
     "kfac": dict(KFAC),
     "kfac_cold_start": dict(KFAC, warm_start_decay=0.0),
-    "kfac_budget": dict(KFAC, max_cg_iterations=50,
-                             cg_budget_growth=1.5),
+    "kfac_budget": dict(KFAC, max_cg_iterations=50, cg_budget_growth=1.5),
     "kfac_curvature_100": dict(KFAC, curvature_batch_size=100,
-                                evaluation_batch_size=100),
+                               evaluation_batch_size=100),
     "kfac_curvature_500": dict(KFAC, curvature_batch_size=500,
-                                evaluation_batch_size=500),
+                               evaluation_batch_size=500),
     "kfac_growing_batch": dict(KFAC, batch_growth=GROWTH),
     "plain_growing_batch": dict(batch_growth=GROWTH),
 }
@@ -67,13 +67,9 @@ def run(rows, iterations, adam_steps, train_size=20_000, adam_lr=3e-3):
   _, adam_seconds = convergence.to_target(adam, target)
   results = []
   for name in rows:
-    kwargs = dict(ROWS[name])
-    if "batch_growth" in kwargs:  # Never more than the training set.
-      factor, every, cap = kwargs["batch_growth"]
-      kwargs["batch_growth"] = (factor, every, min(cap, train_size))
     trace = convergence.train_hessian_free(
         data, iterations, target=target, evaluate=evaluate, desc=name,
-        **kwargs)
+        **ROWS[name])
     steps, seconds = convergence.to_target(trace, target)
     run_steps = int(trace.steps[-1])
     results.append(dict(

@@ -1000,7 +1000,6 @@ def test_damping_rule_is_the_paper_rule_capped_by_the_step_curvature():
   assert update(4.0, -np.inf, 1.0) == 8.0
 
 
-
 @pytest.mark.parametrize("decay", [19 / 20, 0.5])
 def test_damping_adaptation_decay_sets_omega1(decay):
   # A linear least-squares model is its own quadratic model: ρ ≥ 1 > ¾ at
@@ -1032,6 +1031,7 @@ def test_damping_adaptation_decay_outside_0_1_is_refused(bad):
   with pytest.raises(ValueError, match="damping_adaptation_decay"):
     curvature.kfac(1.0, predict_fn=mlp_predict, loss=CE, adaptive=True,
                    damping_adaptation_decay=bad)
+
 
 def test_step_curvature_is_the_rayleigh_quotient_of_the_ggn():
   params, batch = classification_problem(n=8, sizes=(4, 5, 3))
