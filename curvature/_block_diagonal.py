@@ -35,6 +35,7 @@ from curvature import _losses
 from curvature import _momentum
 from curvature import _optax_typed
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -236,13 +237,17 @@ def _dense_block(matvec, leaves, treedef, group, chunk_size):
     parts = jnp.split(e, np.cumsum(sizes)[:-1])
     vector = [jnp.zeros_like(x) for x in leaves]
     for i, part in zip(group, parts):
-      vector[i] = part.reshape(leaves[i].shape).astype(leaves[i].dtype)
+      vector[i] = _sharding.shard_like(
+          part.reshape(leaves[i].shape).astype(leaves[i].dtype), leaves[i])
     product = jax.tree.leaves(matvec(treedef.unflatten(vector)))
-    return jnp.concatenate([product[i].reshape(-1).astype(dtype)
-                            for i in group])
+    # A dense block is small: its leaves' products are gathered whole
+    # (an FSDP-sharded leaf cannot be flattened in place).
+    return jnp.concatenate([
+        _sharding.replicate(product[i]).reshape(-1).astype(dtype)
+        for i in group])
 
-  columns = jax.lax.map(column, jnp.eye(dim, dtype=dtype),
-                        batch_size=min(chunk_size, dim))
+  columns = _sharding.replicate(jax.lax.map(
+      column, jnp.eye(dim, dtype=dtype), batch_size=min(chunk_size, dim)))
   return 0.5 * (columns + columns.T)
 
 
@@ -398,7 +403,8 @@ def _core_blocks(plan, params):
       for index, group in enumerate(plan.groups)}
   diagonal = _blocks.diagonal_block(
       plan.diagonal, tuple(leaves[i].shape for i in plan.diagonal),
-      tuple(leaves[i].dtype for i in plan.diagonal))
+      tuple(leaves[i].dtype for i in plan.diagonal),
+      like=tuple(leaves[i] for i in plan.diagonal))
   return dense, diagonal
 
 
@@ -548,11 +554,11 @@ def scale_by_block_diagonal(
     dense, diagonal = _core_blocks(_plan(params, max_block_size, grouping),
                                    params)
     zero = jnp.zeros((), jnp.int32)
-    return ScaleByBlockDiagonalState(
+    return _sharding.commit_state(ScaleByBlockDiagonalState(
         count=zero, statistics_count=zero, key=jax.random.key(seed),
         blocks=tuple(b.init() for b in dense.values()),
         diagonal=diagonal.init(), rejected_steps=zero,
-        rejected_statistics=zero, rejected_refreshes=zero)
+        rejected_statistics=zero, rejected_refreshes=zero), params)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvature import _diagonal
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -755,25 +756,35 @@ def dense_block(leaves: tuple, size: int, dtype) -> Block:
 
   def apply(state, vectors, damping):
     del damping
-    flat = jnp.concatenate([v.reshape(-1) for v in vectors])
+    # A dense block is small: FSDP-sharded leaves are gathered to flatten
+    # them, and the solved leaves go back to their shardings.
+    flat = jnp.concatenate([_sharding.replicate(v).reshape(-1)
+                            for v in vectors])
     solved = state.preconditioner.astype(flat.dtype) @ flat
-    return split_flat(solved, vectors)
+    return tuple(_sharding.shard_like(x, v)
+                 for x, v in zip(split_flat(solved, vectors), vectors))
 
   return Block("dense", tuple(leaves), init, lambda block: block, refresh_fn,
                apply)
 
 
 def diagonal_block(leaves: tuple, shapes: tuple, dtypes: tuple, *,
-                   power: Any = 1.0, damping_in_root: bool = True) -> Block:
+                   power: Any = 1.0, damping_in_root: bool = True,
+                   like: Optional[tuple] = None) -> Block:
   r"""A diagonal block ``x / ((d̂ + λ_in)^p + λ_out)``, ``d̂`` the average.
 
   The evidence is the tuple of the leaves' diagonal estimates; there is no
   refresh (the current estimate is used every step). ``p = 1`` with the
   damping inside is a diagonal natural gradient; ``p = 1/2`` with it outside
-  is Adam's denominator (:func:`curvature.precondition`).
+  is Adam's denominator (:func:`curvature.precondition`). ``like``: the
+  parameter leaves themselves, when known, so that ``init``'s statistics
+  take their sharding (FSDP parameters keep sharded diagonals).
   """
 
   def init():
+    if like is not None:
+      return BlockState(tuple(jnp.zeros_like(x, dtype=d)
+                              for x, d in zip(like, dtypes)), ())
     return BlockState(tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes)),
                       ())
 

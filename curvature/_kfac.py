@@ -479,7 +479,9 @@ def _groups(layer, evidence, dtype):
   for use, x, g in zip(_layers.layer_uses(layer), evidence.inputs,
                        evidence.output_grads):
     key = (_layers.is_transposed(layer, use), use.kind == "lookup")
-    grouped.setdefault(key, []).append((x.astype(dtype), g.astype(dtype)))
+    grouped.setdefault(key, []).append(
+        (_sharding.gather_last_axis(x.astype(dtype)),
+         _sharding.gather_last_axis(g.astype(dtype))))
   out = []
   for (transposed, lookup), items in grouped.items():
     x = jnp.concatenate([x for x, _ in items], axis=1)
@@ -591,7 +593,7 @@ def _per_example_projection(layer, axis_name, dtype=None):
         and groups[0].activations.shape[1] == 1):
       pa = groups[0].activations[:, 0] @ basis.basis_a  # [N, a]
       pg = groups[0].grads[:, :, 0] @ basis.basis_g  # [S, N, g]
-      out = (pa ** 2).T @ jnp.sum(pg ** 2, axis=0) / (n * samples)
+      out = _sharding.gram(pa ** 2, jnp.sum(pg ** 2, axis=0)) / (n * samples)
       return _products.batch_mean(out, axis_name)
     projected = []
     for group in groups:
@@ -747,7 +749,8 @@ def _diagonal_block(params, diag_leaves, axis_name):
   leaves = jax.tree.leaves(params)
   shapes = tuple(x.shape for x in leaves)
   dtypes = tuple(_blocks.accumulation_dtype(x.dtype) for x in leaves)
-  block = _blocks.diagonal_block(tuple(diag_leaves), shapes, dtypes)
+  block = _blocks.diagonal_block(tuple(diag_leaves), shapes, dtypes,
+                                 like=tuple(leaves))
 
   def statistics(estimates):
     full = [jnp.zeros(s, d) for s, d in zip(shapes, dtypes)]
@@ -1212,7 +1215,7 @@ def scale_by_kfac(
     zero = jnp.zeros((), dtype)
     damping = jnp.asarray(initial_damping, dtype)
     count = jnp.zeros((), jnp.int32)
-    return ScaleByKfacState(
+    return _sharding.commit_state(ScaleByKfacState(
         count=count, statistics_count=count, key=jax.random.key(seed),
         blocks=blocks,
         diagonal=_diagonal_block(params, (), axis_name).init(),
@@ -1221,7 +1224,7 @@ def scale_by_kfac(
         rejected_steps=count, rejected_statistics=count,
         rejected_refreshes=count,
         learning_rate=jnp.ones((), dtype), momentum=zero,
-        reduction_ratio=zero)
+        reduction_ratio=zero), params)
 
   config = _Config(
       predict_fn, loss, statistics, structure, num_samples,

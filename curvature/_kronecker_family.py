@@ -36,6 +36,7 @@ from curvature import _blocks
 from curvature import _kfac
 from curvature import _momentum
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -104,7 +105,8 @@ def gradient_factors(view: _blocks.MatrixView):
   def statistics(leaves):
     matrix = view.to_matrix(leaves)
     matrix = matrix.astype(_blocks.accumulation_dtype(matrix.dtype))
-    return _blocks.KroneckerFactors(matrix @ matrix.T, matrix.T @ matrix)
+    return _blocks.KroneckerFactors(_sharding.gram(matrix.T),
+                                    _sharding.gram(matrix))
 
   return statistics
 
@@ -137,7 +139,8 @@ def _plan(params, max_factor_dim, matrix_block, power, damping_in_root):
   diagonal = _blocks.diagonal_block(
       fallback, tuple(leaves[i].shape for i in fallback),
       tuple(_blocks.accumulation_dtype(leaves[i].dtype) for i in fallback),
-      power=power, damping_in_root=damping_in_root)
+      power=power, damping_in_root=damping_in_root,
+      like=tuple(leaves[i] for i in fallback))
   square = lambda grads: tuple(
       g.astype(_blocks.accumulation_dtype(g.dtype)) ** 2 for g in grads)
   blocks["diagonal"] = diagonal._replace(statistics=square)
@@ -297,10 +300,10 @@ def scale_by_shampoo(
     _validation.check_params(params, "scale_by_shampoo")
     states, diagonal = _init_states(plan(params))
     zero = jnp.zeros((), jnp.int32)
-    return ScaleByShampooState(
+    return _sharding.commit_state(ScaleByShampooState(
         count=zero, blocks=states, diagonal=diagonal,
         graft=() if graft is None else graft.init(params),
-        rejected_steps=zero, rejected_refreshes=zero)
+        rejected_steps=zero, rejected_refreshes=zero), params)
 
   def update_fn(updates, state, params=None):
     updates = _products.batch_mean(updates, axis_name)
@@ -539,13 +542,13 @@ def scale_by_soap(
     _validation.check_params(params, "scale_by_soap")
     states, diagonal = _init_states(plan(params))
     zero = jnp.zeros((), jnp.int32)
-    return ScaleBySoapState(
+    return _sharding.commit_state(ScaleBySoapState(
         count=zero, blocks=states, diagonal=diagonal,
         momentum=jax.tree.map(
-            lambda x: jnp.zeros(x.shape,
-                                _blocks.accumulation_dtype(x.dtype)),
+            lambda x: jnp.zeros_like(
+                x, dtype=_blocks.accumulation_dtype(x.dtype)),
             params),
-        rejected_steps=zero, rejected_refreshes=zero)
+        rejected_steps=zero, rejected_refreshes=zero), params)
 
   def update_fn(updates, state, params=None):
     updates = _products.batch_mean(updates, axis_name)

@@ -36,15 +36,71 @@ def replicated_like(x: Any) -> Optional[jax.sharding.NamedSharding]:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def gram(rows: Array) -> Array:
-  """``rowsᵀ rows``, replicated: a sum over the (sharded) leading axis."""
-  return jnp.einsum("bi,bj->ij", rows, rows,
+def gram(rows: Array, other: Optional[Array] = None) -> Array:
+  """``rowsᵀ other`` (``rowsᵀ rows`` by default), replicated: a sum over
+  the leading axis, which may be sharded (a batch, or FSDP's feature axis
+  of a kernel's transpose)."""
+  other = rows if other is None else other
+  return jnp.einsum("bi,bj->ij", rows, other,
                     out_sharding=replicated_like(rows))
 
 
-def _replicate(x: Array) -> Array:
+def replicate(x: Array) -> Array:
+  """``x`` replicated over its Explicit mesh (``x`` itself elsewhere)."""
   target = replicated_like(x)
   return x if target is None else jax.sharding.reshard(x, target)
+
+
+def shard_like(x: Array, reference: Array) -> Array:
+  """``x`` with the sharding of ``reference`` when that is on an Explicit
+  mesh (a tangent for a sharded parameter), else ``x`` itself."""
+  if explicit_mesh(reference) is None:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(reference).sharding)
+
+
+def gather_last_axis(x: Array) -> Array:
+  """``x`` with its last axis whole on every device, other axes as they are.
+
+  Layer statistics slice and concatenate along the feature axis, which an
+  Explicit mesh refuses on a sharded axis (FSDP parameters give sharded
+  layer outputs and output gradients). Gathering it moves one layer's
+  ``[batch, features]`` rows, never a parameter or the model.
+  """
+  mesh = explicit_mesh(x)
+  if mesh is None or x.ndim == 0:
+    return x
+  spec = tuple(jax.typeof(x).sharding.spec)
+  spec = spec + (None,) * (x.ndim - len(spec))
+  if spec[-1] is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*spec[:-1], None)))
+
+
+def commit_state(state: Any, params: Any) -> Any:
+  """``init``'s state, committed to the Explicit mesh of ``params``.
+
+  Leaves made without a sharding (factors, inverses, counters, keys) are
+  replicated on the mesh; leaves that already have one (a velocity made by
+  ``zeros_like(params)``) keep it. Otherwise the first jitted step would
+  let the compiler pick their sharding, and the second would find a type
+  its refresh cannot combine with the replicated statistics. Without an
+  Explicit mesh in ``params`` the state is returned as it is.
+  """
+  on_mesh = [x for x in jax.tree.leaves(params) if explicit_mesh(x) is not None]
+  if not on_mesh:
+    return state
+  reference = on_mesh[0]
+  if isinstance(reference, jax.core.Tracer):  # ``init`` under ``jit``.
+    replicated = replicated_like(reference)
+    place = lambda x: jax.sharding.reshard(x, replicated)
+  else:  # A concrete array: its mesh has devices to put the state on.
+    replicated = jax.sharding.NamedSharding(reference.sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+    place = lambda x: jax.device_put(x, replicated)
+  return jax.tree.map(
+      lambda x: x if explicit_mesh(x) is not None else place(x), state)
 
 
 def ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
@@ -60,7 +116,7 @@ def ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
                if explicit_mesh(x) is not None else None for x in leaves]
   if not any(s is not None for s in shardings):
     return ravel_pytree(tree)
-  flat, unravel_replicated = ravel_pytree(jax.tree.map(_replicate, tree))
+  flat, unravel_replicated = ravel_pytree(jax.tree.map(replicate, tree))
 
   def unravel(vector):
     out = unravel_replicated(vector)

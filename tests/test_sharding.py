@@ -334,16 +334,7 @@ print("RESULT " + json.dumps({"equal": by_hand == auto,
 # (script, mesh, check) -> why it fails: defects in modules owned elsewhere,
 # pinned as strict expectations (the test fails once they are fixed: drop
 # the row). "jit" is SCRIPT, "shard_map" SHARD_MAP_SCRIPT.
-KNOWN_DEFECTS = {
-    # FSDP-style parameters on a mesh with Explicit axes: K-FAC's layer
-    # evidence slices the bias column out of a 'model'-sharded output
-    # gradient, and block-diagonal adds a block to its transpose, both of
-    # which Explicit mode rejects.
-    ("fsdp", "Explicit", "kfac"):
-        "ShardingTypeError: slicing a 'model'-sharded axis to width 1",
-    ("fsdp", "Explicit", "block_diagonal"):
-        "ShardingTypeError: illegally sharded add in the block statistics",
-}
+KNOWN_DEFECTS: dict = {}
 
 
 # The helpers of ``curvature._sharding`` on a 2 x 2 mesh with Explicit axes,
@@ -380,6 +371,27 @@ out["gram"] = float(np.max(np.abs(jax.jit(_sharding.gram)(rows)
                                   - np.asarray(rows).T @ np.asarray(rows))))
 out["explicit_mesh"] = [_sharding.explicit_mesh(rows) is not None,
                         _sharding.explicit_mesh(jnp.ones(3)) is None]
+out["gram_other"] = float(np.max(np.abs(
+    jax.jit(_sharding.gram)(rows, jax.device_put(
+        jnp.arange(24.0).reshape(8, 3), NamedSharding(mesh, P("data"))))
+    - np.asarray(rows).T @ np.arange(24.0).reshape(8, 3))))
+grads = jax.device_put(jnp.arange(48.0).reshape(8, 6),
+                       NamedSharding(mesh, P("data", "model")))
+gathered = jax.jit(_sharding.gather_last_axis)(grads)
+out["gather_last_axis"] = [spec(gathered),
+                          bool(np.array_equal(gathered, grads))]
+w = put(tree)["w"]
+state = {"eye": jnp.eye(3), "count": jnp.zeros((), jnp.int32),
+         "velocity": jnp.zeros_like(w)}
+with jax.set_mesh(mesh):  # Inputs on one device, outputs on the mesh.
+  out["shard_like"] = spec(jax.jit(_sharding.shard_like)(jnp.ones((4, 6)), w))
+  traced = jax.jit(_sharding.commit_state)(state, put(tree))
+committed = _sharding.commit_state(state, put(tree))
+out["commit_state"] = [
+    [str(x.sharding.mesh.shape_tuple),
+     "replicated" if x.sharding.is_fully_replicated else spec(x)]
+    for x in (committed["eye"], committed["count"], committed["velocity"],
+              traced["eye"])]
 print("RESULT " + json.dumps(out))
 '''
 
@@ -387,11 +399,23 @@ print("RESULT " + json.dumps(out))
 def test_sharding_helpers_on_an_explicit_mesh():
   """``_sharding.ravel``, ``gram`` and the typed ``vdot`` on Explicit-sharded
   arrays equal ``ravel_pytree``, ``rowsᵀ rows`` and ``optax.tree.vdot`` on
-  one device, and ``unravel`` gives each leaf its sharding back."""
+  one device, ``unravel`` gives each leaf its sharding back, and the
+  resharding helpers give the shardings they promise."""
   out = _results(HELPERS_SCRIPT, "")
   assert out["ravel"] and out["unravel"] and out["unravel_keeps_sharding"]
   assert out["vdot"] < 1e-12 and out["gram"] < 1e-12
+  assert out["gram_other"] < 1e-12
   assert out["explicit_mesh"] == [True, True]
+  # The feature axis gathered, the batch axis still split.
+  assert out["gather_last_axis"] == ["P('data', None)", True]
+  assert out["shard_like"] == "P(None, 'model')"
+  # init's unsharded leaves replicated on the parameters' mesh, eagerly and
+  # under jit; a leaf with a sharding keeps it.
+  mesh_shape = "(('data', 2), ('model', 2))"
+  assert out["commit_state"] == [
+      [mesh_shape, "replicated"], [mesh_shape, "replicated"],
+      [mesh_shape, "P(None, 'model')"], [mesh_shape, "replicated"]
+  ], out["commit_state"]
 
 
 def test_sharding_helpers_are_the_plain_operations_on_one_device():
@@ -412,6 +436,12 @@ def test_sharding_helpers_are_the_plain_operations_on_one_device():
                              optax.tree.vdot(tree, tree))
   rows = jnp.arange(12.0).reshape(4, 3)
   np.testing.assert_allclose(_sharding.gram(rows), rows.T @ rows)
+  np.testing.assert_allclose(_sharding.gram(rows, rows[:, :2]),
+                             rows.T @ rows[:, :2])
+  for helper in (_sharding.replicate, _sharding.gather_last_axis,
+                 lambda x: _sharding.shard_like(x, rows)):
+    assert helper(rows) is rows
+  assert _sharding.commit_state(tree, tree) is tree
 
 
 def _results(script, mesh_kind):
@@ -446,9 +476,11 @@ def _mismatched(results, script, mesh_kind, names, tolerance):
 # Sharded parameters, not only the batch: a 2 x 2 mesh ("data", "model"),
 # every kernel and bias split along its output axis over "model" (FSDP
 # style), the batch over "data". Three steps of each optimizer, and the
-# diagnostics, must equal the unsharded single-device run, and the updated
-# parameters must stay split over "model" (no optimizer state forces them to
-# be gathered).
+# diagnostics, must equal the unsharded single-device run; the updated
+# parameters, and every parameter-shaped state leaf (moments, diagonal
+# statistics), must stay split over "model": no optimizer gathers a copy of
+# the model. The Kronecker family's factors and inverses are per layer and
+# replicated.
 FSDP_SCRIPT = r'''
 import json
 import sys
@@ -491,7 +523,11 @@ optimizers = {
     "block_diagonal": curvature.block_diagonal_natural_gradient(
         0.1, **model),
     "adam": curvature.adam(0.01),
+    "ekfac": curvature.ekfac(0.05, inverse_every=1, **model),
+    "shampoo": curvature.shampoo(0.01, inverse_every=1),
+    "soap": curvature.soap(0.01, inverse_every=1),
 }
+param_shapes = {x.shape for x in jax.tree.leaves(params)}
 
 
 def rel(a, b):
@@ -511,18 +547,31 @@ def run(opt, params, batch):
   state = opt.init(params)
   for _ in range(3):
     params, state = step(params, state, batch)
-  return params
+  return params, state
+
+
+def split(leaf):
+  spec = leaf.sharding.spec
+  return len(spec) == leaf.ndim and spec[-1] == "model"
 
 
 out = {}
 for name, opt in optimizers.items():
-  single = run(opt, params, batch)
+  single, _ = run(opt, params, batch)
   multi = attempt(run, opt, sharded_params, sharded_batch)
-  out[name] = rel(multi, single)
-  if not isinstance(multi, str):  # The parameters stay split over "model".
-    out[name + "_kept_sharding"] = all(
-        leaf.sharding.spec[-1] == "model"
-        for leaf in jax.tree.leaves(multi))
+  out[name] = rel(multi if isinstance(multi, str) else multi[0], single)
+  if not isinstance(multi, str):  # The parameters stay split over "model",
+    out[name + "_kept_sharding"] = all(map(split, jax.tree.leaves(multi[0])))
+    # and so does every parameter-shaped state leaf (moments, diagonals):
+    # the optimizer never gathers a copy of the model. Known limitation:
+    # the diagonal re-fitted in a Kronecker eigenbasis (EKFAC's and SOAP's
+    # ``refit``, one layer-sized matrix in rotated coordinates) is
+    # replicated.
+    leaves = jax.tree_util.tree_flatten_with_path(multi[1])[0]
+    out[name + "_state_split"] = all(
+        split(leaf) for path, leaf in leaves
+        if leaf.shape in param_shapes
+        and ".refit" not in jax.tree_util.keystr(path))
 
 
 def diagnostics(params, batch):
@@ -544,8 +593,9 @@ out["top_eigenpairs"] = rel(sharded if isinstance(sharded, str)
 print("RESULT " + json.dumps(out))
 '''
 
-FSDP_CHECKS = ("hessian_free", "kfac", "block_diagonal", "adam",
-               "hutchinson_trace", "top_eigenpairs")
+FSDP_OPTIMIZERS = ("hessian_free", "kfac", "block_diagonal", "adam",
+                   "ekfac", "shampoo", "soap")
+FSDP_CHECKS = FSDP_OPTIMIZERS + ("hutchinson_trace", "top_eigenpairs")
 
 
 @pytest.mark.parametrize("axis_type", ("Auto", "Explicit"))
@@ -553,9 +603,10 @@ def test_fsdp_sharded_parameters_match_single_device(axis_type):
   results = _results(FSDP_SCRIPT, axis_type)
   mismatched = _mismatched(results, "fsdp", axis_type, FSDP_CHECKS, 1e-9)
   assert not mismatched, f"relative differences: {mismatched}"
-  for name in FSDP_CHECKS[:4]:
+  for name in FSDP_OPTIMIZERS:
     if ("fsdp", axis_type, name) not in KNOWN_DEFECTS:
       assert results[name + "_kept_sharding"], name
+      assert results[name + "_state_split"], name
 
 
 SHARDED_CHECKS = ("hessian_free", "natural_gradient", "natural_gradient_sampled",
