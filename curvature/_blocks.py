@@ -429,7 +429,11 @@ def precondition(blocks, states, vectors, damping):
     parts = block.apply(states[name], tuple(vectors[i] for i in block.leaves),
                         damping)
     for i, part in zip(block.leaves, parts):
-      out[i] = part.astype(vectors[i].dtype)
+      # The leaf keeps the gradient's sharding (FSDP): a Kronecker product
+      # over a split axis may come back split otherwise, and the direction
+      # is used as a tangent of the parameters.
+      out[i] = _sharding.shard_like(part.astype(vectors[i].dtype),
+                                    vectors[i])
   return out
 
 

@@ -28,6 +28,7 @@ from curvature import _diagonal
 from curvature import _losses
 from curvature import _moments
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -305,8 +306,8 @@ def hutchinson_hessian_diagonal(
   def one(probe_key):
     keys = jax.random.split(probe_key, len(leaves))
     probe = treedef.unflatten([
-        jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys,
-                                                                   leaves)])
+        _sharding.shard_like(jax.random.rademacher(k, x.shape, x.dtype), x)
+        for k, x in zip(keys, leaves)])
     return jax.tree.map(jnp.multiply, probe, lin.matvec(probe))
 
   total = jax.lax.map(one, jax.random.split(key, num_samples))

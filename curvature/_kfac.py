@@ -788,8 +788,8 @@ def _quadratic_model(predict_fn, loss, params, batch, l2_reg, targets_fn,
     h_tangents = [loss.hvp(outputs, targets, t) for t in tangents]
     n = len(vectors)
     rows = _products.batch_mean(
-        jnp.asarray([[jnp.vdot(tangents[i], h_tangents[j]) for j in range(n)]
-                     for i in range(n)]), axis_name)
+        jnp.asarray([[_optax_typed.vdot(tangents[i], h_tangents[j])
+                      for j in range(n)] for i in range(n)]), axis_name)
     return rows + l2_reg * _gram(vectors)
 
   return forms, value
@@ -1208,9 +1208,11 @@ def scale_by_kfac(
       dtype = _blocks.accumulation_dtype(leaves[i].dtype)
       fake = _layers.Layer("dense", i, 0, 0, False, 0, None, (), a_dim - 1,
                            g_dim, stack=stack)
-      blocks[path] = _layer_block(fake, a_dim, g_dim, dtype, structure,
-                                  axis_name,
-                                  diagonal=_diagonal_sides(reserved)).init()
+      block = _layer_block(fake, a_dim, g_dim, dtype, structure, axis_name,
+                           diagonal=_diagonal_sides(reserved)).init()
+      blocks[path] = block._replace(refit=jax.tree.map(
+          lambda r, i=i: _sharding.split_like_last_axis(r, leaves[i]),
+          block.refit))
     dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
     zero = jnp.zeros((), dtype)
     damping = jnp.asarray(initial_damping, dtype)

@@ -147,9 +147,22 @@ def _plan(params, max_factor_dim, matrix_block, power, damping_in_root):
   return blocks
 
 
-def _init_states(blocks):
-  """``({path: BlockState}, the diagonal's BlockState)``."""
-  states = {name: block.init() for name, block in blocks.items()}
+def _init_states(blocks, params):
+  """``({path: BlockState}, the diagonal's BlockState)``.
+
+  A re-fitted diagonal (SOAP) is split like its leaf's last axis on an
+  Explicit mesh (:func:`curvature._sharding.split_like_last_axis`).
+  """
+  leaves = jax.tree.leaves(params)
+  states = {}
+  for name, block in blocks.items():
+    state = block.init()
+    if name != "diagonal":
+      leaf = leaves[block.leaves[0]]
+      state = state._replace(refit=jax.tree.map(
+          lambda r, leaf=leaf: _sharding.split_like_last_axis(r, leaf),
+          state.refit))
+    states[name] = state
   return states, states.pop("diagonal")
 
 
@@ -298,7 +311,7 @@ def scale_by_shampoo(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_shampoo")
-    states, diagonal = _init_states(plan(params))
+    states, diagonal = _init_states(plan(params), params)
     zero = jnp.zeros((), jnp.int32)
     return _sharding.commit_state(ScaleByShampooState(
         count=zero, blocks=states, diagonal=diagonal,
@@ -540,7 +553,7 @@ def scale_by_soap(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_soap")
-    states, diagonal = _init_states(plan(params))
+    states, diagonal = _init_states(plan(params), params)
     zero = jnp.zeros((), jnp.int32)
     return _sharding.commit_state(ScaleBySoapState(
         count=zero, blocks=states, diagonal=diagonal,

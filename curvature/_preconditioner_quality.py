@@ -18,7 +18,6 @@ build the ``precondition`` function ``v ↦ P⁻¹v`` from optimizer states.
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
 
@@ -30,6 +29,7 @@ from curvature import _kfac
 from curvature import _kronecker_family
 from curvature import _lanczos
 from curvature import _optax_typed
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -179,13 +179,13 @@ def _probe_spectrum(apply_a, apply_inverse, probe, num_iterations, key):
 
 def _flat(fn, params, what):
   """``fn`` on raveled vectors (in at least float32), checked at trace time."""
-  flat, unravel = ravel_pytree(params)
+  flat, unravel = _sharding.ravel(params)
   dtype = _lanczos.compute_dtype(flat.dtype)
 
   def apply(vector):
     out = fn(unravel(vector.astype(flat.dtype)))
     _validation.check_same_tree(params, out, what, _lanczos.MATVEC_FIX)
-    return ravel_pytree(out)[0].astype(dtype)
+    return _sharding.ravel(out)[0].astype(dtype)
 
   return flat.astype(dtype), apply
 
@@ -362,7 +362,7 @@ def preconditioned_spectrum(
   if grad is not None:
     _validation.check_same_tree(params, grad, "grad",
                                 "Pass the gradient with respect to params.")
-  dtype = _lanczos.compute_dtype(ravel_pytree(params)[0].dtype)
+  dtype = _lanczos.compute_dtype(_sharding.ravel(params)[0].dtype)
   arrays = (params, grad, jnp.asarray(damping, dtype))
   return _lanczos.jit_call(
       _spectrum, matvec, arrays, jax.random.key(0) if key is None else key,

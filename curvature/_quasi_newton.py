@@ -26,13 +26,13 @@ Each example fits linear least squares, built from a model
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
 
 from curvature import _losses
 from curvature import _optax_typed
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -425,7 +425,7 @@ def scale_by_bfgs(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_bfgs")
-    flat, _ = ravel_pytree(params)
+    flat, _ = _sharding.ravel(params)
     dtype = jnp.promote_types(flat.dtype, jnp.float32)
     n = flat.shape[0]
     return ScaleByBfgsState(
@@ -443,8 +443,8 @@ def scale_by_bfgs(
     _validation.check_same_tree(params, updates, "The gradient",
                                 _validation.GRADIENT_FIX)
     dtype = state.params.dtype
-    flat_params = ravel_pytree(params)[0].astype(dtype)
-    flat_grad, unravel = ravel_pytree(updates)
+    flat_params = _sharding.ravel(params)[0].astype(dtype)
+    flat_grad, unravel = _sharding.ravel(updates)
     grad = flat_grad.astype(dtype)
     if flat_params.shape != state.params.shape:
       raise ValueError(

@@ -12,7 +12,6 @@ The examples fit a two-parameter linear least-squares model.
 from typing import Any, Callable, NamedTuple
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import optax
 
@@ -20,6 +19,7 @@ from curvature import _lanczos
 from curvature import _losses
 from curvature import _optax_typed
 from curvature import _products
+from curvature import _sharding
 from curvature import _validation
 
 Array = jax.Array
@@ -57,8 +57,8 @@ def _num_iterations(num_iterations: int, params: Params) -> int:
 def _start_vector(lanczos_start: str, grad: Params, key: Array) -> Params:
   """``g`` (or a Gaussian vector), and a Gaussian one where ``g`` is zero or
   not finite, so that Lanczos always starts from a valid vector."""
-  random = jax.tree.map(lambda x: jax.random.normal(key, x.shape, x.dtype),
-                        grad)
+  random = jax.tree.map(lambda x: _sharding.shard_like(
+      jax.random.normal(key, x.shape, x.dtype), x), grad)
   if lanczos_start == "random":
     return random
   norm = optax.tree.norm(grad)
@@ -197,7 +197,7 @@ def scale_by_saddle_free_newton(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_saddle_free_newton")
-    flat, _ = ravel_pytree(params)
+    flat, _ = _sharding.ravel(params)
     dtype = _lanczos.compute_dtype(flat.dtype)
     return ScaleBySaddleFreeNewtonState(
         count=jnp.zeros((), jnp.int32),
@@ -224,7 +224,7 @@ def scale_by_saddle_free_newton(
         reorthogonalize="full", key=restart_key)
     ritz_values, ritz_vectors = _lanczos.eigh_tridiagonal(result)
     assert result.basis is not None  # "full" reorthogonalization keeps it.
-    flat_grad, unravel = ravel_pytree(grad)
+    flat_grad, unravel = _sharding.ravel(grad)
     dtype = ritz_values.dtype
     direction = saddle_free_direction(
         flat_grad.astype(dtype), result.basis.astype(dtype), ritz_values,

@@ -78,6 +78,44 @@ def gather_last_axis(x: Array) -> Array:
       mesh, jax.sharding.PartitionSpec(*spec[:-1], None)))
 
 
+def _place(x: Any, sharding: jax.sharding.NamedSharding, reference: Any):
+  """``x`` put on ``sharding``: resharded under a trace, else device_put on
+  the concrete mesh of ``reference`` (an abstract mesh has no devices)."""
+  if isinstance(reference, jax.core.Tracer):
+    return jax.sharding.reshard(x, sharding)
+  return jax.device_put(x, jax.sharding.NamedSharding(
+      reference.sharding.mesh, sharding.spec))
+
+
+def split_like_last_axis(x: Array, leaf: Array) -> Array:
+  """``x`` split over the mesh axis that splits ``leaf``'s last axis.
+
+  For a per-layer statistic whose last axis has the size of the kernel's
+  output axis (EKFAC's and SOAP's diagonal re-fitted in the eigenbasis):
+  FSDP parameters then keep it split instead of one replicated copy of the
+  layer per device. A concrete ``leaf`` may be on any mesh (with Auto axes
+  the compiler keeps the placement from step to step); a traced one only
+  on an Explicit mesh, where the sharding is in its type. ``x`` itself when
+  ``leaf``'s last axis is not split over a mesh axis, or the sizes differ.
+  """
+  if isinstance(leaf, jax.core.Tracer):
+    sharding = (jax.typeof(leaf).sharding
+                if explicit_mesh(leaf) is not None else None)
+  else:
+    sharding = getattr(leaf, "sharding", None)
+  if (not isinstance(sharding, jax.sharding.NamedSharding) or x.ndim == 0
+      or x.shape[-1] != leaf.shape[-1]):
+    return x
+  spec = tuple(sharding.spec)
+  axis = spec[-1] if len(spec) == leaf.ndim else None
+  if axis is None:
+    return x
+  target = jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*([None] * (x.ndim - 1)),
+                                                axis))
+  return _place(x, target, leaf)
+
+
 def commit_state(state: Any, params: Any) -> Any:
   """``init``'s state, committed to the Explicit mesh of ``params``.
 
@@ -92,15 +130,11 @@ def commit_state(state: Any, params: Any) -> Any:
   if not on_mesh:
     return state
   reference = on_mesh[0]
-  if isinstance(reference, jax.core.Tracer):  # ``init`` under ``jit``.
-    replicated = replicated_like(reference)
-    place = lambda x: jax.sharding.reshard(x, replicated)
-  else:  # A concrete array: its mesh has devices to put the state on.
-    replicated = jax.sharding.NamedSharding(reference.sharding.mesh,
-                                            jax.sharding.PartitionSpec())
-    place = lambda x: jax.device_put(x, replicated)
+  replicated = replicated_like(reference)
+  assert replicated is not None  # ``reference`` is on an Explicit mesh.
   return jax.tree.map(
-      lambda x: x if explicit_mesh(x) is not None else place(x), state)
+      lambda x: x if explicit_mesh(x) is not None
+      else _place(x, replicated, reference), state)
 
 
 def ravel(tree: Any) -> tuple[Array, Callable[[Array], Any]]:
