@@ -521,3 +521,62 @@ def with_learning_rate(name, transform):
   if chain:
     return optax.chain(transform, optax.scale_by_learning_rate(0.01))
   return transform
+
+
+# The multi-device scripts of tests/test_sharding.py --------------------------
+# (each runs in a subprocess with 4 forced host devices and imports these).
+
+
+def attempt(fn, *args, **kwargs):
+  """``fn(...)``, or the error's type and first line, so that one failing
+  check is named instead of ending the script."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as error:  # pylint: disable=broad-except
+    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
+
+
+def relative_difference(a, b):
+  """``‖a − b‖ / ‖b‖`` of two pytrees (on the host), or ``a`` when it is an
+  error message from :func:`attempt`."""
+  if isinstance(a, str):
+    return a
+  a, b = flat(jax.tree.map(np.asarray, a)), flat(jax.tree.map(np.asarray, b))
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def train_steps(opt, params, batch, loss, steps=3):
+  """``steps`` jitted steps of ``opt`` on the MLP: ``(params, state)``."""
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(
+        lambda p: loss.value(mlp_predict(p, batch), batch["targets"]))(params)
+    updates, state = opt.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  for _ in range(steps):
+    params, state = step(params, state, batch)
+  return params, state
+
+
+def diagnostics_differences(loss, params, batch, sharded_params,
+                            sharded_batch):
+  """Hutchinson's trace and the top two GGN eigenvalues, jitted, sharded
+  against unsharded: ``{name: relative difference or error}``."""
+
+  def diagnostics(params, batch):
+    lin = curvature.linearize(mlp_predict, loss, params, batch)
+    trace = curvature.hutchinson_trace(lin.matvec, params, num_samples=20,
+                                       key=jax.random.key(0)).trace
+    top = curvature.top_eigenpairs(lin.matvec, params, k=2,
+                                   key=jax.random.key(1)).eigenvalues
+    return trace, top
+
+  jitted = jax.jit(diagnostics)
+  reference = jitted(params, batch)
+  sharded = attempt(jitted, sharded_params, sharded_batch)
+  return {name: relative_difference(
+      sharded if isinstance(sharded, str) else sharded[i], reference[i])
+          for i, name in enumerate(("hutchinson_trace", "top_eigenpairs"))}

@@ -38,7 +38,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import curvature
-from helpers import flat, mlp_predict, regression_problem
+from helpers import (attempt, diagnostics_differences, mlp_predict,
+                     regression_problem, relative_difference, train_steps)
 
 
 import sys
@@ -54,13 +55,6 @@ def make_mesh():
   assert str(mesh.axis_types[0]).endswith("Explicit"), mesh.axis_types
   return mesh
 
-
-def attempt(fn, *args, **kwargs):
-  """fn(...) or the error's type and first line, so one failure is named."""
-  try:
-    return fn(*args, **kwargs)
-  except Exception as error:  # pylint: disable=broad-except
-    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
 
 assert jax.device_count() == 4, jax.devices()
 mesh = make_mesh()
@@ -88,45 +82,17 @@ optimizers = {
     "monitor": curvature.monitor(optax.sgd(0.1), **model),
 }
 
-def rel(a, b):
-  if isinstance(a, str):  # An error from `attempt`.
-    return a
-  a, b = flat(a), flat(b)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-def run(opt, params, batch):
-  @jax.jit
-  def step(params, state, batch):
-    value, grads = jax.value_and_grad(
-        lambda p: loss.value(mlp_predict(p, batch), batch["targets"]))(params)
-    updates, state = opt.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-  state = opt.init(params)
-  for _ in range(3):
-    params, state = step(params, state, batch)
-  return params, state
+rel = relative_difference
 
 out = {}
 for name, opt in optimizers.items():
-  single, _ = run(opt, params, batch)
-  multi = attempt(lambda: run(opt, sharded_params, sharded_batch)[0])
+  single, _ = train_steps(opt, params, batch, loss)
+  multi = attempt(
+      lambda: train_steps(opt, sharded_params, sharded_batch, loss)[0])
   out[name] = rel(multi, single)
 
-def diagnostics(params, batch):
-  lin = curvature.linearize(mlp_predict, loss, params, batch)
-  trace = curvature.hutchinson_trace(lin.matvec, params, num_samples=20,
-                                     key=jax.random.key(0)).trace
-  top = curvature.top_eigenpairs(lin.matvec, params, k=2,
-                                 key=jax.random.key(1)).eigenvalues
-  return trace, top
-
-diag = jax.jit(diagnostics)
-t1, e1 = diag(params, batch)
-sharded = attempt(diag, sharded_params, sharded_batch)
-out["hutchinson_trace"] = rel(sharded if isinstance(sharded, str)
-                              else sharded[0], t1)
-out["top_eigenpairs"] = rel(sharded if isinstance(sharded, str)
-                            else sharded[1], e1)
+out.update(diagnostics_differences(loss, params, batch, sharded_params,
+                                   sharded_batch))
 # The sharded step really ran on 4 devices with a sharded batch.
 out["batch_devices"] = len(sharded_batch["inputs"].sharding.device_set)
 print("RESULT " + json.dumps(out))
@@ -142,7 +108,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import curvature
-from helpers import flat, mlp_predict, regression_problem
+from helpers import (attempt, flat, mlp_predict, regression_problem,
+                     relative_difference)
 
 assert jax.device_count() == 4, jax.devices()
 shard_map = getattr(jax, "shard_map", None)
@@ -166,24 +133,13 @@ def make_mesh():
   return mesh
 
 
-def attempt(fn, *args, **kwargs):
-  """fn(...) or the error's type and first line, so one failure is named."""
-  try:
-    return fn(*args, **kwargs)
-  except Exception as error:  # pylint: disable=broad-except
-    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
-
 mesh = make_mesh()
 loss = curvature.losses.squared_error
 params, batch = regression_problem(n=32, sizes=(3, 6, 2))
 model = dict(predict_fn=mlp_predict, loss=loss)
 
 
-def rel(a, b):
-  if isinstance(a, str):  # An error from `attempt`.
-    return a
-  a, b = flat(a), flat(b)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+rel = relative_difference
 
 
 def optimizers(ax):
@@ -506,13 +462,11 @@ import json
 import sys
 import jax
 jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import curvature
 import helpers
-from helpers import flat, mlp_predict, regression_problem
+from helpers import (attempt, diagnostics_differences, mlp_predict,
+                     regression_problem, train_steps)
 
 AXIS_TYPE = sys.argv[1]
 # "" for the optimizers below and the diagnostics; else contract rows.
@@ -523,13 +477,6 @@ mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(kind, kind))
 loss = curvature.losses.squared_error
 params, batch = regression_problem(n=32, sizes=(3, 6, 2))
 model = dict(predict_fn=mlp_predict, loss=loss)
-
-
-def attempt(fn, *args, **kwargs):
-  try:
-    return fn(*args, **kwargs)
-  except Exception as error:  # pylint: disable=broad-except
-    return "ERROR " + type(error).__name__ + ": " + str(error).split("\n")[0]
 
 
 def fsdp_spec(leaf):
@@ -557,26 +504,6 @@ if ROWS:
 param_shapes = {x.shape for x in jax.tree.leaves(params) if x.ndim >= 2}
 
 
-def rel(a, b):
-  if isinstance(a, str):
-    return a
-  a, b = flat(jax.tree.map(np.asarray, a)), flat(jax.tree.map(np.asarray, b))
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def run(opt, params, batch):
-  @jax.jit
-  def step(params, state, batch):
-    grads = jax.grad(
-        lambda p: loss.value(mlp_predict(p, batch), batch["targets"]))(params)
-    updates, state = opt.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-  state = opt.init(params)
-  for _ in range(3):
-    params, state = step(params, state, batch)
-  return params, state
-
-
 def split(leaf):
   spec = leaf.sharding.spec
   return len(spec) == leaf.ndim and spec[-1] == "model"
@@ -584,9 +511,10 @@ def split(leaf):
 
 out = {}
 for name, opt in optimizers.items():
-  single, _ = run(opt, params, batch)
-  multi = attempt(run, opt, sharded_params, sharded_batch)
-  out[name] = rel(multi if isinstance(multi, str) else multi[0], single)
+  single, _ = train_steps(opt, params, batch, loss)
+  multi = attempt(train_steps, opt, sharded_params, sharded_batch, loss)
+  out[name] = helpers.relative_difference(
+      multi if isinstance(multi, str) else multi[0], single)
   if not isinstance(multi, str):  # The parameters stay split over "model",
     out[name + "_kept_sharding"] = all(map(split, jax.tree.leaves(multi[0])))
     # and so does every kernel-shaped state leaf (moments, diagonals,
@@ -602,23 +530,9 @@ for name, opt in optimizers.items():
         if jax.tree_util.keystr(path).endswith(".refit"))
 
 
-def diagnostics(params, batch):
-  lin = curvature.linearize(mlp_predict, loss, params, batch)
-  trace = curvature.hutchinson_trace(lin.matvec, params, num_samples=20,
-                                     key=jax.random.key(0)).trace
-  top = curvature.top_eigenpairs(lin.matvec, params, k=2,
-                                 key=jax.random.key(1)).eigenvalues
-  return trace, top
-
-
 if not ROWS:
-  diag = jax.jit(diagnostics)
-  t1, e1 = diag(params, batch)
-  sharded = attempt(diag, sharded_params, sharded_batch)
-  out["hutchinson_trace"] = rel(sharded if isinstance(sharded, str)
-                                else sharded[0], t1)
-  out["top_eigenpairs"] = rel(sharded if isinstance(sharded, str)
-                              else sharded[1], e1)
+  out.update(diagnostics_differences(loss, params, batch, sharded_params,
+                                     sharded_batch))
 print("RESULT " + json.dumps(out))
 '''
 
@@ -732,7 +646,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 import curvature
 from curvature import _blocks
-from helpers import flat, mlp_predict, regression_problem
+from helpers import mlp_predict, regression_problem, relative_difference
 
 assert jax.device_count() == 4, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("batch",))
@@ -760,9 +674,7 @@ def run(distribute, structure):
   return p, [blocks[k].preconditioner for k in sorted(blocks)], blocks
 
 
-def rel(a, b):
-  a, b = flat(a), flat(b)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+rel = relative_difference
 
 
 out = {}
