@@ -543,9 +543,8 @@ def scale_by_block_diagonal(
       "inverse_every", inverse_every, 1)
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
   chunk_size = _validation.check_static_int("chunk_size", chunk_size, 1)
-  if statistics_batch_size is not None:
-    statistics_batch_size = _validation.check_static_int(
-        "statistics_batch_size", statistics_batch_size, 1)
+  statistics_batch_size = _validation.check_optional_static_int(
+      "statistics_batch_size", statistics_batch_size, 1)
   _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
 

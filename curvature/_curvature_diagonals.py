@@ -433,9 +433,8 @@ def ema_curvature_diagonal(
   _validation.check_choice("estimator", estimator, ESTIMATORS)
   _moments.check_decay("decay", decay)
   num_samples = _validation.check_static_int("num_samples", num_samples, 1)
-  if statistics_batch_size is not None:
-    statistics_batch_size = _validation.check_static_int(
-        "statistics_batch_size", statistics_batch_size, 1)
+  statistics_batch_size = _validation.check_optional_static_int(
+      "statistics_batch_size", statistics_batch_size, 1)
   _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
 

@@ -562,9 +562,8 @@ def _check_preconditioner_settings(s: dict) -> None:
   """Checks the preconditioner settings and the CG budget."""
   for name in ("preconditioner_every", "preconditioner_block_size"):
     s[name] = _validation.check_static_int(name, s[name], 1)
-  if s["preconditioner_batch_size"] is not None:
-    s["preconditioner_batch_size"] = _validation.check_static_int(
-        "preconditioner_batch_size", s["preconditioner_batch_size"], 1)
+  s["preconditioner_batch_size"] = _validation.check_optional_static_int(
+      "preconditioner_batch_size", s["preconditioner_batch_size"], 1)
   _validation.check_in_interval(
       "preconditioner_decay", s["preconditioner_decay"], 0.0, 1.0)
   if s["cg_budget_growth"] is not None:

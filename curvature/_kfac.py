@@ -97,7 +97,8 @@ class ScaleByKfacState(NamedTuple):
     damping: the Levenberg-Marquardt ``λ``.
     gamma: the preconditioner's damping ``γ`` (``√(λ + η)`` unless the γ
       search is on).
-    velocity: the previous step ``δ`` (adaptive mode), else zeros.
+    velocity: the previous step ``δ`` (adaptive mode); ``()`` in fixed
+      mode, whose momentum is the chain's ``scale_by_momentum``.
     rejected_steps: steps rejected because a value was not finite.
     rejected_statistics: statistics discarded because they were not finite.
     rejected_refreshes: inverses or eigenbases discarded because they were
@@ -1222,7 +1223,7 @@ def scale_by_kfac(
         blocks=blocks,
         diagonal=_diagonal_block(params, (), axis_name).init(),
         damping=damping, gamma=jnp.sqrt(damping + l2_reg),
-        velocity=optax.tree.zeros_like(params),
+        velocity=optax.tree.zeros_like(params) if adaptive else (),
         rejected_steps=count, rejected_statistics=count,
         rejected_refreshes=count,
         learning_rate=jnp.ones((), dtype), momentum=zero,
@@ -1485,8 +1486,9 @@ def _guard_stage(config, state, params, grad, step, states, key,
       blocks={**state.blocks, **states}, diagonal=diagonal,
       damping=damping.astype(state.damping.dtype),
       gamma=jnp.asarray(gamma, state.gamma.dtype),
-      velocity=optax.tree.cast_like(
-          optax.tree.where(ok, step.velocity, zeros), params),
+      velocity=(optax.tree.cast_like(
+          optax.tree.where(ok, step.velocity, zeros), params)
+                if config.adaptive else state.velocity),
       rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
       rejected_statistics=state.rejected_statistics
       + (~finite).astype(jnp.int32),

@@ -131,9 +131,8 @@ def scale_by_nonlinear_cg(
     Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, §5.2.
   """
   _validation.check_choice("beta", beta, BETAS)
-  if restart_every is not None:
-    restart_every = _validation.check_static_int(
-        "restart_every", restart_every, 1)
+  restart_every = _validation.check_optional_static_int(
+      "restart_every", restart_every, 1)
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_nonlinear_cg")

@@ -146,6 +146,12 @@ def check_static_int(name: str, value: Any, minimum: int) -> int:
   return int(value)
 
 
+def check_optional_static_int(name: str, value: Any,
+                              minimum: int) -> Optional[int]:
+  """``None`` (the argument's "off" or "all"), or :func:`check_static_int`."""
+  return None if value is None else check_static_int(name, value, minimum)
+
+
 def check_choice(name: str, value: Any, choices) -> None:
   """Raises ``ValueError`` if ``value`` is not one of ``choices``."""
   if value not in choices:

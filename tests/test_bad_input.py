@@ -448,6 +448,15 @@ BAD_HYPERPARAMETERS = [
      "damping.*inject_hyperparams"),
     ("saddle_free_newton", dict(num_iterations=0), ValueError,
      "num_iterations"),
+    # Optional integer sizes: None means "all" (or "never"), else >= 1.
+    ("scale_by_block_diagonal", dict(statistics_batch_size=0), ValueError,
+     "statistics_batch_size.*>= 1"),
+    ("scale_by_curvature_diagonal", dict(statistics_batch_size=2.5),
+     TypeError, "statistics_batch_size.*Python int"),
+    ("hessian_free_kfac_preconditioned", dict(preconditioner_batch_size=0),
+     ValueError, "preconditioner_batch_size.*>= 1"),
+    ("nonlinear_cg", dict(restart_every=True), TypeError,
+     "restart_every.*Python int"),
 ]
 
 

@@ -1048,6 +1048,30 @@ def test_step_curvature_is_the_rayleigh_quotient_of_the_ggn():
                              rtol=1e-4)
 
 
+def test_only_the_adaptive_mode_keeps_a_velocity():
+  """Fixed mode's momentum is the chain's ``scale_by_momentum``: its K-FAC
+  state holds no parameter-sized ``δ`` (it used to carry zeros), so
+  ``kfac`` keeps one momentum buffer in either mode; adaptive mode keeps
+  its ``δ₋₁`` and adds no chain momentum."""
+  params, batch = classification_problem()
+  grads = _grads(mlp_predict, params, batch)
+  size = flat(params).size
+
+  def buffers(opt):
+    """Leaves, over the whole state, of the parameters' total size."""
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads, state, params, batch=batch)
+    trees = [s for s in jax.tree.leaves(
+        state, is_leaf=lambda x: hasattr(x, "velocity"))
+             if hasattr(s, "velocity")]
+    return [flat(t.velocity).size for t in trees]
+
+  model = dict(predict_fn=mlp_predict, loss=CE)
+  assert buffers(curvature.kfac(0.01, **model)) == [0, size]
+  assert buffers(curvature.kfac(1.0, adaptive=True, **model)) == [size]
+  assert curvature.scale_by_kfac(mlp_predict, CE).init(params).velocity == ()
+
+
 def _digits_mlp():
   """scikit-learn's digits, a 64-32-10 tanh MLP, softmax cross-entropy."""
   data = curvature.datasets.load_digits(num_test=0)
