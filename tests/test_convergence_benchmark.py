@@ -275,3 +275,27 @@ def test_kfac_seed_table(monkeypatch, capsys):
   assert results["curvature.kfac, d = 0.9"] == [(10, 1.0), (20, 2.0)]
   assert "| curvature.kfac, d = 0.9 | 10 | 20 | 15 | 1.5 |" in (
       capsys.readouterr().out)
+
+
+def test_kfac_digits_table(monkeypatch, capsys):
+  """``benchmarks/kfac_digits.py`` on two of its rows and 2 steps: the
+  table has our column only when kfac-jax's venv is missing, and the loss
+  is the one :func:`train` gives."""
+  digits = _load("benchmarks/kfac_digits.py", "kfac_digits")
+  rows = {k: digits.ROWS[k] for k in ("adaptive, λ₀ = 150, d = 19/20",
+                                      "fixed, lr 0.01")}
+  monkeypatch.setattr(digits, "ROWS", rows)
+  monkeypatch.setattr(digits, "PEER_PYTHON", "/nonexistent/python")
+  results = digits.main(["--steps", "2"])
+  assert list(results) == ["curvature.kfac"]
+  assert list(results["curvature.kfac"]) == list(rows)
+  data, predict, params = digits.problem()
+  fixed = curvature.kfac(0.01, predict_fn=predict, loss=digits.CE,
+                         initial_damping=1e-3)
+  expected = float(jax.jit(lambda: digits.train(fixed, data, predict, params,
+                                                steps=2))())
+  np.testing.assert_allclose(results["curvature.kfac"]["fixed, lr 0.01"],
+                             expected, rtol=1e-6)
+  out = capsys.readouterr().out
+  assert "kfac-jax peer skipped" in out
+  assert f"| fixed, lr 0.01 | {expected:.4f} |" in out
