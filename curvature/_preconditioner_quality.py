@@ -362,7 +362,7 @@ def preconditioned_spectrum(
   if grad is not None:
     _validation.check_same_tree(params, grad, "grad",
                                 "Pass the gradient with respect to params.")
-  dtype = _lanczos.compute_dtype(_sharding.ravel(params)[0].dtype)
+  dtype = _lanczos.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
   arrays = (params, grad, jnp.asarray(damping, dtype))
   return _lanczos.jit_call(
       _spectrum, matvec, arrays, jax.random.key(0) if key is None else key,

@@ -425,9 +425,10 @@ def scale_by_bfgs(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_bfgs")
-    flat, _ = _sharding.ravel(params)
-    dtype = jnp.promote_types(flat.dtype, jnp.float32)
-    n = flat.shape[0]
+    # Shapes only: raveling would copy (and on a mesh, gather) the model.
+    leaves = jax.tree.leaves(params)
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    n = sum(int(x.size) for x in leaves)
     return ScaleByBfgsState(
         count=jnp.zeros((), jnp.int32),
         params=jnp.zeros((n,), dtype),

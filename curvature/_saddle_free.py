@@ -197,8 +197,7 @@ def scale_by_saddle_free_newton(
 
   def init_fn(params):
     _validation.check_params(params, "scale_by_saddle_free_newton")
-    flat, _ = _sharding.ravel(params)
-    dtype = _lanczos.compute_dtype(flat.dtype)
+    dtype = _lanczos.compute_dtype(jnp.result_type(*jax.tree.leaves(params)))
     return ScaleBySaddleFreeNewtonState(
         count=jnp.zeros((), jnp.int32),
         key=jax.random.key(seed),

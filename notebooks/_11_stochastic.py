@@ -108,8 +108,8 @@ The suboptimality $f(\theta_t) - f^\star$ is measured on the whole data set.
 STEPS = 1_500 if FAST else 6_000
 BATCH = 16
 ETA = 1.0
-BURN_IN = STEPS // 3
-RECORD_EVERY = 10
+RECORD_EVERY = 10  # Steps per jitted scan; the periods below are multiples.
+BURN_IN = STEPS // 3 // RECORD_EVERY * RECORD_EVERY
 GROW_EVERY = STEPS // 8 // RECORD_EVERY * RECORD_EVERY
 
 

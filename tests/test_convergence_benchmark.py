@@ -240,7 +240,8 @@ def test_hessian_free_lever_table(monkeypatch, capsys):
   target, adam_seconds, results = levers.main(
       ["--train-size", "1500", "--rows", "plain,kfac_growing_batch"])
   assert (target, adam_seconds) == (4.5, 4.0)
-  # The row's growth, capped at the training set by the harness.
+  # The row's growth as configured (the harness caps it at the training
+  # set: test_batch_growth_doubles_the_gradient_batch_up_to_its_cap).
   assert calls[1]["batch_growth"] == (2, 20, 8000)
   assert calls[1]["preconditioner"] == "kfac" and "preconditioner" not in (
       calls[0])

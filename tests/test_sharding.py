@@ -524,10 +524,11 @@ for name, opt in optimizers.items():
         split(leaf) for leaf in jax.tree.leaves(multi[1])
         if leaf.shape in param_shapes)
     # EKFAC's re-fitted diagonal is [in + 1, out]: split like the kernel.
-    out[name + "_refit_split"] = all(
-        split(leaf) for path, leaf in
-        jax.tree_util.tree_flatten_with_path(multi[1])[0]
-        if jax.tree_util.keystr(path).endswith(".refit"))
+    refits = [leaf for path, leaf in
+              jax.tree_util.tree_flatten_with_path(multi[1])[0]
+              if jax.tree_util.keystr(path).endswith(".refit")]
+    out[name + "_refits"] = len(refits)
+    out[name + "_refit_split"] = all(map(split, refits))
 
 
 if not ROWS:
@@ -568,7 +569,10 @@ def _check_fsdp(results, axis_type, names, tolerance):
 
 @pytest.mark.parametrize("axis_type", ("Auto", "Explicit"))
 def test_fsdp_sharded_parameters_match_single_device(axis_type):
-  _check_fsdp(_results(FSDP_SCRIPT, axis_type), axis_type, FSDP_CHECKS, 1e-9)
+  results = _results(FSDP_SCRIPT, axis_type)
+  _check_fsdp(results, axis_type, FSDP_CHECKS, 1e-9)
+  # The re-fitted diagonals were there to check: one per dense layer.
+  assert results["ekfac_refits"] == results["soap_refits"] == 2, results
 
 
 def test_fsdp_more_transforms_on_an_explicit_mesh():
