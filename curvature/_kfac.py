@@ -73,6 +73,10 @@ STATISTICS = ("true_fisher", "curvature_propagation", "empirical_fisher")
 """Output-gradient probes for the statistics: targets sampled from the model,
 Rademacher probes through the output Fisher's factor, or the labels."""
 
+DIAGONAL_ESTIMATORS = ("per_example", "square_of_sum")
+"""How the leaves outside every layer get their Fisher diagonal: the mean of
+squared per-example gradients, or the square of the summed gradient."""
+
 STRUCTURES = ("kronecker", "eigen_kronecker")
 """K-FAC's ``Ā⁻¹ ⊗ G⁻¹``, or EKFAC's eigenbasis with a re-fitted diagonal."""
 
@@ -663,8 +667,14 @@ def _layer_evidence(layers, inputs, output_grads, num_examples):
 
 
 def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
-             statistics, num_samples, targets_fn, axis_name):
+             statistics, num_samples, targets_fn, axis_name,
+             diagonal_estimator="per_example", diagonal_batch_size=None):
   """One forward and one vectorized backward pass: the evidence per block.
+
+  The diagonal leaves' estimates come from a second, per-example pass over
+  the first ``diagonal_batch_size`` examples (``diagonal_estimator=
+  "per_example"``) or from the same backward pass (``"square_of_sum"``,
+  :func:`_square_of_sum`).
 
   Returns:
     ``(layer evidence list, diagonal estimates of diag_leaves)``.
@@ -674,7 +684,17 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   key = _products.shard_key(key, axis_name)
   fn, zeros = _layers.tapped_forward(predict_fn, layers, params, batch)
   zeros = _products.as_varying(zeros, axis_name)
-  outputs, vjp_fn, inputs = jax.vjp(fn, zeros, has_aux=True)
+  summed = bool(diag_leaves) and diagonal_estimator == "square_of_sum"
+  leaves, treedef = jax.tree.flatten(params)
+
+  def tapped(perturbations, sub):
+    full = list(leaves)
+    for i, x in zip(diag_leaves, sub):
+      full[i] = x
+    return fn(perturbations, treedef.unflatten(full))
+
+  sub = tuple(leaves[i] for i in diag_leaves) if summed else ()
+  outputs, vjp_fn, inputs = jax.vjp(tapped, zeros, sub, has_aux=True)
   _check_outputs(outputs, num_examples)
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
@@ -686,17 +706,36 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
     keys = jax.random.split(key, num_samples)
     cots = jax.vmap(lambda k: _losses.output_gradients(
         loss, outputs, loss.sample(k, outputs)))(keys)
-  output_grads = jax.vmap(lambda c: vjp_fn(c)[0])(cots)
+  output_grads, sums = jax.vmap(vjp_fn)(cots)
   evidence = _layer_evidence(layers, inputs, output_grads, num_examples)
   diagonal = ()
-  if diag_leaves:
+  if summed:
+    diagonal = _square_of_sum(sums, num_examples)
+  elif diag_leaves:
     sub_predict, sub = _products.restrict_to_leaves(predict_fn, params,
                                                     diag_leaves)
+    k = min(diagonal_batch_size or num_examples, num_examples)
     per_sample = jax.lax.map(
         lambda c: _curvature_diagonals.squared_vjp_mean(
-            sub_predict, sub, batch, c), cots)
+            sub_predict, sub, _products.take_examples(batch, k), c[:k]), cots)
     diagonal = tuple(jnp.mean(x, axis=0) for x in per_sample)
   return evidence, diagonal
+
+
+def _square_of_sum(sums, num_examples):
+  r"""``(1/NS) Σ_s (Σᵢ gᵢₛ)²``: the Fisher diagonal from summed gradients.
+
+  ``gᵢₛ = Jᵢᵀ cᵢₛ`` is example ``i``'s gradient for the sampled cotangent
+  ``cᵢₛ``. The cotangents of the true Fisher (sampled targets) and of
+  curvature propagation have mean zero and are drawn independently per
+  example, so the cross terms ``gᵢₛ gⱼₛ`` (``i ≠ j``) vanish in expectation
+  and ``E[(Σᵢ gᵢₛ)²] = Σᵢ E[gᵢₛ²]``: the estimate is unbiased, with a
+  variance about ``N`` times the per-example one (the "square the sum"
+  estimator of the TensorFlow K-FAC library's ``NaiveDiagonalFactor``). It
+  needs no per-example pass.
+  """
+  return tuple(jnp.mean(s.astype(_blocks.accumulation_dtype(s.dtype)) ** 2,
+                        axis=0) / num_examples for s in sums)
 
 
 # Blocks -----------------------------------------------------------------------
@@ -891,6 +930,8 @@ def scale_by_kfac(
     weight_sharing: str = "expand",
     example_batch: Any = None,
     distribute_inverses: bool = False,
+    diagonal_estimator: str = "per_example",
+    diagonal_batch_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC direction (Martens & Grosse 2015), layers found automatically.
 
@@ -903,8 +944,16 @@ def scale_by_kfac(
         {\operatorname{tr} G_\ell/\dim G_\ell}}
 
   and every other leaf ``Δ = ∇h / (d + γ²)`` with ``d`` its Monte-Carlo
-  Fisher diagonal. With ``structure="eigen_kronecker"`` (EKFAC, George et
-  al. 2018) a layer gets instead
+  Fisher diagonal: by default the mean of squared per-example gradients
+  over the first ``diagonal_batch_size`` examples (a second, per-example
+  pass through the model), or with ``diagonal_estimator="square_of_sum"``
+  the square of the batch's summed gradient divided by ``N``, which the
+  statistics' backward pass gives at no extra cost (unbiased for sampled
+  targets and curvature propagation, with about ``N`` times the variance;
+  :func:`_square_of_sum`).
+
+  With ``structure="eigen_kronecker"`` (EKFAC, George et al. 2018) a layer
+  gets instead
 
   .. math::
     \Delta_\ell = Q_A\Big[\frac{Q_A^\top \nabla_{\bar W} h\, Q_G}
@@ -1092,6 +1141,15 @@ def scale_by_kfac(
     distribute_inverses: spread each refresh over the devices of
       ``axis_name`` (needs it) instead of computing every inverse on every
       device.
+    diagonal_estimator: ``"per_example"`` (default) or ``"square_of_sum"``
+      (see above): the Fisher diagonal of the leaves outside every layer
+      (LayerNorm scales and biases, position embeddings). ``"square_of_sum"``
+      saves a per-example pass through the model; it needs sampled
+      statistics (not ``"empirical_fisher"``).
+    diagonal_batch_size: leading examples of the statistics batch for the
+      per-example diagonal (``None``: all). The pass costs about a
+      gradient evaluation on that many examples; fewer examples trade
+      variance for time.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -1127,6 +1185,15 @@ def scale_by_kfac(
   _validation.check_choice("statistics", statistics, STATISTICS)
   _validation.check_choice("structure", structure, STRUCTURES)
   _validation.check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+  _validation.check_choice("diagonal_estimator", diagonal_estimator,
+                           DIAGONAL_ESTIMATORS)
+  if (diagonal_estimator == "square_of_sum"
+      and statistics == "empirical_fisher"):
+    raise ValueError(
+        "diagonal_estimator='square_of_sum' needs cotangents of mean zero"
+        " (sampled targets): with statistics='empirical_fisher' the square of"
+        " the summed gradient also holds the squared mean gradient. Use"
+        " diagonal_estimator='per_example', or statistics='true_fisher'.")
   if example_batch is not None:
     example_batch = _layers._abstract(example_batch)  # pylint: disable=protected-access
   if statistics == "curvature_propagation" and getattr(
@@ -1172,6 +1239,14 @@ def scale_by_kfac(
                       ("quadratic_batch_size", quadratic_batch_size)):
     if value is not None:
       _validation.check_static_int(name, value, 1)
+  diagonal_batch_size = _validation.check_optional_static_int(
+      "diagonal_batch_size", diagonal_batch_size, 1)
+  if diagonal_batch_size is not None and diagonal_estimator != "per_example":
+    raise ValueError(
+        "diagonal_batch_size picks the examples of the per-example diagonal"
+        " estimate; diagonal_estimator='square_of_sum' takes the whole"
+        " statistics batch from the pass it already makes. Drop"
+        " diagonal_batch_size, or use diagonal_estimator='per_example'.")
   _losses.check_model(predict_fn, loss)
   axis_name = _validation.check_axis_name(axis_name)
   if distribute_inverses and axis_name is None:
@@ -1238,7 +1313,8 @@ def scale_by_kfac(
       max_factor_dim, targets_fn, axis_name,
       damping_adaptation_decay ** damping_every,
       math.sqrt(19.0 / 20.0) ** gamma_every,
-      weight_sharing, example_batch, bool(distribute_inverses))
+      weight_sharing, example_batch, bool(distribute_inverses),
+      diagonal_estimator, diagonal_batch_size)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -1300,6 +1376,8 @@ class _Config(NamedTuple):
   weight_sharing: str = "expand"
   example_batch: Any = None
   distribute_inverses: bool = False
+  diagonal_estimator: str = "per_example"
+  diagonal_batch_size: Optional[int] = None
 
 
 class _StepPlan(NamedTuple):
@@ -1354,7 +1432,8 @@ def _statistics_stage(config, plan, state, params, key):
   layer_evidence, diagonal = _observe(
       config.predict_fn, config.loss, plan.layers, plan.diag_leaves, params,
       plan.statistics_batch, key, config.statistics, config.num_samples,
-      config.targets_fn, config.axis_name)
+      config.targets_fn, config.axis_name, config.diagonal_estimator,
+      config.diagonal_batch_size)
   paths = leaf_paths(params)
   # Each block's evidence: LayerEvidence, or the diagonal block's estimates.
   evidence: dict[str, Any] = {
@@ -1560,6 +1639,8 @@ def kfac(
     weight_sharing: str = "expand",
     example_batch: Any = None,
     distribute_inverses: bool = False,
+    diagonal_estimator: str = "per_example",
+    diagonal_batch_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC optimizer (Martens & Grosse 2015) as an ``optax.chain``.
 
@@ -1609,6 +1690,11 @@ def kfac(
     example_batch: a batch whose shapes reserve the factors at ``init``.
     distribute_inverses: spread the refreshes over the devices of
       ``axis_name``.
+    diagonal_estimator: ``"per_example"`` or ``"square_of_sum"``: how the
+      leaves outside every layer get their Fisher diagonal (see
+      :func:`scale_by_kfac`).
+    diagonal_batch_size: examples for the per-example diagonal (``None``:
+      all).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1645,7 +1731,9 @@ def kfac(
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,
       targets_fn=targets_fn, seed=seed, axis_name=axis_name,
       weight_sharing=weight_sharing, example_batch=example_batch,
-      distribute_inverses=distribute_inverses)]
+      distribute_inverses=distribute_inverses,
+      diagonal_estimator=diagonal_estimator,
+      diagonal_batch_size=diagonal_batch_size)]
   if not adaptive and not (isinstance(momentum, (int, float))
                            and momentum == 0):
     parts.append(_momentum.scale_by_momentum(momentum))

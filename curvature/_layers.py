@@ -894,10 +894,10 @@ def tapped_forward(
     layers: tuple,
     params: Any,
     batch: Any,
-) -> tuple[Callable[[tuple], tuple], tuple]:
-  """``perturbations ↦ (outputs, use inputs)`` for the given layers.
+) -> tuple[Callable[..., tuple], tuple]:
+  """``(perturbations, at=params) ↦ (outputs, use inputs)`` for the layers.
 
-  The returned function evaluates ``predict_fn(params, batch)`` with
+  The returned function evaluates ``predict_fn(at, batch)`` with
   ``perturbations[k]`` (zeros of the shape of use ``k``'s raw output) added
   to use ``k``'s output, and also returns every use's input operand. Uses
   are numbered layer by layer (:func:`layer_uses`); a layer used once has
@@ -912,7 +912,9 @@ def tapped_forward(
     batch: the batch.
 
   Returns:
-    ``(fn, zeros)``: the function, and the zero perturbations.
+    ``(fn, zeros)``: the function, and the zero perturbations. ``fn``'s
+    ``at`` (parameters shaped like ``params``) is what to evaluate at: its
+    VJP with respect to ``at`` gives parameter gradients from the same pass.
   """
   closed, out_shape = jax.make_jaxpr(predict_fn, return_shape=True)(
       _abstract(params), _abstract(batch))
@@ -922,10 +924,11 @@ def tapped_forward(
   zeros = tuple(jnp.zeros(s, d) for s, d in shapes)
   args = jax.tree.leaves((params, batch))
 
-  def fn(perturbations):
+  def fn(perturbations, at=None):
     record = [None] * len(uses)
-    flat = _evaluate(closed.jaxpr, closed.consts, args, taps, (), record,
-                     perturbations)
+    flat = _evaluate(closed.jaxpr, closed.consts,
+                     args if at is None else jax.tree.leaves((at, batch)),
+                     taps, (), record, perturbations)
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat), tuple(
         record)
 

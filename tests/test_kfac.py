@@ -268,6 +268,18 @@ def test_summary_reports_fallbacks_and_overrides():
 
 def test_bad_input():
   params, batch = classification_problem(n=8, sizes=(4, 5, 3))
+  with pytest.raises(ValueError, match="diagonal_estimator='per_example'"):
+    curvature.kfac(predict_fn=mlp_predict, loss=CE,
+                   statistics="empirical_fisher",
+                   diagonal_estimator="square_of_sum")
+  with pytest.raises(ValueError, match="diagonal_estimator"):
+    curvature.scale_by_kfac(mlp_predict, CE, diagonal_estimator="sum")
+  with pytest.raises(ValueError, match="Drop diagonal_batch_size"):
+    curvature.kfac(predict_fn=mlp_predict, loss=CE, diagonal_batch_size=4,
+                   diagonal_estimator="square_of_sum")
+  for bad in (0, 2.5):
+    with pytest.raises((ValueError, TypeError), match="diagonal_batch_size"):
+      curvature.kfac(predict_fn=mlp_predict, loss=CE, diagonal_batch_size=bad)
   with pytest.raises(ValueError, match="do not exist"):
     curvature.scale_by_kfac(mlp_predict, CE,
                             layer_overrides={"0/kernel": "dense"}).init(params)
@@ -309,6 +321,103 @@ def test_non_finite_statistics_are_rejected_and_singular_factors_damped():
   zeros = dict(batch, inputs=jnp.zeros_like(batch["inputs"]))
   out, _ = jax.jit(opt.update)(grads, opt.init(params), params, batch=zeros)
   assert np.all(np.isfinite(flat(out)))
+
+
+def _diagonal_problem():
+  """A float64 model whose offset, scale and shift are outside every layer."""
+
+  def predict(p, b):
+    h = jnp.tanh((b["inputs"] + p["offset"]) @ p["w"] + p["b"])
+    return (h @ p["v"]) * p["scale"] + p["shift"]
+
+  keys = jax.random.split(jax.random.key(11), 6)
+  params = {"w": 0.5 * jax.random.normal(keys[0], (4, 5), jnp.float64),
+            "b": 0.1 * jax.random.normal(keys[1], (5,), jnp.float64),
+            "v": 0.5 * jax.random.normal(keys[2], (5, 3), jnp.float64),
+            "offset": 0.1 * jax.random.normal(keys[3], (4,), jnp.float64),
+            "scale": 1.0 + 0.1 * jax.random.normal(keys[4], (3,),
+                                                   jnp.float64),
+            "shift": jnp.zeros(3, jnp.float64)}
+  batch = {"inputs": jax.random.normal(keys[5], (6, 4), jnp.float64),
+           "targets": jnp.arange(6) % 3}
+  return predict, params, batch
+
+
+@pytest.mark.parametrize("statistics", ["true_fisher", "curvature_propagation"])
+def test_diagonal_estimators_average_to_the_fisher_diagonal(statistics):
+  # Both estimators of the diagonal leaves' Fisher diagonal (and the
+  # per-example one on a subset), averaged over 4000 draws, within 5
+  # standard errors (of that average, from the draws) of the dense Fisher's
+  # diagonal; the layers' evidence is the same for both estimators.
+  predict, params, batch = _diagonal_problem()
+  layers, _ = _kfac._plan(predict, params, batch, {}, 4096)
+  paths = _kfac.leaf_paths(params)
+  diag_leaves = tuple(i for i, p in enumerate(paths)
+                      if p in ("offset", "scale", "shift"))
+  assert {paths[layer.kernel] for layer in layers} == {"v", "w"}
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  starts = np.cumsum([0] + sizes)
+
+  def exact(examples):
+    fisher = np.diag(dense_softmax_fisher(
+        predict, params, jax.tree.map(lambda x: x[:examples], batch)))
+    return np.concatenate([fisher[starts[i]:starts[i + 1]]
+                           for i in diag_leaves])
+
+  def draws(estimator, examples=None):
+    observe = lambda key: _kfac._observe(
+        predict, CE, layers, diag_leaves, params, batch, key, statistics, 1,
+        lambda b: b["targets"], None, estimator, examples)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    evidence, diagonal = jax.jit(jax.vmap(observe))(keys)
+    return evidence, np.concatenate(
+        [np.asarray(d).reshape(len(keys), -1) for d in diagonal], axis=1)
+
+  (per_evidence, per_example), (sum_evidence, summed) = (
+      draws("per_example"), draws("square_of_sum"))
+  # diagonal_batch_size=3: the Fisher diagonal of the first three examples.
+  _, first_three = draws("per_example", 3)
+  for estimates, examples in ((per_example, 6), (summed, 6),
+                              (first_three, 3)):
+    error = np.abs(estimates.mean(axis=0) - exact(examples))
+    standard_error = estimates.std(axis=0) / np.sqrt(len(estimates))
+    assert np.all(error <= 5 * standard_error + 1e-12), (error,
+                                                         standard_error)
+  # The summed estimator is the noisier one (about N times the variance).
+  assert np.all(summed.var(axis=0) > per_example.var(axis=0))
+  for a, b in zip(jax.tree.leaves(per_evidence), jax.tree.leaves(sum_evidence)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_square_of_sum_diagonal_trains_and_skips_the_per_example_pass():
+  predict, params, batch = _diagonal_problem()
+  loss_fn = lambda p: CE.value(predict(p, batch), batch["targets"])
+  opt = curvature.kfac(0.1, predict_fn=predict, loss=CE, initial_damping=0.1,
+                       diagonal_estimator="square_of_sum")
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s):
+    u, s = opt.update(jax.grad(loss_fn)(p), s, p, batch=batch)
+    return optax.apply_updates(p, u), s
+
+  start = loss_fn(params)
+  for _ in range(20):
+    params, state = step(params, state)
+  assert step._cache_size() == 1
+  assert loss_fn(params) < 0.1 * start
+  # One batched forward pass gives the statistics of both kinds of block:
+  # no per-example (vmapped) evaluation of the model is traced.
+  grads = jax.grad(loss_fn)(params)
+
+  def tanh_count(estimator):
+    transform = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2,
+                                        diagonal_estimator=estimator)
+    jaxpr = jax.make_jaxpr(lambda p: transform.update(
+        grads, transform.init(p), p, batch=batch))(params)
+    return str(jaxpr).count("tanh")
+
+  assert tanh_count("square_of_sum") < tanh_count("per_example")
 
 
 def test_inverses_refresh_every_t_steps_under_jit():
