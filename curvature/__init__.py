@@ -59,6 +59,8 @@ from curvature._first_order import heavy_ball
 from curvature._first_order import nesterov
 from curvature._first_order import rmsprop
 from curvature._first_order import sgd
+from curvature._grafting import ScaleByGraftState
+from curvature._grafting import scale_by_graft
 from curvature._hessian_free import PRECONDITIONERS
 from curvature._hessian_free import HessianFreeInfo
 from curvature._hessian_free import ScaleByHessianFreeState
@@ -248,6 +250,7 @@ __all__ = (
     "scale_by_delta_bar_delta",
     "scale_by_diagonal",
     "scale_by_ema",
+    "scale_by_graft",
     "scale_by_hessian_free",
     "scale_by_kfac",
     "scale_by_momentum",
@@ -263,6 +266,7 @@ __all__ = (
     "ScaleByDeltaBarDeltaState",
     "ScaleByDiagonalState",
     "ScaleByEmaState",
+    "ScaleByGraftState",
     "ScaleByHessianFreeState",
     "ScaleByKfacState",
     "ScaleByMomentumState",

@@ -50,6 +50,7 @@ import optax
 from curvature import _blocks
 from curvature import _curvature_diagonals
 from curvature import _damping
+from curvature import _grafting
 from curvature import _layers
 from curvature import _losses
 from curvature import _momentum
@@ -1641,6 +1642,7 @@ def kfac(
     distribute_inverses: bool = False,
     diagonal_estimator: str = "per_example",
     diagonal_batch_size: Optional[int] = None,
+    graft: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""K-FAC optimizer (Martens & Grosse 2015) as an ``optax.chain``.
 
@@ -1652,6 +1654,11 @@ def kfac(
     ``learning_rate`` multiplies that step (keep it 1; ``momentum`` is not
     used) and ``initial_damping`` is ``λ₀`` (M&G use
     150).
+  * ``graft`` (fixed mode only): each leaf's ``Δ`` is rescaled to the norm
+    of ``graft``'s update before the momentum, ``Δ_ℓ‖m_ℓ‖/‖Δ_ℓ‖``
+    (:func:`curvature.scale_by_graft`; Agarwal et al. 2020): K-FAC's
+    direction at, e.g., Adam's per-layer step sizes
+    (``graft=optax.scale_by_adam(b1=0.0)``), as Shampoo is grafted.
 
   See :func:`scale_by_kfac` for every argument.
 
@@ -1695,6 +1702,8 @@ def kfac(
       :func:`scale_by_kfac`).
     diagonal_batch_size: examples for the per-example diagonal (``None``:
       all).
+    graft: an optax transform whose per-leaf norms K-FAC's direction takes
+      (fixed mode), or ``None``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1716,6 +1725,11 @@ def kfac(
     approximate Fisher matrix for convolution layers", ICML 2016.
   """
   _validation.check_learning_rate(learning_rate)
+  if graft is not None and adaptive:
+    raise ValueError(
+        "graft= rescales the fixed-mode direction; with adaptive=True the"
+        " step length comes from the quadratic model (α, μ). Drop graft, or"
+        " use adaptive=False.")
   if initial_damping is None:
     initial_damping = 150.0 if adaptive else 1e-3
   parts: list[optax.GradientTransformation] = [scale_by_kfac(
@@ -1734,6 +1748,8 @@ def kfac(
       distribute_inverses=distribute_inverses,
       diagonal_estimator=diagonal_estimator,
       diagonal_batch_size=diagonal_batch_size)]
+  if graft is not None:
+    parts = [_grafting.scale_by_graft(graft, parts[0])]
   if not adaptive and not (isinstance(momentum, (int, float))
                            and momentum == 0):
     parts.append(_momentum.scale_by_momentum(momentum))

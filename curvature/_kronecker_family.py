@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from curvature import _blocks
+from curvature import _grafting
 from curvature import _kfac
 from curvature import _momentum
 from curvature import _products
@@ -359,10 +360,7 @@ def _graft(blocks, hats, leaves, grafted, damping):
   out = list(grafted)
   for block in matrices.values():
     (i,) = block.leaves
-    norm = jnp.linalg.norm(direction[i])
-    scale = jnp.where(norm > 0, jnp.linalg.norm(grafted[i])
-                      / jnp.where(norm > 0, norm, 1.0), 0.0)
-    out[i] = (direction[i] * scale).astype(grafted[i].dtype)
+    out[i] = _grafting.rescale(direction[i], grafted[i])
   return out
 
 

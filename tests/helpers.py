@@ -321,6 +321,8 @@ class Contract(NamedTuple):
       learning rate of its own: the tests chain it with one.
     moves_without_gradient: may move at a zero gradient (decoupled weight
       decay, as ``optax.adamw``).
+    numeric_hyperparameters: has numeric arguments for
+      ``inject_hyperparams`` to inject (a combinator of transforms has none).
   """
 
   name: str
@@ -337,6 +339,7 @@ class Contract(NamedTuple):
   reads_batch: bool = False
   chain_learning_rate: bool = False
   moves_without_gradient: bool = False
+  numeric_hyperparameters: bool = True
 
   def build(self, **overrides) -> optax.GradientTransformation:
     """``factory(**kwargs, **overrides)``, chained with a learning rate if
@@ -471,6 +474,12 @@ CONTRACT_TABLE = (
              dict(inverse_every=2, statistics_decay=0.9,
                   graft=optax.scale_by_adam(b1=0.0)),
              self_rejecting=True, chain_learning_rate=True),
+    Contract("scale_by_graft", curvature.scale_by_graft,
+             dict(magnitude=optax.scale_by_adam(b1=0.0),
+                  direction=curvature.scale_by_kfac(initial_damping=0.1,
+                                                    **_MODEL)),
+             self_rejecting=True, reads_batch=True, first_order=True,
+             chain_learning_rate=True, numeric_hyperparameters=False),
     Contract("soap", curvature.soap,
              dict(learning_rate=0.01, inverse_every=2, weight_decay=1e-4),
              self_rejecting=True, moves_without_gradient=True),

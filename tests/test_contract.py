@@ -83,7 +83,8 @@ def test_inject_hyperparams(name):
   params2, _, _ = step(params1, state1, batch)
   assert len(traces) == 1
   assert np.all(np.isfinite(flat(params2)))
-  assert hyperparams  # At least one numeric hyperparameter is injected.
+  # At least one numeric hyperparameter is injected, where there are any.
+  assert bool(hyperparams) == row.numeric_hyperparameters
 
 
 @pytest.mark.parametrize("name", helpers.contract_names(
