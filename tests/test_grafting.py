@@ -10,6 +10,7 @@ import curvature
 from helpers import classification_problem
 from helpers import flat
 from helpers import mlp_predict
+from helpers import train_steps
 
 CE = curvature.losses.softmax_cross_entropy
 
@@ -71,17 +72,8 @@ def test_kfac_direction_at_adam_step_sizes_passes_the_batch():
 
   # A chained, grafted K-FAC trains the small model.
   opt = optax.chain(graft, optax.scale_by_learning_rate(0.05))
-  opt_state = opt.init(params)
-
-  @jax.jit
-  def step(p, s):
-    u, s = opt.update(jax.grad(loss_fn)(p), s, p, batch=batch)
-    return optax.apply_updates(p, u), s
-
-  start = loss_fn(params)
-  for _ in range(30):
-    params, opt_state = step(params, opt_state)
-  assert loss_fn(params) < 0.5 * start
+  trained, _ = train_steps(opt, params, batch, CE, steps=30)
+  assert loss_fn(trained) < 0.5 * loss_fn(params)
 
 
 def test_a_zero_direction_leaf_gives_a_zero_update():
