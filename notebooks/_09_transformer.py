@@ -31,8 +31,11 @@ the same batches and initialization by
   `optax.schedules`), each learning rate of a small grid: its lowest
   validation loss is the target;
 * **K-FAC-reduce** and **K-FAC-expand** (momentum 0.9, the same schedule),
-  **Shampoo** and **SOAP**, each learning rate of a small grid, stopping at
-  the target; the best rate reaches it in the fewest steps.
+  **K-FAC-reduce grafted onto Adam** (`kfac_graft`: each layer takes
+  K-FAC's direction at the norm of Adam's update, `graft=` of
+  `curvature.kfac`, as Shampoo is grafted), **Shampoo** and **SOAP**, each
+  learning rate of a small grid, stopping at the target; the best rate
+  reaches it in the fewest steps.
 
 The clock counts only the jitted training steps, compiled before timing; the
 step-time ratios are medians of interleaved steps. Set `CURVATURE_FAST=1` for
@@ -77,13 +80,20 @@ why. The kernels of both stacked blocks (scanned by `lax.scan`) get one
 Kronecker block per layer; the token embedding is one layer with two uses
 (the lookup and the tied output layer `h @ Eᵀ`); the layer norms and the
 position embedding keep a diagonal block. Its last line is the share of the
-parameters in Kronecker blocks.
+parameters in Kronecker blocks. The diagonal blocks' Fisher diagonal comes
+from per-example gradients of the leading examples of each batch (how many
+is printed below; `diagonal_batch_size`), the Kronecker factors from every
+example.
 """),
     ("code", r"""
 example = bench.sample_batch(jax.random.key(0), jnp.asarray(data["train"]),
                              config)
 model = bench.predict_fn(config)
 print(curvature.kfac_summary(model, params, example, example_batch=example))
+diagonal_examples = min(config.kfac_diagonal_batch or config.batch,
+                        config.batch)
+print(f"diagonal blocks: per-example gradients of {diagonal_examples} of"
+      f" the {config.batch} examples of each batch")
 """),
     ("md", r"""
 ## Training: every row against AdamW's best validation loss
@@ -152,14 +162,15 @@ Each verdict below is computed from the figures above
 (`bench.verdicts`).
 """),
     ("code", r"""
+print(f"({'fast' if FAST else 'full'} mode)")
 print("\n".join(bench.verdicts(summary, config)))
 """),
     ("md", r"""
 **Caveats.** One seed, one small model and a short run on a shared CPU;
 the step times depend on the machine (on an accelerator the Kronecker
 factors' inversions cost relatively less). The learning-rate grids are
-small. The committed outputs are from the fast mode; the full experiment
-is `python benchmarks/transformer.py` (or this notebook without
-`CURVATURE_FAST`).
+small. The mode of the committed run is printed above the verdicts; the
+full experiment is `python benchmarks/transformer.py` (or this notebook
+without `CURVATURE_FAST`).
 """),
 ]
