@@ -1725,6 +1725,11 @@ def kfac(
     approximate Fisher matrix for convolution layers", ICML 2016.
   """
   _validation.check_learning_rate(learning_rate)
+  if graft is not None and not isinstance(graft,
+                                          optax.GradientTransformation):
+    raise TypeError(
+        f"`graft` must be an optax.GradientTransformation, got {graft!r}."
+        " Pass e.g. graft=optax.scale_by_adam(b1=0.0), or None.")
   if graft is not None and adaptive:
     raise ValueError(
         "graft= rescales the fixed-mode direction; with adaptive=True the"

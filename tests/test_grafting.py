@@ -124,6 +124,8 @@ def test_kfac_alias_graft_is_the_graft_chain():
     out, state = opt.update(grads, state, params, batch=batch)
     expected, want_state = want.update(grads, want_state, params, batch=batch)
     np.testing.assert_allclose(flat(out), flat(expected), rtol=1e-10)
+  with pytest.raises(TypeError, match="graft=optax.scale_by_adam"):
+    curvature.kfac(0.1, predict_fn=mlp_predict, loss=CE, graft=optax.adam)
   with pytest.raises(ValueError, match="Drop graft"):
     curvature.kfac(1.0, predict_fn=mlp_predict, loss=CE, adaptive=True,
                    graft=adam)
