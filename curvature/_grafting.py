@@ -113,12 +113,10 @@ def scale_by_graft(
     out = jax.tree.map(rescale, d, m)
     ok = (_validation.all_finite(updates) & _validation.all_finite(m)
           & _validation.all_finite(out))
-    keep = lambda new, old: jax.tree.map(
-        lambda x, y: jnp.where(ok, x, y), new, old)
     out = optax.tree.where(ok, out, optax.tree.zeros_like(out))
     return out, ScaleByGraftState(
-        keep(magnitude_state, state.magnitude),
-        keep(direction_state, state.direction),
+        optax.tree.where(ok, magnitude_state, state.magnitude),
+        optax.tree.where(ok, direction_state, state.direction),
         state.rejected_steps + (~ok).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
