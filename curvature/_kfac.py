@@ -669,7 +669,8 @@ def _layer_evidence(layers, inputs, output_grads, num_examples):
 
 def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
              statistics, num_samples, targets_fn, axis_name,
-             diagonal_estimator="per_example", diagonal_batch_size=None):
+             diagonal_estimator="per_example", diagonal_batch_size=None,
+             linearize=False):
   """One forward and one vectorized backward pass: the evidence per block.
 
   The diagonal leaves' estimates come from a second, per-example pass over
@@ -677,8 +678,16 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   "per_example"``) or from the same backward pass (``"square_of_sum"``,
   :func:`_square_of_sum`).
 
+  With ``linearize`` the forward pass is a ``jax.linearize`` in both the
+  perturbations and the parameters, and the backward pass its transpose
+  (what ``jax.vjp`` does inside): the same pass then also gives the
+  Jacobian-vector products of the adaptive mode's quadratic model, which
+  otherwise needs a forward pass of its own (:func:`_quadratic_model`).
+
   Returns:
-    ``(layer evidence list, diagonal estimates of diag_leaves)``.
+    ``(layer evidence list, diagonal estimates of diag_leaves, model)``,
+    ``model`` the ``(outputs, v ↦ J v)`` of :func:`_quadratic_model` with
+    ``linearize``, else ``None``.
   """
   num_examples = _products.batch_size(batch, targets_fn)
   params = _products.as_varying(params, axis_name)
@@ -695,7 +704,12 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
     return fn(perturbations, treedef.unflatten(full))
 
   sub = tuple(leaves[i] for i in diag_leaves) if summed else ()
-  outputs, vjp_fn, inputs = jax.vjp(tapped, zeros, sub, has_aux=True)
+  model = None
+  if linearize:
+    outputs, vjp_fn, model, inputs = _linearized_tapped(
+        fn, zeros, params, diag_leaves, summed)
+  else:
+    outputs, vjp_fn, inputs = jax.vjp(tapped, zeros, sub, has_aux=True)
   _check_outputs(outputs, num_examples)
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
@@ -720,7 +734,32 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
         lambda c: _curvature_diagonals.squared_vjp_mean(
             sub_predict, sub, _products.take_examples(batch, k), c[:k]), cots)
     diagonal = tuple(jnp.mean(x, axis=0) for x in per_sample)
-  return evidence, diagonal
+  return evidence, diagonal, model
+
+
+def _linearized_tapped(fn, zeros, params, diag_leaves, summed):
+  """``fn`` (of :func:`_layers.tapped_forward`) linearized in the
+  perturbations and all the parameters.
+
+  Returns:
+    ``(outputs, vjp_fn, (outputs, jvp_fn), inputs)``: ``vjp_fn`` maps an
+    output cotangent to the perturbations' cotangents and, if ``summed``,
+    the diagonal leaves' (as ``jax.vjp`` of :func:`_observe`'s ``tapped``
+    would; the other parameters' cotangents are never used, so XLA drops
+    them), ``jvp_fn`` a parameter tangent to ``J v``.
+  """
+  outputs, lin_fn, inputs = jax.linearize(fn, zeros, params, has_aux=True)
+  transpose = jax.linear_transpose(lin_fn, zeros, params)
+
+  def vjp_fn(cotangent):
+    d_perturbations, d_params = transpose(cotangent)
+    flat = jax.tree.leaves(d_params)
+    return d_perturbations, (tuple(flat[i] for i in diag_leaves) if summed
+                             else ())
+
+  zero_perturbations = jax.tree.map(jnp.zeros_like, zeros)
+  return outputs, vjp_fn, (outputs, lambda v: lin_fn(zero_perturbations, v)
+                           ), inputs
 
 
 def _square_of_sum(sums, num_examples):
@@ -811,15 +850,17 @@ def _diagonal_block(params, diag_leaves, axis_name):
 
 
 def _quadratic_model(predict_fn, loss, params, batch, l2_reg, targets_fn,
-                     axis_name):
+                     axis_name, linearized=None):
   """``vectors ↦ [vᵢᵀ C vⱼ]`` (C the GGN + ηI) and ``f(θ)``, one linearization.
 
   Only Jacobian-vector products are needed: ``vᵢᵀ Jᵀ H J vⱼ = (J vᵢ)ᵀ H (J
   vⱼ)`` with the loss's closed-form output Hessian ``H``. With
-  ``axis_name`` the batch means are ``pmean``-ed over it.
+  ``axis_name`` the batch means are ``pmean``-ed over it. ``linearized``,
+  ``(outputs, v ↦ J v)`` at ``params`` on ``batch`` (the statistics pass's,
+  :func:`_observe`), saves the forward pass of ``jax.linearize``.
   """
   targets = targets_fn(batch)
-  outputs, jvp_fn = jax.linearize(
+  outputs, jvp_fn = linearized or jax.linearize(
       lambda p: predict_fn(p, batch), _products.as_varying(params, axis_name))
   value = _products.batch_mean(loss.value(outputs, targets), axis_name)
   value = value + 0.5 * l2_reg * optax.tree.norm(params, squared=True)
@@ -1322,13 +1363,14 @@ def scale_by_kfac(
     _validation.check_update_args("scale_by_kfac", updates, params, batch)
     plan = _plan_step(config, params, batch)
     key, sample_key = jax.random.split(state.key)
-    states, statistics_count, finite, rejected = _statistics_stage(
-        config, plan, state, params, sample_key)
+    states, statistics_count, finite, rejected, linearized = (
+        _statistics_stage(config, plan, state, params, sample_key))
     grad = optax.tree.add_scale(
         _products.batch_mean(updates, axis_name), l2_reg, params)
     if adaptive:
       step, states = _adaptive_stage(config, plan, state, states,
-                                     statistics_count, params, batch, grad)
+                                     statistics_count, params, grad,
+                                     linearized)
     else:
       hats = _blocks.estimates(plan.blocks, states, statistics_count, decay,
                                averaging)
@@ -1389,8 +1431,12 @@ class _StepPlan(NamedTuple):
   diag_leaves: tuple
   batch: Any  # the whole batch
   statistics_batch: Any
+  quadratic_batch: Any  # adaptive mode: the exact quadratic model's
   num_examples: int
   treedef: Any
+  # Adaptive mode, the quadratic model on the statistics' batch: one
+  # linearization serves both (:func:`_observe`).
+  shares_pass: bool = False
 
 
 def _damping_now(config, state):
@@ -1407,8 +1453,12 @@ def _damping_now(config, state):
 def _plan_step(config, params, batch) -> _StepPlan:
   """Stage 1: split the batch, discover the layers, build the blocks."""
   num_examples = _products.batch_size(batch, config.targets_fn)
-  stats_batch = _products.take_examples(
-      batch, min(config.statistics_batch_size or num_examples, num_examples))
+  stats_size = min(config.statistics_batch_size or num_examples,
+                   num_examples)
+  quadratic_size = min(config.quadratic_batch_size or num_examples,
+                       num_examples)
+  stats_batch = _products.take_examples(batch, stats_size)
+  quadratic_batch = _products.take_examples(batch, quadratic_size)
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
                     config.max_factor_dim, config.example_batch,
                     config.structure)
@@ -1421,20 +1471,23 @@ def _plan_step(config, params, batch) -> _StepPlan:
                        config.weight_sharing)
   blocks["diagonal"] = _diagonal_block(params, diag_leaves, config.axis_name)
   return _StepPlan(blocks, layers, diag_leaves, batch, stats_batch,
-                   num_examples, jax.tree.structure(params))
+                   quadratic_batch, num_examples, jax.tree.structure(params),
+                   config.adaptive and quadratic_size == stats_size)
 
 
 def _statistics_stage(config, plan, state, params, key):
   """Stage 2: observe, average, refresh and re-fit (EKFAC).
 
   Returns:
-    ``(states, statistics_count, finite, rejected_refreshes)``.
+    ``(states, statistics_count, finite, rejected_refreshes, linearized)``,
+    ``linearized`` the quadratic model's ``(outputs, v ↦ J v)`` from the
+    same pass when ``plan.shares_pass``, else ``None``.
   """
-  layer_evidence, diagonal = _observe(
+  layer_evidence, diagonal, linearized = _observe(
       config.predict_fn, config.loss, plan.layers, plan.diag_leaves, params,
       plan.statistics_batch, key, config.statistics, config.num_samples,
       config.targets_fn, config.axis_name, config.diagonal_estimator,
-      config.diagonal_batch_size)
+      config.diagonal_batch_size, linearize=plan.shares_pass)
   paths = leaf_paths(params)
   # Each block's evidence: LayerEvidence, or the diagonal block's estimates.
   evidence: dict[str, Any] = {
@@ -1455,7 +1508,7 @@ def _statistics_stage(config, plan, state, params, key):
       axis_name=config.axis_name if config.distribute_inverses else None)
   states = _blocks.refit(plan.blocks, states, evidence, count, config.decay,
                          config.averaging, finite)
-  return states, count, finite, rejected
+  return states, count, finite, rejected, linearized
 
 
 def _direction(plan, hats, grad, gamma):
@@ -1475,16 +1528,14 @@ class _AdaptiveOutcome(NamedTuple):
 
 
 def _adaptive_stage(config, plan, state, states, statistics_count, params,
-                    batch, grad):
+                    grad, linearized):
   """Stage 3 (adaptive mode): γ search, (α, μ), Levenberg-Marquardt on ρ."""
   hats = _blocks.estimates(plan.blocks, states, statistics_count,
                            config.decay, config.averaging)
-  q_batch = _products.take_examples(
-      batch, min(config.quadratic_batch_size or plan.num_examples,
-                 plan.num_examples))
+  q_batch = plan.quadratic_batch
   forms, value = _quadratic_model(config.predict_fn, config.loss, params,
                                   q_batch, config.l2_reg, config.targets_fn,
-                                  config.axis_name)
+                                  config.axis_name, linearized)
   damping = _damping_now(config, state)
   gamma = (state.gamma if config.gamma_search
            else jnp.sqrt(damping + config.l2_reg))
@@ -1825,7 +1876,7 @@ def kfac_preconditioner(
     plan = _plan_step(config, params, batch)
     key, sample_key = jax.random.split(state.key)
     state = state._replace(damping=jnp.asarray(damping, state.damping.dtype))
-    states, count, finite, rejected = _statistics_stage(
+    states, count, finite, rejected, _ = _statistics_stage(
         config, plan, state, params, sample_key)
     hats = _blocks.estimates(plan.blocks, states, count, decay, "ema")
     gamma = jnp.sqrt(state.damping + l2_reg)

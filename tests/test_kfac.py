@@ -369,7 +369,7 @@ def test_diagonal_estimators_average_to_the_fisher_diagonal(statistics):
         predict, CE, layers, diag_leaves, params, batch, key, statistics, 1,
         lambda b: b["targets"], None, estimator, examples)
     keys = jax.random.split(jax.random.key(0), 4000)
-    evidence, diagonal = jax.jit(jax.vmap(observe))(keys)
+    evidence, diagonal, _ = jax.jit(jax.vmap(observe))(keys)
     return evidence, np.concatenate(
         [np.asarray(d).reshape(len(keys), -1) for d in diagonal], axis=1)
 
@@ -418,6 +418,63 @@ def test_square_of_sum_diagonal_trains_and_skips_the_per_example_pass():
     return str(jaxpr).count("tanh")
 
   assert tanh_count("square_of_sum") < tanh_count("per_example")
+
+
+# Every accepted pair (square_of_sum with the empirical Fisher is refused).
+@pytest.mark.parametrize("statistics, estimator", [
+    ("true_fisher", "per_example"), ("true_fisher", "square_of_sum"),
+    ("curvature_propagation", "per_example"),
+    ("curvature_propagation", "square_of_sum"),
+    ("empirical_fisher", "per_example")])
+def test_linearized_statistics_pass_matches_the_vjp_pass(statistics,
+                                                         estimator):
+  """The adaptive mode's shared pass (``jax.linearize`` and its transpose)
+  gives the vjp pass's evidence, and ``J v`` and the outputs of the model."""
+  predict, params, batch = _diagonal_problem()
+  layers, _ = _kfac._plan(predict, params, batch, {}, 4096)
+  in_layer = {layer.kernel for layer in layers} | {layer.bias for layer in
+                                                   layers}
+  diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
+                      if i not in in_layer)
+  key = jax.random.key(3)
+
+  def observe(linearize):
+    return _kfac._observe(predict, CE, layers, diag_leaves, params, batch,
+                          key, statistics, 2, lambda b: b["targets"], None,
+                          estimator, None, linearize=linearize)
+
+  evidence, diagonal, model = observe(False)
+  shared_evidence, shared_diagonal, shared_model = observe(True)
+  assert model is None
+  for x, y in zip(jax.tree.leaves((evidence, diagonal)),
+                  jax.tree.leaves((shared_evidence, shared_diagonal))):
+    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+  outputs, jvp_fn = shared_model
+  tangent = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size) + 1.0)
+                         .reshape(x.shape), params)
+  expected_outputs, expected_jvp = jax.jvp(lambda p: predict(p, batch),
+                                           (params,), (tangent,))
+  np.testing.assert_allclose(outputs, expected_outputs, rtol=1e-12)
+  np.testing.assert_allclose(jvp_fn(tangent), expected_jvp, rtol=1e-12)
+
+
+def test_adaptive_step_shares_the_statistics_forward_pass():
+  """With the quadratic model on the statistics' batch (the default), the
+  adaptive step evaluates the model once fewer than with another batch."""
+  predict, params, batch = _diagonal_problem()
+  grads = jax.grad(lambda p: CE.value(predict(p, batch),
+                                      batch["targets"]))(params)
+
+  def tanh_count(quadratic_batch_size):
+    transform = curvature.scale_by_kfac(
+        predict, CE, adaptive=True, initial_damping=1.0,
+        quadratic_batch_size=quadratic_batch_size,
+        diagonal_estimator="square_of_sum")
+    jaxpr = jax.make_jaxpr(lambda p: transform.update(
+        grads, transform.init(p), p, batch=batch))(params)
+    return str(jaxpr).count("tanh")
+
+  assert tanh_count(None) == tanh_count(5) - 1
 
 
 def test_inverses_refresh_every_t_steps_under_jit():
