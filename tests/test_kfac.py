@@ -1202,6 +1202,15 @@ def test_damping_adaptation_decay_outside_0_1_is_refused(bad):
                    damping_adaptation_decay=bad)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("damping_every", dict(damping_every=10**6)),
+    ("gamma_every", dict(gamma_every=10**6, gamma_search=True))])
+def test_a_period_whose_adjustment_factor_underflows_is_refused(name, kwargs):
+  """(19/20)^T underflows to 0 for a huge period: λ/ω would divide by 0."""
+  with pytest.raises(ValueError, match=name):
+    curvature.scale_by_kfac(mlp_predict, CE, adaptive=True, **kwargs)
+
+
 def test_step_curvature_is_the_rayleigh_quotient_of_the_ggn():
   params, batch = classification_problem(n=8, sizes=(4, 5, 3))
   forms, _ = _kfac._quadratic_model(mlp_predict, CE, params, batch, 0.1,
