@@ -1032,7 +1032,11 @@ def scale_by_kfac(
     ``ρ < ¼ → λ ← λ/ω₁``, ``ω₁ = d^T₁`` (``d`` is
     ``damping_adaptation_decay``, 19/20 in M&G), where
     ``q = δᵀCδ / δᵀδ`` is the exact curvature along the step just taken
-    (from the same two products). The cap ``min(λ, q)`` is ours; without
+    (from the same two products). When the quadratic model's batch is the
+    statistics' (the default), one linearization of the model serves both:
+    the statistics' backward pass is its transpose and the two products
+    are its Jacobian-vector products, so the step costs one forward pass
+    fewer than two separate passes. The cap ``min(λ, q)`` is ours; without
     it this is M&G's rule (§6.5). Why: with the optimal ``(α, μ)``,
     ``M(δ) = −½δᵀ(C + λI)δ``, so where ``h`` follows its undamped quadratic
     ``ρ = (q + 2λ)/(q + λ)``, between 1 and 2; ``ρ ≈ 2`` says the damping,
