@@ -1279,20 +1279,6 @@ def scale_by_kfac(
   _validation.check_in_interval("damping_adaptation_decay",
                                 damping_adaptation_decay, 0, 1, fix=decay_fix)
   gamma_every = _validation.check_static_int("gamma_every", gamma_every, 1)
-  omega1 = damping_adaptation_decay ** damping_every
-  if omega1 == 0.0:
-    raise ValueError(
-        f"damping_adaptation_decay ** damping_every = "
-        f"{damping_adaptation_decay} ** {damping_every} underflows to 0, so"
-        " one adjustment would send the damping to a bound. Lower"
-        " damping_every, or keep the damping fixed with adapt_damping=False"
-        " (scale_by_kfac).")
-  omega2 = math.sqrt(19.0 / 20.0) ** gamma_every
-  if omega2 == 0.0:
-    raise ValueError(
-        f"gamma_every={gamma_every} makes the γ search's factor (19/20)^"
-        "(T₂/2) underflow to 0: lower gamma_every, or pass"
-        " gamma_search=False.")
   max_factor_dim = _validation.check_static_int(
       "max_factor_dim", max_factor_dim, 1)
   for name, value in (("statistics_batch_size", statistics_batch_size),
@@ -1322,6 +1308,19 @@ def scale_by_kfac(
     adapt_damping = adaptive
   if gamma_search is None:
     gamma_search = False
+  omega1 = damping_adaptation_decay ** damping_every
+  if omega1 == 0.0 and adapt_damping:
+    raise ValueError(
+        f"damping_adaptation_decay ** damping_every = "
+        f"{damping_adaptation_decay} ** {damping_every} underflows to 0, so"
+        " one adjustment would send the damping to a bound. Lower"
+        " damping_every, or keep the damping fixed with adapt_damping=False.")
+  omega2 = math.sqrt(19.0 / 20.0) ** gamma_every
+  if omega2 == 0.0 and gamma_search:
+    raise ValueError(
+        f"gamma_every={gamma_every} makes the γ search's factor (19/20)^"
+        "(T₂/2) underflow to 0: lower gamma_every, or pass"
+        " gamma_search=False.")
   for name, flag in (("adapt_damping", adapt_damping),
                      ("gamma_search", gamma_search)):
     if flag and not adaptive:
