@@ -1309,7 +1309,9 @@ def scale_by_kfac(
   if gamma_search is None:
     gamma_search = False
   omega1 = damping_adaptation_decay ** damping_every
-  if omega1 == 0.0 and adapt_damping:
+  # Only a Python number can be checked at construction: a decay given
+  # through curvature.inject_hyperparams arrives traced.
+  if adapt_damping and isinstance(omega1, float) and omega1 == 0.0:
     raise ValueError(
         f"damping_adaptation_decay ** damping_every = "
         f"{damping_adaptation_decay} ** {damping_every} underflows to 0, so"
