@@ -695,21 +695,13 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   fn, zeros = _layers.tapped_forward(predict_fn, layers, params, batch)
   zeros = _products.as_varying(zeros, axis_name)
   summed = bool(diag_leaves) and diagonal_estimator == "square_of_sum"
-  leaves, treedef = jax.tree.flatten(params)
-
-  def tapped(perturbations, sub):
-    full = list(leaves)
-    for i, x in zip(diag_leaves, sub):
-      full[i] = x
-    return fn(perturbations, treedef.unflatten(full))
-
-  sub = tuple(leaves[i] for i in diag_leaves) if summed else ()
   model = None
   if linearize:
     outputs, vjp_fn, model, inputs = _linearized_tapped(
         fn, zeros, params, diag_leaves, summed)
   else:
-    outputs, vjp_fn, inputs = jax.vjp(tapped, zeros, sub, has_aux=True)
+    outputs, vjp_fn, inputs = _tapped_vjp(fn, zeros, params, diag_leaves,
+                                          summed)
   _check_outputs(outputs, num_examples)
   outputs = jax.lax.stop_gradient(outputs)
   if statistics == "empirical_fisher":
@@ -737,6 +729,26 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   return evidence, diagonal, model
 
 
+def _tapped_vjp(fn, zeros, params, diag_leaves, summed):
+  """``jax.vjp`` of ``fn`` (of :func:`_layers.tapped_forward`) in the
+  perturbations and, if ``summed``, the diagonal leaves only.
+
+  Returns:
+    ``(outputs, vjp_fn, inputs)``, ``vjp_fn`` as in
+    :func:`_linearized_tapped`.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+
+  def tapped(perturbations, sub):
+    full = list(leaves)
+    for i, x in zip(diag_leaves, sub):
+      full[i] = x
+    return fn(perturbations, treedef.unflatten(full))
+
+  sub = tuple(leaves[i] for i in diag_leaves) if summed else ()
+  return jax.vjp(tapped, zeros, sub, has_aux=True)
+
+
 def _linearized_tapped(fn, zeros, params, diag_leaves, summed):
   """``fn`` (of :func:`_layers.tapped_forward`) linearized in the
   perturbations and all the parameters.
@@ -744,9 +756,9 @@ def _linearized_tapped(fn, zeros, params, diag_leaves, summed):
   Returns:
     ``(outputs, vjp_fn, (outputs, jvp_fn), inputs)``: ``vjp_fn`` maps an
     output cotangent to the perturbations' cotangents and, if ``summed``,
-    the diagonal leaves' (as ``jax.vjp`` of :func:`_observe`'s ``tapped``
-    would; the other parameters' cotangents are never used, so XLA drops
-    them), ``jvp_fn`` a parameter tangent to ``J v``.
+    the diagonal leaves' (as :func:`_tapped_vjp`'s; the other parameters'
+    cotangents are never used, so XLA drops them), ``jvp_fn`` a parameter
+    tangent to ``J v``.
   """
   outputs, lin_fn, inputs = jax.linearize(fn, zeros, params, has_aux=True)
   transpose = jax.linear_transpose(lin_fn, zeros, params)
