@@ -621,13 +621,13 @@ class _Batches(NamedTuple):
 def _split_batch(config: _Config, batch) -> _Batches:
   """Stage 1: the curvature, evaluation and preconditioner batches."""
   num_examples = _products.batch_size(batch, config.targets_fn)
-  num_curvature = min(config.curvature_batch_size or num_examples,
-                      num_examples)
-  num_evaluation = min(config.evaluation_batch_size or num_examples,
-                       num_examples)
+  num_curvature = _products.subset_size(config.curvature_batch_size,
+                                        num_examples)
+  num_evaluation = _products.subset_size(config.evaluation_batch_size,
+                                         num_examples)
   curvature_batch = _products.take_examples(batch, num_curvature)
-  num_statistics = min(config.preconditioner_batch_size or num_curvature,
-                       num_curvature)
+  num_statistics = _products.subset_size(config.preconditioner_batch_size,
+                                         num_curvature)
   return _Batches(
       curvature=curvature_batch,
       evaluation=_last_examples(batch, num_evaluation),

@@ -721,7 +721,7 @@ def _observe(predict_fn, loss, layers, diag_leaves, params, batch, key,
   elif diag_leaves:
     sub_predict, sub = _products.restrict_to_leaves(predict_fn, params,
                                                     diag_leaves)
-    k = min(diagonal_batch_size or num_examples, num_examples)
+    k = _products.subset_size(diagonal_batch_size, num_examples)
     per_sample = jax.lax.map(
         lambda c: _curvature_diagonals.squared_vjp_mean(
             sub_predict, sub, _products.take_examples(batch, k), c[:k]), cots)
@@ -1483,10 +1483,10 @@ def _damping_now(config, state):
 def _plan_step(config, params, batch) -> _StepPlan:
   """Stage 1: split the batch, discover the layers, build the blocks."""
   num_examples = _products.batch_size(batch, config.targets_fn)
-  stats_size = min(config.statistics_batch_size or num_examples,
-                   num_examples)
-  quadratic_size = min(config.quadratic_batch_size or num_examples,
-                       num_examples)
+  stats_size = _products.subset_size(config.statistics_batch_size,
+                                     num_examples)
+  quadratic_size = _products.subset_size(config.quadratic_batch_size,
+                                         num_examples)
   stats_batch = _products.take_examples(batch, stats_size)
   quadratic_batch = _products.take_examples(batch, quadratic_size)
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,

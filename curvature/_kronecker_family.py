@@ -345,12 +345,24 @@ def scale_by_shampoo(
                          damping)
     output = _guard(ok, treedef.unflatten(direction), updates)
     return output, ScaleByShampooState(
-        count=count, blocks={n: states[n] for n in state.blocks},
-        diagonal=states["diagonal"], graft=graft_state,
-        rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
-        rejected_refreshes=state.rejected_refreshes + rejected)
+        count=count, graft=graft_state,
+        **_next_block_fields(state, states, ok, rejected))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _next_block_fields(state, states, ok, rejected) -> dict:
+  """The state fields Shampoo and SOAP share, after a step.
+
+  ``states`` holds the blocks' new states by name (``"diagonal"`` too);
+  ``ok`` says whether the gradient was finite, and ``rejected`` counts the
+  refreshes whose result was not.
+  """
+  return dict(
+      blocks={n: states[n] for n in state.blocks},
+      diagonal=states["diagonal"],
+      rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
+      rejected_refreshes=state.rejected_refreshes + rejected)
 
 
 def _graft(blocks, hats, leaves, grafted, damping):
@@ -598,10 +610,8 @@ def scale_by_soap(
       direction = optax.tree.add_scale(direction, weight_decay, params)
     output = _guard(ok, direction, updates)
     return output, ScaleBySoapState(
-        count=count, blocks={n: states[n] for n in state.blocks},
-        diagonal=states["diagonal"], momentum=momentum,
-        rejected_steps=state.rejected_steps + (~ok).astype(jnp.int32),
-        rejected_refreshes=state.rejected_refreshes + rejected)
+        count=count, momentum=momentum,
+        **_next_block_fields(state, states, ok, rejected))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -205,6 +205,13 @@ def restrict_to_leaves(predict_fn: PredictFn, params: Params,
   return sub_predict, [leaves[i] for i in indices]
 
 
+def subset_size(requested: Optional[int], num_examples: int) -> int:
+  """How many leading examples a sub-batch takes: all when ``None``, else at
+  most ``num_examples`` (a ``*_batch_size`` option larger than the batch
+  means the whole batch)."""
+  return min(requested or num_examples, num_examples)
+
+
 def take_examples(batch: Batch, num_examples: int) -> Batch:
   """The first ``num_examples`` examples of ``batch``.
 

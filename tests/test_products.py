@@ -240,6 +240,14 @@ def test_take_examples():
   assert head["inputs"].shape == (2, 2)
 
 
+@pytest.mark.parametrize("requested,expected", [(None, 5), (2, 2), (5, 5),
+                                                (9, 5)])
+def test_subset_size_is_the_whole_batch_by_default_and_never_more(
+    requested, expected):
+  from curvature import _products
+  assert _products.subset_size(requested, 5) == expected
+
+
 @pytest.mark.parametrize("curvature_name",
                          ["ggn", "hessian", "fisher", "empirical_fisher"])
 def test_axis_name_reduces_over_mapped_shards(curvature_name):
