@@ -89,15 +89,18 @@ def autoencoder_batch(key, batch_size, dtype=jnp.float32):
 
 
 def machine() -> str:
-  """CPU model, core count, jax version and backend."""
+  """CPU model, core count, jax version and backend (with the GPU's name)."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
       cpu = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
   except (OSError, StopIteration):
     pass
+  backend = jax.default_backend()
+  if backend != "cpu":  # the accelerator that runs the programs, by name
+    backend = f"{backend}: {jax.devices()[0].device_kind}"
   return (f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
-          f" ({jax.default_backend()})")
+          f" ({backend})")
 
 
 class CompilationInTimedLoop(RuntimeError):

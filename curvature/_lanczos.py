@@ -552,7 +552,7 @@ def lanczos(
     if mode is not None:
       assert carry.basis is not None
       row = jnp.minimum(j + 1, num_iterations - 1)
-      kept = jnp.where(has_next, following, carry.basis[row])
+      kept = jnp.where(has_next, following, carry.current)
       new_basis = carry.basis.at[row].set(kept)
     if mode == "partial":
       assert new_omega is not None  # Set by _partial_step above.
