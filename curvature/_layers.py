@@ -267,10 +267,28 @@ def _inner_jaxpr(eqn):
 
 
 def _scan_parts(eqn):
-  """``(body jaxpr, body consts, num_consts, num_carry)`` of a ``scan``."""
+  """``(body jaxpr, body consts, num_consts, num_carry)`` of a ``scan``.
+
+  Up to jax 0.10 the body is a ``ClosedJaxpr`` and the counts are the
+  ``num_consts`` and ``num_carry`` parameters. From jax 0.11 the body is an
+  open ``Jaxpr`` and the inputs are described by ``ft_in``, a flat tree of
+  three groups (loop constants, carry, scanned-over ``xs``), in that order;
+  the body's outputs are still the carry followed by the ``ys``.
+  """
   body = eqn.params["jaxpr"]
-  return (body.jaxpr, body.consts, eqn.params["num_consts"],
-          eqn.params["num_carry"])
+  jaxpr, consts = ((body.jaxpr, body.consts)
+                   if isinstance(body, jex_core.ClosedJaxpr) else (body, ()))
+  if jaxpr.constvars and not consts:
+    raise NotImplementedError(
+        "Layer discovery met a `scan` body with free constants and no values"
+        " for them (an unknown jax version?): please report it, with"
+        " `jax.__version__`, at the project's issue tracker.")
+  if "num_consts" in eqn.params:
+    return jaxpr, consts, eqn.params["num_consts"], eqn.params["num_carry"]
+  loop_consts, carry, _ = (
+      list(group)
+      for group in eqn.params["ft_in"].update(list(eqn.invars)).unpack())
+  return jaxpr, consts, len(loop_consts), len(carry)
 
 
 def _is_var(v) -> bool:

@@ -1,5 +1,7 @@
 """Layer discovery on linen, nnx, CNN and plain-JAX models; taps."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -186,6 +188,43 @@ def test_scan_constants_and_carries_are_reported_not_factored():
 
   found = _layers.discover_layers(predict, {"w": w}, {"inputs": jnp.ones((2, 4, 3))})
   assert not found.layers and "loop constant" in found.reasons[0]
+
+
+class _FlatTreeOfGroups:
+  """Stands in for jax 0.11's ``ft_in``: ``update(leaves).unpack()`` splits
+  the scan's flat inputs into (loop constants, carry, xs), as seen on jax
+  0.11.2 (``jax._src.lax.control_flow.loops._scan_impl``)."""
+
+  def __init__(self, sizes):
+    self.sizes = sizes
+
+  def update(self, leaves):
+    assert len(leaves) == sum(self.sizes)
+    cuts = np.cumsum((0,) + self.sizes)
+    return types.SimpleNamespace(unpack=lambda: tuple(
+        iter(leaves[a:b]) for a, b in zip(cuts[:-1], cuts[1:])))
+
+
+def test_scan_parts_reads_both_parameter_layouts_of_scan():
+  def predict(p, b):  # 1 loop constant, 1 carry, 1 xs.
+    return jax.lax.scan(lambda h, x: (jnp.tanh(h @ p["w"] + x), h),
+                        b[0], b)[0]
+
+  closed = jax.make_jaxpr(predict)({"w": jnp.eye(3)}, jnp.ones((4, 3)))
+  (eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+  body, _, num_consts, num_carry = _layers._scan_parts(eqn)
+  assert (num_consts, num_carry) == (1, 1)
+  assert len(body.invars) == len(eqn.invars) == 3
+  # jax 0.11: an open body jaxpr and a flat tree of groups instead of counts.
+  params = {k: v for k, v in eqn.params.items()
+            if k not in ("num_consts", "num_carry")}
+  params.update(jaxpr=body, ft_in=_FlatTreeOfGroups((1, 1, 1)))
+  new_eqn = types.SimpleNamespace(params=params, invars=eqn.invars)
+  new_body, consts, num_consts, num_carry = _layers._scan_parts(new_eqn)
+  assert new_body is body and consts == ()
+  assert (num_consts, num_carry) == (1, 1)
+  params.update(ft_in=_FlatTreeOfGroups((0, 2, 1)))
+  assert _layers._scan_parts(new_eqn)[2:] == (0, 2)
 
 
 def test_tied_embedding_is_one_layer_with_two_uses():
