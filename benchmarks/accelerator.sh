@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every peer-free benchmark, once, on whatever accelerator jax finds.
 #
-#   benchmarks/accelerator.sh OUTDIR [SECONDS_PER_BENCHMARK]
+#   benchmarks/accelerator.sh OUTDIR [SECONDS_PER_BENCHMARK [NAME...]]
 #
+# NAMEs pick benchmarks from the list at the end (all by default).
 # Meant for a short lease on a GPU machine that has jax, optax, flax, tqdm and
 # matplotlib installed but not this package: it runs from the repository root
 # with the checkout on PYTHONPATH, gives each benchmark its own time limit (so
@@ -10,14 +11,17 @@
 # benchmark into OUTDIR. kfac-jax is not run: its 0.0.8 release needs
 # jax <= 0.9, whose CUDA wheels are too large to carry to such a machine.
 set -u
-out=${1:?usage: benchmarks/accelerator.sh OUTDIR [SECONDS_PER_BENCHMARK]}
+out=${1:?usage: benchmarks/accelerator.sh OUTDIR [SECONDS [NAME...]]}
 limit=${2:-150}
+shift $(( $# < 2 ? $# : 2 ))
+wanted=" $* "
 mkdir -p "$out"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 
 run() {  # run NAME COMMAND...: the command's output goes to OUTDIR/NAME.log
   local name=$1; shift
+  [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
   local start=$SECONDS
   echo "== $name: $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -42,3 +46,7 @@ run first_order python3 benchmarks/first_order.py
 run convergence python3 benchmarks/convergence.py --train-size 20000 \
   --steps 2000 --curvature-steps 600 --optimizers adam,kfac,shampoo,soap \
   --out "$out"
+run diagnostics_8000 python3 benchmarks/diagnostics.py --batch 8000 --repeats 5
+run kfac_parts_curves python3 benchmarks/kfac_step_parts.py --model curves \
+  --rounds 15
+run kfac_parts_transformer python3 benchmarks/kfac_step_parts.py --rounds 15
