@@ -894,19 +894,31 @@ def _gram(vectors):
                       for x in vectors])
 
 
-def _solve_step(quad, linear):
-  """``(α, μ)`` minimising ``½ xᵀ Q x + bᵀ x`` (μ = 0 if Q is singular)."""
+def _solve_step(quad, linear, max_momentum=None):
+  """``(α, μ, M)`` minimising ``M = ½ xᵀ Q x + bᵀ x``, ``x = (α, μ)``.
+
+  ``μ = 0`` if ``Q`` is singular. With ``max_momentum``, ``μ`` is kept in
+  ``[0, max_momentum]``: the reduced model ``min_α M(α, μ)`` is a convex
+  parabola in ``μ``, so a ``μ`` outside is clipped to the nearest bound and
+  ``α = −(b₁ + μ Q₁₂)/Q₁₁`` re-fitted, the exact constrained minimiser.
+  """
   q11, q12, q22 = quad[0, 0], quad[0, 1], quad[1, 1]
   b1, b2 = linear
   det = q11 * q22 - q12 * q12
   two = det > 1e-12 * jnp.maximum(q11 * q22, 1e-30)
   safe_det = jnp.where(two, det, 1.0)
+  safe_q11 = jnp.where(q11 > 0, q11, 1.0)
   alpha2 = (-b1 * q22 + b2 * q12) / safe_det
   mu2 = (-b2 * q11 + b1 * q12) / safe_det
-  alpha1 = -b1 / jnp.where(q11 > 0, q11, 1.0)
-  alpha = jnp.where(two, alpha2, alpha1)
+  alpha = jnp.where(two, alpha2, -b1 / safe_q11)
   mu = jnp.where(two, mu2, 0.0)
-  model = 0.5 * (alpha * b1 + mu * b2)
+  if max_momentum is not None:
+    clipped = jnp.clip(mu, 0.0, max_momentum).astype(mu.dtype)
+    alpha = jnp.where(clipped == mu, alpha,
+                      -(b1 + clipped * q12) / safe_q11)
+    mu = clipped
+  model = (0.5 * (alpha * alpha * q11 + mu * mu * q22) + alpha * mu * q12
+           + alpha * b1 + mu * b2)
   return alpha, mu, model
 
 
@@ -918,7 +930,8 @@ class _Step(NamedTuple):
   curvature: Array  # δᵀCδ / ‖δ‖², the curvature (GGN + η) along δ
 
 
-def _adaptive_step(forms, grad, direction, velocity, damping):
+def _adaptive_step(forms, grad, direction, velocity, damping,
+                   max_momentum=None):
   """δ = −αΔ + μδ₋₁ minimising the exact damped quadratic model (M&G §7)."""
   step_dir = optax.tree.scale(-1.0, direction)
   vectors = [step_dir, velocity]
@@ -926,7 +939,7 @@ def _adaptive_step(forms, grad, direction, velocity, damping):
   quad = curvature + damping * gram
   linear = (_optax_typed.vdot(grad, step_dir),
             _optax_typed.vdot(grad, velocity))
-  alpha, mu, model = _solve_step(quad, linear)
+  alpha, mu, model = _solve_step(quad, linear, max_momentum)
   step = optax.tree.add_scale(optax.tree.scale(alpha, step_dir), mu, velocity)
   x = jnp.stack([alpha, mu]).astype(curvature.dtype)
   return _Step(step, alpha, mu, model,
@@ -971,6 +984,8 @@ def scale_by_kfac(
     adapt_damping: Optional[bool] = None,
     damping_every: int = 5,
     damping_adaptation_decay: float = 19.0 / 20.0,
+    calibrate_damping: bool = True,
+    max_momentum: Optional[float] = 0.99,
     gamma_search: Optional[bool] = None,
     gamma_every: int = 20,
     min_damping: float = 1e-8,
@@ -1062,6 +1077,25 @@ def scale_by_kfac(
     once; the cap never raises ``λ``, and while ``λ ≤ q`` the rule is the
     paper's. It acts at the first adaptation (step 0), which calibrates
     ``λ₀`` to the model.
+
+    Two more departures from the paper, both on by default, make the
+    README's ``λ₀ = 150`` work on small models too (the 64-32-10 digits MLP
+    above: loss 0.058 after 60 steps with the cap alone, 0.0126 with both,
+    against 0.0145 for fixed K-FAC at the best rate of a grid; on the
+    CURVES-like autoencoder, 273 steps to Adam's loss on average over three
+    seeds, against 320 with the cap alone):
+
+    - ``calibrate_damping``: ``ρ = (q + 2λ)/(q + λ)`` inverts to
+      ``λ/q = (ρ − 1)/(2 − ρ)``. When that exceeds 1 (``ρ > 3/2``), the
+      damping, not the curvature, set the step, and ``λ`` is divided by it
+      (at most 10³) on top of the rule's ``ω₁``: the curvature cap with
+      ``q`` measured by the objective instead of the GGN. ``ρ`` between ¾
+      and 3/2 leaves M&G's rule as is.
+    - ``max_momentum``: the mini-batch model's ``μ`` is noisy (on the
+      digits, −1.7 to 3.3 at ``λ₀ = 10⁻³``); ``μ`` is kept in
+      ``[0, max_momentum]`` and ``α`` re-fitted for a clipped ``μ``, the
+      exact minimiser of the model under that bound. M&G's ``(α, μ)`` are
+      unconstrained (``max_momentum=None``).
   * ``gamma_search=True`` (adaptive mode only; M&G §6.6): ``γ`` is its
     own hyperparameter, ``γ₀ = √(λ₀ + η)``; every ``gamma_every`` steps
     (``T₂``) the step is computed for ``γ ∈ {ω₂γ, γ, γ/ω₂}``,
@@ -1178,6 +1212,12 @@ def scale_by_kfac(
     damping_adaptation_decay: the per-step factor ``d`` of ``ω₁ = d^T₁``:
       19/20 as in M&G (``ω₁ = 0.77`` at ``T₁ = 5``); kfac-jax's default is
       0.9 (``ω₁ = 0.59``).
+    calibrate_damping: divide ``λ`` by the over-damping ``ρ`` reveals,
+      ``(ρ − 1)/(2 − ρ)`` when it exceeds 1 (adaptive mode; see above).
+      ``False`` keeps M&G's rule with the curvature cap.
+    max_momentum: keep the adaptive ``μ`` in ``[0, max_momentum]``,
+      re-fitting ``α`` for a clipped ``μ`` (see above); ``None`` for the
+      paper's unconstrained ``(α, μ)``.
     gamma_search: the γ search of M&G §6.6 (off by default; see above);
       needs ``adaptive``.
     gamma_every: ``T₂`` (20).
@@ -1291,6 +1331,11 @@ def scale_by_kfac(
   _validation.check_in_interval("damping_adaptation_decay",
                                 damping_adaptation_decay, 0, 1, fix=decay_fix)
   gamma_every = _validation.check_static_int("gamma_every", gamma_every, 1)
+  if max_momentum is not None:
+    _validation.check_in_interval(
+        "max_momentum", max_momentum, 0, 1,
+        fix="pass a bound in [0, 1), e.g. 0.99, or None for the paper's"
+        " unconstrained μ")
   max_factor_dim = _validation.check_static_int(
       "max_factor_dim", max_factor_dim, 1)
   for name, value in (("statistics_batch_size", statistics_batch_size),
@@ -1386,7 +1431,8 @@ def scale_by_kfac(
       max_factor_dim, targets_fn, axis_name,
       omega1, omega2,
       weight_sharing, example_batch, bool(distribute_inverses),
-      diagonal_estimator, diagonal_batch_size)
+      diagonal_estimator, diagonal_batch_size, calibrate_damping,
+      max_momentum)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -1451,6 +1497,8 @@ class _Config(NamedTuple):
   distribute_inverses: bool = False
   diagonal_estimator: str = "per_example"
   diagonal_batch_size: Optional[int] = None
+  calibrate_damping: bool = True
+  max_momentum: Any = 0.99
 
 
 class _StepPlan(NamedTuple):
@@ -1575,11 +1623,11 @@ def _adaptive_stage(config, plan, state, states, statistics_count, params,
         lambda h, g: _direction(plan, h, grad, g), config.omega2,
         (jnp.sqrt(config.min_damping + config.l2_reg),
          jnp.sqrt(config.max_damping + config.l2_reg)),
-        state.count % config.gamma_every == 0)
+        state.count % config.gamma_every == 0, config.max_momentum)
     states = {n: s._replace(preconditioner=hats[n].preconditioner)
               if n in hats else s for n, s in states.items()}
   chosen = _adaptive_step(forms, grad, _direction(plan, hats, grad, gamma),
-                          state.velocity, damping)
+                          state.velocity, damping, config.max_momentum)
 
   def adapt():
     new_value = _products.objective(
@@ -1614,14 +1662,34 @@ def _damping_update(config, damping, rho, curvature=math.inf):
 
   ``q`` is the exact curvature (GGN + ηI) along the step just taken (``inf``
   when unknown: the rejection of a non-finite step). Without the cap this is
-  M&G's rule (§6.5) as is. See :func:`scale_by_kfac` for why the cap.
+  M&G's rule (§6.5) as is. With ``calibrate_damping``, a ``ρ > 1`` further
+  divides ``λ`` by :func:`_overdamping` ``(ρ)``, the over-damping that ``ρ``
+  itself reveals. See :func:`scale_by_kfac` for why the cap and the
+  calibration.
   """
   capped = jnp.where((curvature > 0) & (curvature < damping), curvature,
                      damping)
   base = jnp.where(rho > 0.75, capped, damping).astype(damping.dtype)
+  if config.calibrate_damping:
+    base = base / jnp.where(rho > 1.0, _overdamping(rho), 1.0).astype(
+        damping.dtype)
   return _damping.levenberg_marquardt(
       base, rho, increase=1.0 / config.omega1, decrease=config.omega1,
       bounds=(config.min_damping, config.max_damping))
+
+
+_MAX_OVERDAMPING = 1e3  # At most three decades per adaptation.
+
+
+def _overdamping(rho):
+  """``λ/q ≈ (ρ − 1)/(2 − ρ)`` from ``ρ = (q + 2λ)/(q + λ)``, at least 1.
+
+  The ratio the step's ``ρ`` implies for a model that is quadratic along the
+  step (see :func:`scale_by_kfac`), clipped to ``[1, 1e3]`` (``ρ ≥ 2``, which
+  no quadratic gives, takes the upper bound).
+  """
+  ratio = (rho - 1.0) / jnp.maximum(2.0 - rho, 1.0 / _MAX_OVERDAMPING)
+  return jnp.clip(ratio, 1.0, _MAX_OVERDAMPING)
 
 
 def _guard_stage(config, state, params, grad, step, states, key,
@@ -1668,7 +1736,7 @@ def _redamped(blocks, hats, gamma):
 
 
 def _search_gamma(blocks, hats, gamma, forms, grad, velocity, damping,
-                  direction_for, omega2, bounds, due):
+                  direction_for, omega2, bounds, due, max_momentum=None):
   """M&G §6.6: keep the γ of {ω₂γ, γ, γ/ω₂} whose step has the lowest M(δ).
 
   Returns:
@@ -1682,7 +1750,7 @@ def _search_gamma(blocks, hats, gamma, forms, grad, velocity, damping,
     for candidate in candidates:
       trial = _redamped(blocks, hats, candidate)
       step = _adaptive_step(forms, grad, direction_for(trial, candidate),
-                            velocity, damping)
+                            velocity, damping, max_momentum)
       models.append(jnp.where(jnp.isfinite(step.model), step.model, jnp.inf))
     best = jnp.argmin(jnp.asarray(models))
     chosen = jnp.asarray(candidates)[best].astype(gamma.dtype)
@@ -1710,6 +1778,8 @@ def kfac(
     inverse_warmup: bool = True,
     damping_every: int = 5,
     damping_adaptation_decay: float = 19.0 / 20.0,
+    calibrate_damping: bool = True,
+    max_momentum: Optional[float] = 0.99,
     gamma_search: Optional[bool] = None,
     gamma_every: int = 20,
     quadratic_batch_size: Optional[int] = None,
@@ -1763,6 +1833,9 @@ def kfac(
     inverse_warmup: geometric extra refreshes before the first period ends.
     damping_every: steps between damping adaptations.
     damping_adaptation_decay: per-step factor of the damping's decrease.
+    calibrate_damping: lower ``λ`` by the over-damping that ``ρ`` reveals
+      (see :func:`scale_by_kfac`).
+    max_momentum: bound on the adaptive ``μ`` (``None``: unconstrained).
     gamma_search: the γ search (off by default; see
       :func:`scale_by_kfac`).
     gamma_every: steps between γ searches.
@@ -1826,6 +1899,7 @@ def kfac(
       inverse_warmup=inverse_warmup, adaptive=adaptive,
       damping_every=damping_every,
       damping_adaptation_decay=damping_adaptation_decay,
+      calibrate_damping=calibrate_damping, max_momentum=max_momentum,
       gamma_search=gamma_search,
       gamma_every=gamma_every, quadratic_batch_size=quadratic_batch_size,
       layer_overrides=layer_overrides, max_factor_dim=max_factor_dim,

@@ -500,7 +500,8 @@ def test_adaptive_step_minimises_exact_quadratic_model():
   opt = curvature.scale_by_kfac(mlp_predict, CE, adaptive=True,
                                 initial_damping=damping, l2_reg=l2,
                                 adapt_damping=False, gamma_search=False,
-                                inverse_every=1)
+                                inverse_every=1,
+                                max_momentum=None)  # M&G's unconstrained μ.
   state = opt.init(params)
   update = jax.jit(opt.update)
   grads = _grads(mlp_predict, params, batch)
@@ -1158,7 +1159,7 @@ def test_distribute_inverses_needs_axis_name():
 
 def test_damping_rule_is_the_paper_rule_capped_by_the_step_curvature():
   config = type("Config", (), dict(omega1=0.5, min_damping=1e-8,
-                                   max_damping=1e8))
+                                   max_damping=1e8, calibrate_damping=False))
   update = lambda lam, rho, q: float(_kfac._damping_update(
       config, jnp.float32(lam), jnp.float32(rho), jnp.float32(q)))
   assert update(4.0, 0.9, 1.0) == 0.5  # ω₁ min(λ, q): the cap.
@@ -1167,6 +1168,54 @@ def test_damping_rule_is_the_paper_rule_capped_by_the_step_curvature():
   assert update(4.0, 0.5, 1.0) == 4.0  # Middle band: unchanged.
   assert update(4.0, 0.1, 1.0) == 8.0  # ρ < ¼: λ/ω₁, never capped.
   assert update(4.0, -np.inf, 1.0) == 8.0
+
+
+def test_damping_calibration_divides_by_the_overdamping_rho_reveals():
+  config = type("Config", (), dict(omega1=0.5, min_damping=1e-8,
+                                   max_damping=1e8, calibrate_damping=True))
+  update = lambda lam, rho, q=np.inf: float(_kfac._damping_update(
+      config, jnp.float32(lam), jnp.float32(rho), jnp.float32(q)))
+  # ρ = (q + 2λ)/(q + λ): λ = 3q gives ρ = 7/4, and λ/q = (ρ − 1)/(2 − ρ) = 3.
+  q, lam = 2.0, 6.0
+  rho = (q + 2 * lam) / (q + lam)
+  np.testing.assert_allclose(update(lam, rho), 0.5 * lam / 3, rtol=1e-6)
+  np.testing.assert_allclose(update(4.0, 1.2), 2.0)  # λ/q < 1: M&G's ω₁λ.
+  np.testing.assert_allclose(update(4.0, 0.9), 2.0)
+  np.testing.assert_allclose(update(4.0, 0.5), 4.0)  # Middle band.
+  np.testing.assert_allclose(update(4.0, 0.1), 8.0)  # ρ < ¼: raised.
+  np.testing.assert_allclose(update(4.0, -np.inf), 8.0)
+  np.testing.assert_allclose(update(4.0, np.nan), 4.0)  # Unchanged.
+  np.testing.assert_allclose(update(4.0, 5.0), 2.0 / 1e3)  # At most 10³.
+  np.testing.assert_allclose(update(4.0, rho, 1.0), 0.5 / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounded_momentum_is_the_constrained_minimiser_of_the_model(seed):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(2, 2))
+  quad = a @ a.T + 0.1 * np.eye(2)
+  linear = rng.normal(size=2) * 3
+  alpha, mu, model = _kfac._solve_step(jnp.asarray(quad), jnp.asarray(linear),
+                                       0.9)
+  value = lambda x: 0.5 * x @ quad @ x + linear @ x
+  assert 0.0 <= float(mu) <= 0.9
+  np.testing.assert_allclose(float(model), value(np.array([alpha, mu])),
+                             rtol=1e-5, atol=1e-6)
+  # Oracle: the minimum over a fine grid of feasible μ, α fitted exactly.
+  grid = np.linspace(0.0, 0.9, 9001)
+  alphas = -(linear[0] + grid * quad[0, 1]) / quad[0, 0]
+  best = min(value(np.array([x, m])) for x, m in zip(alphas, grid))
+  assert float(model) <= best + 1e-6
+  free = _kfac._solve_step(jnp.asarray(quad), jnp.asarray(linear))
+  assert float(free[2]) <= float(model) + 1e-6  # The bound can only cost.
+  if 0.0 <= float(free[1]) <= 0.9:
+    np.testing.assert_allclose([alpha, mu], free[:2], rtol=1e-5)
+
+
+def test_max_momentum_outside_the_unit_interval_is_rejected():
+  with pytest.raises(ValueError, match="max_momentum"):
+    curvature.kfac(1.0, predict_fn=mlp_predict, loss=CE, adaptive=True,
+                   max_momentum=1.5)
 
 
 @pytest.mark.parametrize("decay", [19 / 20, 0.5])
@@ -1268,14 +1317,15 @@ def test_adaptive_defaults_train_a_small_model():
   128, 60 steps, against fixed K-FAC at its best learning rate of a grid
   (``benchmarks/kfac_digits.py``'s setting and rows).
 
-  Measured: loss 2.40 → 0.058 with the curvature cap (1.75 without it, the
-  paper's rule alone; kfac-jax, which has no cap, 1.85); fixed K-FAC's best
-  (lr 0.01 of {0.003, 0.01, 0.03}) → 0.0145, kfac-jax's too. The cap closes
-  most of the gap but not all of it. kfac-jax's decay
-  (``damping_adaptation_decay=0.9``) gives 0.035 (kfac-jax itself 0.39);
-  λ₀ = 1e-3, with no damping to descend, 0.0163 (kfac-jax 0.025): the
-  remaining gap is the α and μ the mini-batch quadratic model picks, not
-  the damping schedule.
+  Measured in float32 (``kfac_digits.py``): loss 2.40 → 0.0126 with the
+  defaults (the curvature cap, the damping calibration from ρ and μ in
+  [0, 0.99]); 0.058 with the cap alone (1.75 with the paper's rule alone;
+  kfac-jax, which has none of them, 1.85); fixed K-FAC's best (lr 0.01 of
+  {0.003, 0.01, 0.03}) → 0.0145, kfac-jax's too. Over six batch orders the
+  defaults average 0.0163 against the tuned fixed rate's 0.0152 (1.07×,
+  better in two of six), and the cap alone 0.0515. In this float64 suite:
+  0.0173 against 0.0163. Parity with a tuned rate, within the spread over
+  batch orders, is what the bound below checks.
   """
   digits = _digits_benchmark()
   data, predict, params = digits.problem()
@@ -1288,4 +1338,4 @@ def test_adaptive_defaults_train_a_small_model():
   fixed = min(float(fixed_run(lr)) for lr in (0.003, 0.01, 0.03))
   start = float(CE.value(predict(params, data), data["targets"]))
   assert adaptive < start / 20, (start, adaptive)
-  assert adaptive < 6 * fixed, (adaptive, fixed)
+  assert adaptive < 1.25 * fixed, (adaptive, fixed)
