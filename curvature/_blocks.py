@@ -782,15 +782,15 @@ def diagonal_block(leaves: tuple, shapes: tuple, dtypes: tuple, *,
   damping inside is a diagonal natural gradient; ``p = 1/2`` with it outside
   is Adam's denominator (:func:`curvature.precondition`). ``like``: the
   parameter leaves themselves, when known, so that ``init``'s statistics
-  take their sharding (FSDP parameters keep sharded diagonals).
+  take their sharding (FSDP parameters keep sharded diagonals); an entry
+  ``None`` there takes ``shapes`` instead.
   """
 
   def init():
-    if like is not None:
-      return BlockState(tuple(jnp.zeros_like(x, dtype=d)
-                              for x, d in zip(like, dtypes)), ())
-    return BlockState(tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes)),
-                      ())
+    like_or_none = (None,) * len(shapes) if like is None else like
+    return BlockState(tuple(
+        jnp.zeros(s, d) if x is None else jnp.zeros_like(x, dtype=d)
+        for x, s, d in zip(like_or_none, shapes, dtypes)), ())
 
   def apply(state, vectors, damping):
     out = []

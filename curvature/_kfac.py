@@ -98,7 +98,10 @@ class ScaleByKfacState(NamedTuple):
       reserved at ``init``; its ``statistics`` are the raw averages
       :class:`curvature._blocks.KroneckerFactors` ``(Ā, G)``.
     diagonal: the diagonal block of the leaves not in a layer: raw average
-      of their Fisher diagonal, one array per leaf.
+      of their Fisher diagonal, one array per leaf. With ``example_batch``
+      the leaves of a Kronecker block hold an empty placeholder instead
+      (without it, which leaves end up diagonal is known only once a batch
+      is traced, and every leaf gets a parameter-sized slot).
     damping: the Levenberg-Marquardt ``λ``.
     gamma: the preconditioner's damping ``γ`` (``√(λ + η)`` unless the γ
       search is on).
@@ -831,18 +834,56 @@ def _blocks_for(layers, params, max_factor_dim, structure, axis_name,
   return out
 
 
-def _diagonal_block(params, diag_leaves, axis_name):
-  """The diagonal block of ``diag_leaves``; its state spans every leaf.
+def _outside_layers(layers, num_leaves):
+  """The leaves in no layer of ``layers``: those of the diagonal block."""
+  in_layer = {i for layer in layers
+              for i in (layer.kernel, layer.bias) if i is not None}
+  return tuple(i for i in range(num_leaves) if i not in in_layer)
 
-  The state is reserved for every leaf at ``init`` (which leaves end up
-  diagonal is known only once a batch is traced); entries of the other
-  leaves stay zero.
+
+def _diagonal_slots(config, params):
+  """The leaves whose diagonal statistics ``init`` reserves.
+
+  Without ``example_batch`` every leaf (which leaves end up diagonal is
+  known only once a batch is traced); with it, exactly those the plan on
+  its shapes leaves outside every layer.
+  """
+  num_leaves = len(jax.tree.leaves(params))
+  if config.example_batch is None:
+    return tuple(range(num_leaves))
+  layers, _ = _plan(config.predict_fn, params, config.example_batch,
+                    config.overrides, config.max_factor_dim,
+                    config.example_batch, config.structure)
+  return _outside_layers(layers, num_leaves)
+
+
+def _check_diagonal_slots(diag_leaves, slots, params):
+  """A diagonal leaf needs the statistics slot ``init`` reserved for it."""
+  missing = [leaf_paths(params)[i] for i in diag_leaves if i not in slots]
+  if missing:
+    raise ValueError(
+        f"{missing} get a diagonal block for this batch, but not for"
+        " example_batch, so init reserved no diagonal statistics for them:"
+        " pass an example_batch with the structure of the training batches,"
+        " or none (init then reserves a diagonal slot for every leaf).")
+
+
+def _diagonal_block(params, diag_leaves, axis_name, slots=None):
+  """The diagonal block of ``diag_leaves``; its state spans ``slots``.
+
+  ``slots`` (default: every leaf) are the leaves whose statistics ``init``
+  reserves at full size (see :func:`_diagonal_slots`); the others hold an
+  empty placeholder. Reserved entries of leaves outside ``diag_leaves``
+  stay zero.
   """
   leaves = jax.tree.leaves(params)
-  shapes = tuple(x.shape for x in leaves)
+  slots = range(len(leaves)) if slots is None else slots
+  shapes = tuple(x.shape if i in slots else (0,)
+                 for i, x in enumerate(leaves))
   dtypes = tuple(_blocks.accumulation_dtype(x.dtype) for x in leaves)
-  block = _blocks.diagonal_block(tuple(diag_leaves), shapes, dtypes,
-                                 like=tuple(leaves))
+  block = _blocks.diagonal_block(
+      tuple(diag_leaves), shapes, dtypes,
+      like=tuple(x if i in slots else None for i, x in enumerate(leaves)))
 
   def statistics(estimates):
     full = [jnp.zeros(s, d) for s, d in zip(shapes, dtypes)]
@@ -1235,7 +1276,9 @@ def scale_by_kfac(
       shared over positions or uses is factored (see above).
     example_batch: a batch (only its shapes matter) from which ``init``
       reserves the factors of exactly the discovered layers: needed for
-      ``scan`` stacks and kernels not laid out ``[..., out]``.
+      ``scan`` stacks and kernels not laid out ``[..., out]``. It also
+      saves memory: the diagonal statistics are then reserved only for the
+      leaves outside every layer, not one parameter-sized buffer in all.
     distribute_inverses: spread each refresh over the devices of
       ``axis_name`` (needs it) instead of computing every inverse on every
       device.
@@ -1388,6 +1431,19 @@ def scale_by_kfac(
           " quadratic model, and with adaptive=False the step is set by the"
           " learning rate outside this transform. Use adaptive=True, or keep"
           " the damping fixed.")
+
+  config = _Config(
+      predict_fn, loss, statistics, structure, num_samples,
+      statistics_batch_size, decay, averaging, l2_reg, inverse_every,
+      inverse_warmup, adaptive, adapt_damping, damping_every, gamma_search,
+      gamma_every, initial_damping, min_damping, max_damping,
+      quadratic_batch_size, overrides,
+      max_factor_dim, targets_fn, axis_name,
+      omega1, omega2,
+      weight_sharing, example_batch, bool(distribute_inverses),
+      diagonal_estimator, diagonal_batch_size, calibrate_damping,
+      max_momentum)
+
   def init_fn(params):
     _validation.check_params(params, "scale_by_kfac")
     _check_overrides(overrides, leaf_paths(params))
@@ -1414,25 +1470,14 @@ def scale_by_kfac(
     return _sharding.commit_state(ScaleByKfacState(
         count=count, statistics_count=count, key=jax.random.key(seed),
         blocks=blocks,
-        diagonal=_diagonal_block(params, (), axis_name).init(),
+        diagonal=_diagonal_block(params, (), axis_name,
+                                 _diagonal_slots(config, params)).init(),
         damping=damping, gamma=jnp.sqrt(damping + l2_reg),
         velocity=optax.tree.zeros_like(params) if adaptive else (),
         rejected_steps=count, rejected_statistics=count,
         rejected_refreshes=count,
         learning_rate=jnp.ones((), dtype), momentum=zero,
         reduction_ratio=zero), params)
-
-  config = _Config(
-      predict_fn, loss, statistics, structure, num_samples,
-      statistics_batch_size, decay, averaging, l2_reg, inverse_every,
-      inverse_warmup, adaptive, adapt_damping, damping_every, gamma_search,
-      gamma_every, initial_damping, min_damping, max_damping,
-      quadratic_batch_size, overrides,
-      max_factor_dim, targets_fn, axis_name,
-      omega1, omega2,
-      weight_sharing, example_batch, bool(distribute_inverses),
-      diagonal_estimator, diagonal_batch_size, calibrate_damping,
-      max_momentum)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -1540,14 +1585,14 @@ def _plan_step(config, params, batch) -> _StepPlan:
   layers, _ = _plan(config.predict_fn, params, stats_batch, config.overrides,
                     config.max_factor_dim, config.example_batch,
                     config.structure)
-  in_layer = {layer.kernel for layer in layers} | {
-      layer.bias for layer in layers if layer.bias is not None}
-  diag_leaves = tuple(i for i in range(len(jax.tree.leaves(params)))
-                      if i not in in_layer)
+  diag_leaves = _outside_layers(layers, len(jax.tree.leaves(params)))
+  slots = _diagonal_slots(config, params)
+  _check_diagonal_slots(diag_leaves, slots, params)
   blocks = _blocks_for(layers, params, config.max_factor_dim,
                        config.structure, config.axis_name,
                        config.weight_sharing)
-  blocks["diagonal"] = _diagonal_block(params, diag_leaves, config.axis_name)
+  blocks["diagonal"] = _diagonal_block(params, diag_leaves, config.axis_name,
+                                       slots)
   return _StepPlan(blocks, layers, diag_leaves, batch, stats_batch,
                    quadratic_batch, num_examples, jax.tree.structure(params),
                    config.adaptive and quadratic_size == stats_size)
@@ -1848,7 +1893,9 @@ def kfac(
       over.
     weight_sharing: ``"expand"`` or ``"reduce"`` (see
       :func:`scale_by_kfac`).
-    example_batch: a batch whose shapes reserve the factors at ``init``.
+    example_batch: a batch whose shapes reserve the factors (and the
+      diagonal statistics of exactly the leaves outside every layer) at
+      ``init``.
     distribute_inverses: spread the refreshes over the devices of
       ``axis_name``.
     diagonal_estimator: ``"per_example"`` or ``"square_of_sum"``: how the

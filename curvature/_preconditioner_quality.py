@@ -526,6 +526,7 @@ def kfac_preconditioner(
     averaging: str = "ema",
     layer_overrides: Optional[dict] = None,
     max_factor_dim: int = 4096,
+    example_batch: Any = None,
 ) -> Callable[[Params], Params]:
   r"""K-FAC's or EKFAC's ``P⁻¹`` from a :class:`curvature.ScaleByKfacState`.
 
@@ -534,7 +535,8 @@ def kfac_preconditioner(
   by ``γ²``; the other leaves: their Fisher diagonal plus ``γ²``. ``γ`` is
   the state's. The layers are discovered again from ``predict_fn`` and
   ``batch`` (only its shapes matter); pass the optimizer's ``decay``,
-  ``averaging``, ``layer_overrides`` and ``max_factor_dim``.
+  ``averaging``, ``layer_overrides``, ``max_factor_dim`` and
+  ``example_batch``.
 
   Example:
     >>> import jax
@@ -562,17 +564,20 @@ def kfac_preconditioner(
     2018.
   """
   kfac = _find(state, _kfac.ScaleByKfacState._fields, "K-FAC state")
-  layers, _ = _kfac._plan(predict_fn, params, batch,  # pylint: disable=protected-access
-                          dict(layer_overrides or {}), max_factor_dim)
   eigen = any(isinstance(s.preconditioner, _blocks.Eigenbasis)
               for s in kfac.blocks.values())
   structure = "eigen_kronecker" if eigen else "kronecker"
+  layers, _ = _kfac._plan(predict_fn, params, batch,  # pylint: disable=protected-access
+                          dict(layer_overrides or {}), max_factor_dim,
+                          example_batch, structure)
   blocks = _kfac._blocks_for(layers, params, max_factor_dim, structure, None)  # pylint: disable=protected-access
-  in_layer = {i for layer in layers
-              for i in (layer.kernel, layer.bias) if i is not None}
-  diag = tuple(i for i in range(len(jax.tree.leaves(params)))
-               if i not in in_layer)
-  blocks["diagonal"] = _kfac._diagonal_block(params, diag, None)  # pylint: disable=protected-access
+  leaves = jax.tree.leaves(params)
+  diag = _kfac._outside_layers(layers, len(leaves))  # pylint: disable=protected-access
+  slots = tuple(i for i, (x, s) in enumerate(zip(leaves,
+                                                  kfac.diagonal.statistics))
+                if s.shape == x.shape)  # The others: init's placeholders.
+  _kfac._check_diagonal_slots(diag, slots, params)  # pylint: disable=protected-access
+  blocks["diagonal"] = _kfac._diagonal_block(params, diag, None, slots)  # pylint: disable=protected-access
   states = {name: kfac.blocks[name] for name in blocks if name != "diagonal"}
   states["diagonal"] = kfac.diagonal
   hats = _blocks.estimates(blocks, states, kfac.statistics_count, decay,

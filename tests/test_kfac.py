@@ -236,7 +236,11 @@ def test_runs_unmodified_on_models(name):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
-def test_summary_reports_fallbacks_and_overrides():
+def _tied_model():
+  """A tied kernel ``w``, a layer ``out``, and three leaves outside every
+  layer: ``w``'s bias ``b`` (a tied kernel's bias stays diagonal),
+  ``scale`` (elementwise) and ``v`` (a kernel also in a sum of squares)."""
+
   def predict(p, b):
     h = jnp.tanh(b["inputs"] @ p["w"] + p["b"])
     z = h @ p["w"].T @ p["out"] * p["scale"]  # w tied; scale elementwise.
@@ -246,6 +250,11 @@ def test_summary_reports_fallbacks_and_overrides():
             "out": jnp.ones((4, 3)) * 0.1, "scale": jnp.ones(3),
             "v": jnp.ones((3, 3)) * 0.1}
   batch = {"inputs": jnp.ones((6, 4)), "targets": jnp.arange(6) % 3}
+  return predict, params, batch
+
+
+def test_summary_reports_fallbacks_and_overrides():
+  predict, params, batch = _tied_model()
   text = curvature.kfac_summary(predict, params, batch)
   assert "used 3 times" in text and "`mul`" in text
   blocks = {b.path: b for b in curvature.kfac_blocks(predict, params, batch)}
@@ -264,6 +273,61 @@ def test_summary_reports_fallbacks_and_overrides():
   v_index = _kfac.leaf_paths(params).index("v")
   assert float(jnp.sum(state.diagonal.statistics[v_index])) > 0
   assert float(jnp.sum(state.blocks["w"].statistics.a)) > 0
+
+
+def test_example_batch_reserves_diagonal_statistics_only_outside_layers():
+  predict, params, batch = _tied_model()
+  batch = dict(batch, inputs=jax.random.normal(jax.random.key(0), (6, 4)))
+  grads = _grads(predict, params, batch)
+  runs = {}
+  for name, example in (("every leaf", None), ("exact", batch)):
+    opt = curvature.scale_by_kfac(predict, CE, initial_damping=1e-2,
+                                  inverse_every=1, example_batch=example)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for _ in range(3):
+      updates, state = update(grads, state, params, batch=batch)
+    assert update._cache_size() == 1
+    runs[name] = updates, state
+  paths = _kfac.leaf_paths(params)
+  shapes = {p: x.shape for p, x in zip(
+      paths, runs["exact"][1].diagonal.statistics)}
+  # The layers' kernels hold an empty placeholder; the leaves outside every
+  # layer keep their statistics.
+  assert shapes == {"b": (5,), "out": (0,), "w": (0,), "scale": (3,),
+                    "v": (3, 3)}
+  assert all(x.shape == params[p].shape for p, x in zip(
+      paths, runs["every leaf"][1].diagonal.statistics))
+  for got, want in zip(jax.tree.leaves(runs["exact"][0]),
+                       jax.tree.leaves(runs["every leaf"][0])):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  exact_blocks = runs["exact"][1].blocks  # Without: ``v`` reserved too.
+  assert set(exact_blocks) == {"w", "out"}
+  for got, want in zip(jax.tree.leaves(exact_blocks), jax.tree.leaves(
+      {p: runs["every leaf"][1].blocks[p] for p in exact_blocks})):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  precondition = curvature.kfac_preconditioner(
+      runs["exact"][1], predict, params, batch, example_batch=batch)
+  for got, want in zip(jax.tree.leaves(precondition(grads)),
+                       jax.tree.leaves(curvature.kfac_preconditioner(
+                           runs["every leaf"][1], predict, params,
+                           batch)(grads))):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_leaf_diagonal_only_for_the_training_batch_names_example_batch():
+  def predict(p, b):  # ``w`` is a dense kernel for batches of 8 only.
+    x = b["inputs"]
+    return x @ p["w"] if x.shape[0] == 8 else x[:, :3] * p["w"][0]
+
+  params = {"w": jnp.ones((3, 3))}
+  example = {"inputs": jnp.ones((8, 3)), "targets": jnp.arange(8) % 3}
+  batch = {"inputs": jnp.ones((4, 3)), "targets": jnp.arange(4) % 3}
+  opt = curvature.scale_by_kfac(predict, CE, example_batch=example)
+  state = opt.init(params)
+  assert state.diagonal.statistics[0].shape == (0,)
+  with pytest.raises(ValueError, match=r"\['w'\].*example_batch"):
+    opt.update(_grads(predict, params, batch), state, params, batch=batch)
 
 
 def test_bad_input():
