@@ -857,6 +857,14 @@ def _diagonal_slots(config, params):
   return _outside_layers(layers, num_leaves)
 
 
+def _reserved_slots(diagonal_state, params):
+  """The slots ``init`` reserved (:func:`_diagonal_slots`), read from the
+  diagonal block's state: the entries of the leaf's own shape."""
+  return tuple(i for i, (x, d) in enumerate(zip(jax.tree.leaves(params),
+                                                diagonal_state.statistics))
+               if d.shape == x.shape)
+
+
 def _check_diagonal_slots(diag_leaves, slots, params):
   """A diagonal leaf needs the statistics slot ``init`` reserved for it."""
   missing = [leaf_paths(params)[i] for i in diag_leaves if i not in slots]
@@ -1482,7 +1490,8 @@ def scale_by_kfac(
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
     _validation.check_update_args("scale_by_kfac", updates, params, batch)
-    plan = _plan_step(config, params, batch)
+    plan = _plan_step(config, params, batch,
+                      _reserved_slots(state.diagonal, params))
     key, sample_key = jax.random.split(state.key)
     states, statistics_count, finite, rejected, linearized = (
         _statistics_stage(config, plan, state, params, sample_key))
@@ -1573,8 +1582,12 @@ def _damping_now(config, state):
   return jnp.asarray(config.initial_damping, state.damping.dtype)
 
 
-def _plan_step(config, params, batch) -> _StepPlan:
-  """Stage 1: split the batch, discover the layers, build the blocks."""
+def _plan_step(config, params, batch, slots) -> _StepPlan:
+  """Stage 1: split the batch, discover the layers, build the blocks.
+
+  ``slots``: the leaves whose diagonal statistics the state holds
+  (:func:`_reserved_slots`).
+  """
   num_examples = _products.batch_size(batch, config.targets_fn)
   stats_size = _products.subset_size(config.statistics_batch_size,
                                      num_examples)
@@ -1586,7 +1599,6 @@ def _plan_step(config, params, batch) -> _StepPlan:
                     config.max_factor_dim, config.example_batch,
                     config.structure)
   diag_leaves = _outside_layers(layers, len(jax.tree.leaves(params)))
-  slots = _diagonal_slots(config, params)
   _check_diagonal_slots(diag_leaves, slots, params)
   blocks = _blocks_for(layers, params, config.max_factor_dim,
                        config.structure, config.axis_name,
@@ -2024,7 +2036,8 @@ def kfac_preconditioner(
       example_batch=None)
 
   def update(state, params, batch, damping):
-    plan = _plan_step(config, params, batch)
+    plan = _plan_step(config, params, batch,
+                      _reserved_slots(state.diagonal, params))
     key, sample_key = jax.random.split(state.key)
     state = state._replace(damping=jnp.asarray(damping, state.damping.dtype))
     states, count, finite, rejected, _ = _statistics_stage(

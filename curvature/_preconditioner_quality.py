@@ -571,11 +571,8 @@ def kfac_preconditioner(
                           dict(layer_overrides or {}), max_factor_dim,
                           example_batch, structure)
   blocks = _kfac._blocks_for(layers, params, max_factor_dim, structure, None)  # pylint: disable=protected-access
-  leaves = jax.tree.leaves(params)
-  diag = _kfac._outside_layers(layers, len(leaves))  # pylint: disable=protected-access
-  slots = tuple(i for i, (x, s) in enumerate(zip(leaves,
-                                                  kfac.diagonal.statistics))
-                if s.shape == x.shape)  # The others: init's placeholders.
+  diag = _kfac._outside_layers(layers, len(jax.tree.leaves(params)))  # pylint: disable=protected-access
+  slots = _kfac._reserved_slots(kfac.diagonal, params)  # pylint: disable=protected-access
   _kfac._check_diagonal_slots(diag, slots, params)  # pylint: disable=protected-access
   blocks["diagonal"] = _kfac._diagonal_block(params, diag, None, slots)  # pylint: disable=protected-access
   states = {name: kfac.blocks[name] for name in blocks if name != "diagonal"}
