@@ -470,27 +470,28 @@ def step_times(rows, data, config):
 def kfac_memory(config, data):
   """Memory of K-FAC's step with each weight-sharing mode.
 
-  Returns ``{sharing: {"step_temp", "statistics_rows", "factor_bytes"}}``:
-  the compiled temporary bytes of one whole training step
-  (``memory_analysis``), the rows each kernel's inputs contribute to its
-  factor statistics (``batch·seq`` expanded, ``batch`` reduced), and the
-  bytes of the Kronecker factors kept in the state (the same for both).
+  Returns ``{sharing: {"step_temp", "statistics_rows", "factor_bytes",
+  "diagonal_bytes"}}``: the compiled temporary bytes of one whole training
+  step (``memory_analysis``), the rows each kernel's inputs contribute to
+  its factor statistics (``batch·seq`` expanded, ``batch`` reduced), the
+  bytes of the Kronecker blocks kept in the state (factors and their
+  inverses, the same for both) and those of the diagonal block's statistics
+  (the leaves outside every layer, as ``example_batch`` reserves them).
   """
   tokens = jnp.asarray(data["train"])
   params = init_params(config)
   out = {}
+  nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))
   for sharing in ("reduce", "expand"):
     name = f"kfac_{sharing}"
     opt, _, memory = row(name, config, tokens)
-    state = opt.init(params)
-    factors = sum(x.nbytes for x in jax.tree.leaves(state)
-                  if getattr(x, "ndim", 0) >= 2)
-    factors -= sum(x.nbytes for x in jax.tree.leaves(params)
-                   if x.ndim >= 2)  # The momentum buffer.
+    kfac_state = optax.tree.get(opt.init(params), "ScaleByKfacState")
     examples = config.kfac_statistics_batch or config.batch
     rows = examples * (1 if sharing == "reduce" else config.seq)
     out[sharing] = {"step_temp": int(memory.temp_size_in_bytes),
-                    "statistics_rows": rows, "factor_bytes": int(factors)}
+                    "statistics_rows": rows,
+                    "factor_bytes": nbytes(kfac_state.blocks),
+                    "diagonal_bytes": nbytes(kfac_state.diagonal)}
   return out
 
 
@@ -620,7 +621,10 @@ def verdicts(summary, config):
       f" reduce accumulates {memory['reduce']['statistics_rows']} rows per"
       f" factor, expand {memory['expand']['statistics_rows']} ({rows:.4f} ="
       f" 1/{1 / rows:.0f}); the factors kept are the same size"
-      f" ({memory['reduce']['factor_bytes'] / 2**20:.2f} MiB), and the whole"
+      f" ({memory['reduce']['factor_bytes'] / 2**20:.2f} MiB with their"
+      f" inverses, beside {memory['reduce']['diagonal_bytes'] / 2**20:.2f}"
+      " MiB of diagonal statistics for the leaves outside every layer), and"
+      " the whole"
       f" compiled step's temporary memory is {temp:.2f}× expand's"
       f" ({memory['reduce']['step_temp'] / 2**20:.1f} against"
       f" {memory['expand']['step_temp'] / 2**20:.1f} MiB).")
